@@ -1,0 +1,153 @@
+"""Array backend: CuPy on a usable CUDA device, NumPy otherwise (DESIGN.md convention 1).
+
+The choice is made once, at first use. ``CSTEP_BACKEND=numpy|cupy`` overrides it; asking for
+CuPy where it cannot run is an error that says why. Array math in the engine goes through the
+module returned by :func:`get_xp` (or :func:`array_module` of the operands, so the same function
+works on NumPy and CuPy arrays alike); host-side bookkeeping converts explicitly with
+:func:`to_host`.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy
+
+__all__ = [
+    "BackendError",
+    "get_xp",
+    "backend_name",
+    "array_module",
+    "cupy_available",
+    "to_host",
+    "to_device",
+    "synchronize",
+    "complex_dtype",
+    "real_dtype",
+    "as_complex",
+]
+
+
+class BackendError(RuntimeError):
+    """The requested array backend cannot be used on this machine."""
+
+
+_XP: ModuleType | None = None
+_CUPY: ModuleType | None = None
+_CUPY_REASON: str | None = None
+
+
+def _probe_cupy() -> ModuleType | None:
+    """Import CuPy and check that a CUDA device answers; remember why not, if not."""
+    global _CUPY, _CUPY_REASON
+    if _CUPY is not None or _CUPY_REASON is not None:
+        return _CUPY
+    try:
+        import cupy  # noqa: PLC0415 (optional dependency)
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        _CUPY_REASON = f"CuPy is not importable ({type(exc).__name__}: {exc}); install cstep[cuda12] or cstep[cuda13]"
+        return None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            _CUPY_REASON = "CuPy found no CUDA device"
+            return None
+        cupy.zeros(1).sum().item()  # a real kernel launch: catches driver/toolkit mismatches
+    except Exception as exc:
+        _CUPY_REASON = f"CuPy cannot use a CUDA device ({type(exc).__name__}: {exc})"
+        return None
+    _CUPY = cupy
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and a CUDA device runs a kernel."""
+    return _probe_cupy() is not None
+
+
+def get_xp() -> ModuleType:
+    """The active array module (``numpy`` or ``cupy``), chosen once per process."""
+    global _XP
+    if _XP is None:
+        want = os.environ.get("CSTEP_BACKEND", "").strip().lower()
+        if want not in ("", "numpy", "cupy"):
+            raise BackendError(f"CSTEP_BACKEND={want!r} is not a backend; use 'numpy' or 'cupy'")
+        if want == "numpy":
+            _XP = numpy
+        elif want == "cupy":
+            cp = _probe_cupy()
+            if cp is None:
+                raise BackendError(f"CSTEP_BACKEND=cupy was requested but {_CUPY_REASON}; unset it to run on NumPy")
+            _XP = cp
+        else:
+            _XP = _probe_cupy() or numpy
+    return _XP
+
+
+def backend_name() -> str:
+    """'numpy' or 'cupy'."""
+    return get_xp().__name__
+
+
+def array_module(*arrays) -> ModuleType:
+    """The array module that owns ``arrays``: cupy if any operand is a CuPy array, else numpy.
+
+    Unlike :func:`get_xp` this follows the data, so one function body serves both libraries
+    (the tests run the same body under NumPy and CuPy).
+    """
+    if _CUPY is not None:
+        for a in arrays:
+            if isinstance(a, _CUPY.ndarray):
+                return _CUPY
+    return numpy
+
+
+def to_host(a):
+    """A NumPy array (or Python scalar) with the value of ``a``; a no-op for host data."""
+    if _CUPY is not None and isinstance(a, _CUPY.ndarray):
+        return _CUPY.asnumpy(a)
+    return a
+
+
+def to_device(a, xp: ModuleType | None = None, dtype=None):
+    """``a`` as an array of ``xp`` (default: the active backend), optionally cast to ``dtype``."""
+    xp = xp or get_xp()
+    return xp.asarray(a, dtype=dtype)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (for honest timings); a no-op on NumPy."""
+    if _CUPY is not None and _XP is _CUPY:
+        _CUPY.cuda.get_current_stream().synchronize()
+
+
+_COMPLEX = {numpy.dtype(numpy.float64): numpy.dtype(numpy.complex128),
+            numpy.dtype(numpy.float32): numpy.dtype(numpy.complex64)}
+_REAL = {v: k for k, v in _COMPLEX.items()}
+
+
+def complex_dtype(dtype) -> numpy.dtype:
+    """float64 -> complex128, float32 -> complex64 (complex dtypes map to themselves)."""
+    dt = numpy.dtype(dtype)
+    if dt in _REAL:
+        return dt
+    try:
+        return _COMPLEX[dt]
+    except KeyError:
+        raise TypeError(f"dtype {dt} has no complex partner; use float32 or float64") from None
+
+
+def real_dtype(dtype) -> numpy.dtype:
+    """complex128 -> float64, complex64 -> float32 (real dtypes map to themselves)."""
+    dt = numpy.dtype(dtype)
+    if dt in _COMPLEX:
+        return dt
+    try:
+        return _REAL[dt]
+    except KeyError:
+        raise TypeError(f"dtype {dt} has no real partner; use complex64 or complex128") from None
+
+
+def as_complex(a):
+    """``a`` cast to its complex partner dtype (explicit, so NEP 50 promotion never picks it)."""
+    return a.astype(complex_dtype(a.dtype), copy=False)

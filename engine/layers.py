@@ -1,0 +1,249 @@
+"""Pure layers: a layer holds shapes and hyper-parameters, never weights (DESIGN.md convention 3).
+
+Each layer implements
+
+* ``forward(params, x) -> (y, cache)`` and ``backward(params, cache, dy, need_dx=True) ->
+  (dx, dparams)``: the ordinary pass and its hand-written, complex-analytic adjoint (plain
+  transposes, no conjugation), so the same call with complex parameters is the complex-step
+  pass;
+* ``jvp(params, cache, rx, rparams) -> ry`` and ``backward_rop(params, cache, dy, rdy, rx,
+  rparams, need_dx=True) -> (rdx, rdparams)``: Pearlmutter's R-operator (1994) applied to the
+  forward and to the backward equations, written separately from the complex step so that
+  :class:`engine.curvature.HessianRop` is an independent reference.
+
+Layers whose weights multiply a homogeneous input (``kronecker = True``) also say how to read
+their Kronecker-factor rows (layer input, pre-activation, pre-activation gradient) and how to
+convert their parameter gradient to and from the homogeneous matrix ``[W | b]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from . import ops
+from .backend import array_module
+
+__all__ = ["Layer", "Dense", "Activation", "ReLU", "Sigmoid", "Tanh", "Identity", "activation"]
+
+
+class Layer:
+    """Base class: a parameter-free layer unless it overrides :meth:`param_shapes`."""
+
+    kronecker = False
+
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        return []
+
+    def init(self, rng: numpy.random.Generator, dtype) -> list[numpy.ndarray]:
+        """Host arrays of the initial parameters drawn from ``rng``."""
+        return []
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-example output shape for a per-example input shape (for shape checks)."""
+        return input_shape
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Dense(Layer):
+    """Fully connected layer ``y = x W^T + b`` with W of shape (d_out, d_in), as torch.nn.Linear.
+
+    Initialisation is PyTorch's Linear default, W, b ~ U(-1/sqrt(d_in), +1/sqrt(d_in)), which the
+    K-BFGS reference code uses (kbfgs.md section 3.3). The Kronecker view is the homogeneous
+    weight matrix [W | b] of shape (d_out, d_in + 1) acting on the homogeneous input [x, 1].
+    """
+
+    kronecker = True
+
+    def __init__(self, d_in: int, d_out: int):
+        if d_in < 1 or d_out < 1:
+            raise ValueError(f"Dense needs positive sizes, got d_in={d_in}, d_out={d_out}")
+        self.d_in, self.d_out = int(d_in), int(d_out)
+
+    def __repr__(self) -> str:
+        return f"Dense({self.d_in}, {self.d_out})"
+
+    def param_shapes(self):
+        return [(self.d_out, self.d_in), (self.d_out,)]
+
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (self.d_in,):
+            raise ValueError(f"{self!r} expects inputs of shape (N, {self.d_in}), got (N, {', '.join(map(str, input_shape))})")
+        return (self.d_out,)
+
+    def init(self, rng, dtype):
+        bound = 1.0 / math.sqrt(self.d_in)
+        w = rng.uniform(-bound, bound, size=(self.d_out, self.d_in))
+        b = rng.uniform(-bound, bound, size=(self.d_out,))
+        return [w.astype(dtype), b.astype(dtype)]
+
+    def forward(self, params, x):
+        w, b = params
+        y = x @ w.T
+        y += b
+        return y, x
+
+    def backward(self, params, cache, dy, need_dx=True):
+        w, _ = params
+        x = cache
+        dw = dy.T @ x
+        db = dy.sum(axis=0)
+        dx = dy @ w if need_dx else None
+        return dx, [dw, db]
+
+    def jvp(self, params, cache, rx, rparams):
+        w, _ = params
+        rw, rb = rparams
+        x = cache
+        ry = x @ rw.T
+        ry += rb
+        if rx is not None:
+            ry += rx @ w.T
+        return ry
+
+    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+        # dx = dy W, dW = dy^T x, db = sum dy  =>  differentiate each product rule term.
+        w, _ = params
+        rw, _ = rparams
+        x = cache
+        rdw = rdy.T @ x
+        if rx is not None:
+            rdw += dy.T @ rx
+        rdb = rdy.sum(axis=0)
+        rdx = (rdy @ w + dy @ rw) if need_dx else None
+        return rdx, [rdw, rdb]
+
+    # --- Kronecker view -------------------------------------------------------------------
+    def kron_rows(self, cache, y, dy):
+        """(layer input a, pre-activation z, dL/dz) as row matrices, one row per example."""
+        return cache, y, dy
+
+    def to_matrix(self, params):
+        """The homogeneous matrix [W | b] (d_out x (d_in + 1)) of a parameter-shaped pair."""
+        w, b = params
+        xp = array_module(w, b)
+        return xp.concatenate([w, b[:, None]], axis=1)
+
+    def from_matrix(self, m):
+        """Split a homogeneous (d_out x (d_in + 1)) matrix back into [W, b] (views of ``m``)."""
+        return [m[:, : self.d_in], m[:, self.d_in]]
+
+
+class Activation(Layer):
+    """Elementwise activation. Subclasses define f, f' and f'' in the forms used below."""
+
+    name = "activation"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ReLU(Activation):
+    """max(z, 0) with the mask taken from Re z (complex-step.md section 4.3)."""
+
+    name = "relu"
+
+    def forward(self, params, x):
+        mask = ops.relu_grad(x)
+        xp = array_module(x)
+        return xp.where(mask, x, 0), mask
+
+    def backward(self, params, cache, dy, need_dx=True):
+        xp = array_module(dy)
+        return xp.where(cache, dy, 0), []
+
+    def jvp(self, params, cache, rx, rparams):
+        xp = array_module(rx)
+        return xp.where(cache, rx, 0)
+
+    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+        xp = array_module(rdy)  # f'' = 0 away from the kink
+        return xp.where(cache, rdy, 0), []
+
+
+class _SmoothActivation(Activation):
+    """f with derivatives expressed through the output y = f(z) (cache = y)."""
+
+    def f(self, z):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def df(self, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def d2f(self, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, params, x):
+        y = self.f(x)
+        return y, y
+
+    def backward(self, params, cache, dy, need_dx=True):
+        return dy * self.df(cache), []
+
+    def jvp(self, params, cache, rx, rparams):
+        return rx * self.df(cache)
+
+    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+        # dz = dy f'(z)  =>  R{dz} = R{dy} f'(z) + dy f''(z) R{z}
+        return rdy * self.df(cache) + dy * self.d2f(cache) * rx, []
+
+
+class Tanh(_SmoothActivation):
+    name = "tanh"
+
+    def f(self, z):
+        return ops.tanh(z)
+
+    def df(self, y):
+        return ops.tanh_grad(y)
+
+    def d2f(self, y):
+        return -2 * y * (1 - y * y)
+
+
+class Sigmoid(_SmoothActivation):
+    """Logistic sigmoid in the stable tanh form (no NaN at Re z = -1000)."""
+
+    name = "sigmoid"
+
+    def f(self, z):
+        return ops.sigmoid(z)
+
+    def df(self, y):
+        return ops.sigmoid_grad(y)
+
+    def d2f(self, y):
+        return y * (1 - y) * (1 - 2 * y)
+
+
+class Identity(Activation):
+    """The linear activation (code layer and output layer of the autoencoders)."""
+
+    name = "identity"
+
+    def forward(self, params, x):
+        return x, None
+
+    def backward(self, params, cache, dy, need_dx=True):
+        return dy, []
+
+    def jvp(self, params, cache, rx, rparams):
+        return rx
+
+    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+        return rdy, []
+
+
+_ACTIVATIONS = {cls.name: cls for cls in (ReLU, Sigmoid, Tanh, Identity)}
+_ACTIVATIONS["linear"] = Identity
+
+
+def activation(name: str) -> Activation:
+    """An activation layer by name: relu, sigmoid, tanh, identity (alias linear)."""
+    try:
+        return _ACTIVATIONS[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(sorted(_ACTIVATIONS))}") from None

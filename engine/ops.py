@@ -1,0 +1,105 @@
+"""Complex-safe elementwise operations, each with the derivative its backward pass uses.
+
+Every function here is the analytic continuation of its real counterpart
+(``../shared/reference/complex-step.md`` section 4): branches are decided on the real part and
+the whole complex value is carried through, so a complex-step pass differentiates exactly.
+Nothing here conjugates or takes a modulus, ``sign`` or ``maximum`` of a complex value. On real
+input each function returns the ordinary real result, with the input's dtype.
+"""
+
+from __future__ import annotations
+
+from .backend import array_module
+
+__all__ = [
+    "relu", "relu_grad", "sigmoid", "sigmoid_grad", "tanh", "tanh_grad",
+    "softplus", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part",
+]
+
+
+def real_part(z):
+    """Re z as a view (``.real`` of a real array is the array itself)."""
+    return z.real
+
+
+def relu(z):
+    """max(z, 0) with the branch taken on Re z: ``where(Re z > 0, z, 0)``."""
+    xp = array_module(z)
+    return xp.where(z.real > 0, z, 0)
+
+
+def relu_grad(z):
+    """d relu / dz as a boolean mask (Re z > 0); the kink at 0 gets derivative 0."""
+    return z.real > 0
+
+
+def max0_cs(z):
+    """Complex-safe max(z, 0): the whole z where Re z > 0, else 0 (same as :func:`relu`)."""
+    return relu(z)
+
+
+def abs_cs(z):
+    """Complex-safe |z| (Martins' complexify): -z where Re z < 0, else z. Not the modulus."""
+    xp = array_module(z)
+    return xp.where(z.real < 0, -z, z)
+
+
+def tanh(z):
+    """tanh z (analytic; complex tanh stays finite at |Re z| = 1000)."""
+    return array_module(z).tanh(z)
+
+
+def tanh_grad(t):
+    """d tanh/dz written in terms of the output t = tanh z: 1 - t^2."""
+    return 1 - t * t
+
+
+def sigmoid(z):
+    """Logistic sigmoid, stable and accurate for every real part.
+
+    With e = exp(-|z|_cs) (Re <= 0, so it never overflows): 1/(1 + e) where Re z >= 0 and
+    e/(1 + e) where Re z < 0. The textbook 1/(1 + exp(-z)) overflows to complex inf/inf = NaN
+    at Re z = -1000 (complex-step.md section 4.3), and 0.5 (1 + tanh(z/2)) is finite but loses
+    all relative accuracy in the left tail (1 + tanh(-15) cancels); this form keeps full
+    relative precision on both sides.
+    """
+    xp = array_module(z)
+    e = xp.exp(-abs_cs(z))
+    return xp.where(z.real >= 0, 1, e) / (1 + e)
+
+
+def sigmoid_grad(s):
+    """d sigmoid/dz in terms of the output s: s (1 - s)."""
+    return s * (1 - s)
+
+
+def softplus(z):
+    """log(1 + e^z) in the stable form max_cs(z, 0) + log1p(exp(-|z|_cs)).
+
+    Both max and abs are the complex-safe versions that return the complex z, so the linear
+    term keeps its derivative (writing max(Re z, 0) would drop it). Derivative: sigmoid(z).
+    """
+    xp = array_module(z)
+    return max0_cs(z) + xp.log1p(xp.exp(-abs_cs(z)))
+
+
+def logsumexp(z, axis=-1, keepdims=False):
+    """log sum exp(z) along ``axis``, shifted by the max of the REAL parts.
+
+    The shift m is real and constant in backprop; softmax is invariant to it, and since
+    Re(z - m) <= 0 nothing overflows. Derivative: softmax(z).
+    """
+    xp = array_module(z)
+    m = xp.max(z.real, axis=axis, keepdims=True)
+    out = xp.log(xp.sum(xp.exp(z - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else xp.squeeze(out, axis=axis)
+
+
+def log_softmax(z, axis=-1):
+    """z - logsumexp(z) (complex-safe, stable)."""
+    return z - logsumexp(z, axis=axis, keepdims=True)
+
+
+def softmax(z, axis=-1):
+    """exp(log_softmax(z)); never overflows."""
+    return array_module(z).exp(log_softmax(z, axis=axis))
