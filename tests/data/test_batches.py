@@ -1,0 +1,119 @@
+"""BatchIterator: each example once per epoch minus the dropped remainder, natural order in the
+first epoch by default, and a saved/restored state (also through HDF5) continues exactly."""
+
+import h5py
+import numpy as np
+import pytest
+
+from data import BatchIterator, DataError, gather_batch
+from engine.backend import get_xp, to_host
+
+
+def take(it, n):
+    return [it.next_indices() for _ in range(n)]
+
+
+def test_every_example_once_per_epoch_remainder_dropped():
+    it = BatchIterator(103, 10, seed=5)
+    assert it.batches_per_epoch == 10
+    dropped = []
+    for epoch in range(4):
+        assert (it.epoch, it.position) == (epoch, 0)
+        seen = np.concatenate(take(it, 10))
+        assert len(seen) == 100 and len(np.unique(seen)) == 100 and seen.min() >= 0 and seen.max() < 103
+        dropped.append(tuple(sorted(set(range(103)) - set(seen.tolist()))))
+    assert dropped[0] == (100, 101, 102)  # natural first epoch drops the tail
+    assert len(set(dropped)) > 1  # later epochs drop different examples
+
+
+def test_first_epoch_natural_then_fresh_permutations():
+    it = BatchIterator(50, 5, seed=0)
+    first, second, third = (np.concatenate(take(it, 10)) for _ in range(3))
+    np.testing.assert_array_equal(first, np.arange(50))
+    assert not np.array_equal(second, np.arange(50)) and not np.array_equal(second, third)
+    shuffled = BatchIterator(50, 5, seed=0, shuffle_first_epoch=True)
+    assert not np.array_equal(np.concatenate(take(shuffled, 10)), np.arange(50))
+    fixed = BatchIterator(50, 5, seed=0, shuffle=False)
+    for _ in range(3):
+        np.testing.assert_array_equal(np.concatenate(take(fixed, 10)), np.arange(50))
+
+
+def test_seed_determines_the_order():
+    def epochs(seed):
+        it = BatchIterator(40, 8, seed=seed)
+        return np.concatenate(take(it, 15))
+
+    np.testing.assert_array_equal(epochs(3), epochs(3))
+    assert not np.array_equal(epochs(3), epochs(4))
+
+
+@pytest.mark.parametrize("shuffle_first_epoch", [False, True])
+@pytest.mark.parametrize("cut", [0, 1, 6, 7, 8, 13, 21])  # batches per epoch = 7: cuts at and across boundaries
+def test_resume_gives_the_uninterrupted_sequence(cut, shuffle_first_epoch):
+    kw = dict(n_examples=30, batch_size=4, seed=11, shuffle_first_epoch=shuffle_first_epoch)
+    reference = take(BatchIterator(**kw), 30)
+    it = BatchIterator(**kw)
+    take(it, cut)
+    state = it.state_dict()
+    resumed = BatchIterator(**kw)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (cut // 7, cut % 7)
+    for expected, got in zip(reference[cut:], take(resumed, 30 - cut), strict=True):
+        np.testing.assert_array_equal(expected, got)
+    # the original keeps going identically too (state_dict does not disturb it)
+    np.testing.assert_array_equal(it.next_indices(), reference[cut])
+
+
+def test_state_round_trips_through_hdf5(tmp_path):
+    kw = dict(n_examples=1000, batch_size=64, seed=2**40 + 7)
+    reference = take(BatchIterator(**kw), 60)
+    it = BatchIterator(**kw)
+    take(it, 33)  # epoch 2, mid-epoch
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        g = f.create_group("iterator")
+        for k, v in it.state_dict().items():
+            g.attrs[k] = v
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        state = dict(f["iterator"].attrs)
+    resumed = BatchIterator(**kw)
+    resumed.load_state_dict(state)
+    for expected, got in zip(reference[33:], take(resumed, 27), strict=True):
+        np.testing.assert_array_equal(expected, got)
+
+
+def test_state_is_flat_ints_and_arrays():
+    state = BatchIterator(10, 3, seed=1).state_dict()
+    assert all(isinstance(v, (int, np.ndarray)) for v in state.values())
+    assert state["rng_state"].dtype == np.uint64 and state["rng_state"].shape == (4,)
+
+
+def test_bad_state_or_settings_raise():
+    state = BatchIterator(30, 4, seed=1).state_dict()
+    with pytest.raises(DataError, match="batch_size=4 but this iterator has 5"):
+        BatchIterator(30, 5, seed=1).load_state_dict(state)
+    with pytest.raises(DataError, match="incomplete or malformed"):
+        BatchIterator(30, 4, seed=1).load_state_dict({k: v for k, v in state.items() if k != "rng_state"})
+    with pytest.raises(DataError, match="outside"):
+        BatchIterator(30, 4, seed=1).load_state_dict({**state, "position": 7})
+    with pytest.raises(DataError, match="no full batch"):
+        BatchIterator(3, 4)
+    with pytest.raises(DataError, match="positive integer"):
+        BatchIterator(10, 0)
+
+
+def test_gather_batch_moves_one_batch_to_the_backend(xp):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    y = np.arange(10, dtype=np.int64)
+    idx = np.array([7, 2, 5])
+    xb, yb = gather_batch(idx, x, y, xp=xp, dtype=np.float64)
+    assert isinstance(xb, xp.ndarray) and isinstance(yb, xp.ndarray)
+    np.testing.assert_array_equal(to_host(xb), x[idx])
+    np.testing.assert_array_equal(to_host(yb), y[idx])
+    assert xb.dtype == np.float64 and yb.dtype == np.int64 and xb.flags.c_contiguous
+    xa, ya = gather_batch(idx, x, xp=xp)  # autoencoder: the target is the input itself
+    assert ya is xa and xa.dtype == np.float32
+
+
+def test_gather_batch_defaults_to_the_active_backend():
+    xb, _ = gather_batch(np.array([1, 0]), np.ones((3, 2), np.float32))
+    assert isinstance(xb, get_xp().ndarray)
