@@ -1,0 +1,193 @@
+"""engine.curvature.kronecker: statistics from per-example quantities, block operator vs np.kron."""
+
+import numpy
+import pytest
+
+from engine.backend import to_host
+from engine.curvature import KronFactors, KroneckerBlockOperator, homogeneous, kron_factors
+from nets import mlp
+
+
+def small_model(loss="softmax_xent"):
+    return mlp([4, 5, 3], ["tanh", "linear"], loss, weight_decay=1e-3)
+
+
+def batch(model, xp, n=7, seed=0):
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal((n, model.input_shape[0]))
+    d = model.output_shape[0]
+    y = rng.integers(0, d, size=n) if model.loss_fn.classification else rng.random((n, d))
+    return xp.asarray(x), xp.asarray(y)
+
+
+def homogeneous_index(model, li):
+    """Flat parameter index of each entry of vec([W | b]) (row-major), built from the layout alone."""
+    layer = model.layers[li]
+    pi = model.layer_param_index[li]
+    off_w, off_b = model.offsets[pi], model.offsets[pi + 1]
+    return numpy.array([off_w + r * layer.d_in + c if c < layer.d_in else off_b + r
+                        for r in range(layer.d_out) for c in range(layer.d_in + 1)])
+
+
+def dense_kron(model, blocks):
+    """The n x n matrix with blocks L (x) R^T on row-major vec([W|b]), identity elsewhere."""
+    D = numpy.eye(model.n_params)
+    for li, (left, right) in blocks.items():
+        idx = homogeneous_index(model, li)
+        D[numpy.ix_(idx, idx)] = numpy.kron(to_host(left), to_host(right).T)
+    return D
+
+
+def random_spd(rng, d, shift=0.5):
+    q = rng.standard_normal((d, d))
+    return q @ q.T / d + shift * numpy.eye(d)
+
+
+@pytest.mark.parametrize("loss", ["softmax_xent", "half_mse", "sigmoid_xent"])
+def test_statistics_match_per_example_definitions(xp, loss):
+    model = small_model(loss)
+    params = model.init(seed=2, xp=xp)
+    x, y = batch(model, xp)
+    _, _, caps = model.loss_and_grad(params, x, y, capture=True)
+    factors = kron_factors(caps)
+    assert [f.layer for f in factors] == model.kron_layers
+    n = x.shape[0]
+    for f, c in zip(factors, caps):
+        a, z, g = to_host(c.a), to_host(c.z), to_host(c.g)
+        at = numpy.concatenate([a, numpy.ones((n, 1))], axis=1)
+        A = sum(numpy.outer(at[i], at[i]) for i in range(n)) / n
+        G = sum(numpy.outer(g[i], g[i]) for i in range(n)) / n
+        numpy.testing.assert_allclose(to_host(f.A), A, rtol=1e-14, atol=1e-15)
+        numpy.testing.assert_allclose(to_host(f.G), G, rtol=1e-14, atol=1e-16)
+        numpy.testing.assert_allclose(to_host(f.a_mean), at.mean(axis=0), rtol=1e-14, atol=1e-16)
+        assert float(to_host(f.a_mean)[-1]) == 1.0
+        numpy.testing.assert_allclose(to_host(f.z_mean), z.mean(axis=0), rtol=1e-14, atol=1e-16)
+        numpy.testing.assert_allclose(to_host(f.g_mean), g.mean(axis=0), rtol=1e-14, atol=1e-16)
+        # g is the per-example gradient: the bias gradient of the one-example loss l_n.
+        for i in range(n):
+            _, gi = model.loss_and_grad(params, x[i:i + 1], y[i:i + 1], regularized=False)
+            numpy.testing.assert_allclose(g[i], to_host(gi[c.param_index + 1]), rtol=1e-13, atol=1e-15)
+
+
+def test_homogeneous_and_partial_statistics(xp):
+    a = xp.asarray(numpy.arange(6.0).reshape(3, 2), dtype=xp.float32)
+    h = homogeneous(a)
+    assert h.dtype == xp.float32 and type(h) is type(a)
+    numpy.testing.assert_array_equal(to_host(h), [[0, 1, 1], [2, 3, 1], [4, 5, 1]])
+    model = small_model()
+    params = model.init(seed=0, xp=xp)
+    x, y = batch(model, xp)
+    _, _, caps = model.loss_and_grad(params, x, y, capture=True)
+    only_g = kron_factors(caps, which=("G",))
+    assert all(f.A is None and f.a_mean is None and f.z_mean is None and f.G is not None for f in only_g)
+    only_means = kron_factors(caps, which="means")
+    assert all(f.A is None and f.G is None and f.g_mean is not None for f in only_means)
+    with pytest.raises(ValueError, match="unknown statistic"):
+        kron_factors(caps, which=("B",))
+
+
+def random_blocks(model, xp, rng, spd=True):
+    blocks = {}
+    for li in model.kron_layers:
+        layer = model.layers[li]
+        if spd:
+            left, right = random_spd(rng, layer.d_out), random_spd(rng, layer.d_in + 1)
+        else:
+            left = rng.standard_normal((layer.d_out, layer.d_out)) + 3 * numpy.eye(layer.d_out)
+            right = rng.standard_normal((layer.d_in + 1,) * 2) + 3 * numpy.eye(layer.d_in + 1)
+        blocks[li] = (xp.asarray(left), xp.asarray(right))
+    return blocks
+
+
+@pytest.mark.parametrize("spd", [True, False], ids=["spd", "general"])
+def test_block_operator_matches_dense_kronecker(xp, spd):
+    model = small_model()
+    rng = numpy.random.default_rng(3)
+    blocks = random_blocks(model, xp, rng, spd)
+    op = KroneckerBlockOperator(model, blocks)
+    D = dense_kron(model, blocks)
+    v = rng.standard_normal(model.n_params)
+    hv = to_host(op.matvec(xp.asarray(v)))
+    numpy.testing.assert_allclose(hv, D @ v, rtol=1e-13, atol=1e-13 * numpy.abs(D @ v).max())
+    numpy.testing.assert_allclose(to_host(op.rmatvec(xp.asarray(v))), D.T @ v, rtol=1e-13, atol=1e-13 * numpy.abs(D.T @ v).max())
+    numpy.testing.assert_allclose(to_host(op.dense()), D, rtol=1e-13, atol=1e-14)
+    V = rng.standard_normal((model.n_params, 3))
+    numpy.testing.assert_allclose(to_host(op.matmat(xp.asarray(V))), D @ V, rtol=1e-12, atol=1e-13)
+    # the parameter-list form is the same map
+    as_list = op.apply_to_params(model.unflatten(xp.asarray(v)))
+    numpy.testing.assert_allclose(to_host(model.flatten(as_list)), hv, rtol=0, atol=0)
+    # inverse application against numpy.linalg.solve on the dense matrix
+    ref = numpy.linalg.solve(D, v)
+    sol = to_host(op.solve(xp.asarray(v)))
+    assert numpy.linalg.norm(sol - ref) <= 1e-12 * numpy.linalg.norm(ref)
+    sol_list = op.solve_params(model.unflatten(xp.asarray(v)))
+    numpy.testing.assert_allclose(to_host(model.flatten(sol_list)), sol, rtol=0, atol=0)
+    assert op.symmetric == spd
+    if xp is numpy:  # the scipy export carries the transpose product of non-symmetric blocks
+        lin = op.to_scipy()
+        numpy.testing.assert_allclose(lin.rmatvec(v), D.T @ v, rtol=1e-13, atol=1e-13 * numpy.abs(D.T @ v).max())
+        numpy.testing.assert_allclose(lin @ v, D @ v, rtol=1e-13, atol=1e-13 * numpy.abs(D @ v).max())
+
+
+def test_kfac_damping_and_inverse_factor_form(xp):
+    """K-FAC: (G + d I) (x) (A + d I); K-BFGS: blocks given by inverse factors (H_g, H_a)."""
+    model = small_model()
+    params = model.init(seed=4, xp=xp)
+    x, y = batch(model, xp, n=9)
+    _, _, caps = model.loss_and_grad(params, x, y, regularized=False, capture=True)
+    factors = kron_factors(caps, which=("A", "G"))
+    d = 0.3
+    kfac = KroneckerBlockOperator.from_kron_factors(model, factors, damping=d)
+    damped = {f.layer: (to_host(f.G) + d * numpy.eye(f.G.shape[0]), to_host(f.A) + d * numpy.eye(f.A.shape[0])) for f in factors}
+    D = dense_kron(model, damped)
+    rng = numpy.random.default_rng(5)
+    v = rng.standard_normal(model.n_params)
+    numpy.testing.assert_allclose(to_host(kfac.matvec(xp.asarray(v))), D @ v, rtol=1e-12, atol=1e-14)
+    ref = numpy.linalg.solve(D, v)
+    assert numpy.linalg.norm(to_host(kfac.solve(xp.asarray(v))) - ref) <= 1e-12 * numpy.linalg.norm(ref)
+
+    inv_blocks = {li: (numpy.linalg.inv(l), numpy.linalg.inv(r)) for li, (l, r) in damped.items()}
+    kbfgs = KroneckerBlockOperator.from_inverse_factors(model, {li: (xp.asarray(l), xp.asarray(r)) for li, (l, r) in inv_blocks.items()})
+    Hinv = dense_kron(model, inv_blocks)  # H_g (x) H_a^T: what solve applies
+    numpy.testing.assert_allclose(to_host(kbfgs.solve(xp.asarray(v))), Hinv @ v, rtol=1e-12, atol=1e-14)
+    hv = to_host(kbfgs.matvec(xp.asarray(v)))
+    ref = numpy.linalg.solve(Hinv, v)
+    assert numpy.linalg.norm(hv - ref) <= 1e-11 * numpy.linalg.norm(ref)
+    assert numpy.linalg.norm(hv - D @ v) <= 1e-11 * numpy.linalg.norm(D @ v)
+    with pytest.raises(ValueError, match="damping"):
+        KroneckerBlockOperator(model, inv_blocks, damping=0.1, inverse=True)
+
+
+def test_missing_blocks_and_bad_shapes(xp):
+    model = small_model()
+    rng = numpy.random.default_rng(6)
+    blocks = random_blocks(model, xp, rng)
+    first = model.kron_layers[-1]  # Dense(5, 3): factors 3 x 3 and 6 x 6
+    partial = [(first, *blocks[first])]
+    with pytest.raises(ValueError, match="no block"):
+        KroneckerBlockOperator(model, partial)
+    op = KroneckerBlockOperator(model, partial, missing="identity")
+    D = dense_kron(model, {first: blocks[first]})
+    v = rng.standard_normal(model.n_params)
+    numpy.testing.assert_allclose(to_host(op.matvec(xp.asarray(v))), D @ v, rtol=1e-13, atol=1e-14)
+    numpy.testing.assert_allclose(to_host(op.solve(xp.asarray(v))), numpy.linalg.solve(D, v), rtol=1e-11, atol=1e-13)
+    with pytest.raises(ValueError, match="shapes"):
+        KroneckerBlockOperator(model, {first: (blocks[first][1], blocks[first][0])}, missing="identity")
+    with pytest.raises(ValueError, match="no Kronecker view"):
+        KroneckerBlockOperator(model, {1: blocks[first]}, missing="identity")
+    with pytest.raises(ValueError, match="shape"):
+        op.matvec(xp.zeros(model.n_params + 1))
+    assert isinstance(KronFactors(0, 0), KronFactors)
+
+
+def test_singular_factor_is_reported(xp):
+    model = small_model()
+    rng = numpy.random.default_rng(7)
+    blocks = random_blocks(model, xp, rng)
+    li = model.kron_layers[0]
+    left = numpy.zeros((model.layers[li].d_out,) * 2)
+    left[0, 0] = 1.0
+    blocks[li] = (xp.asarray(left), blocks[li][1])
+    op = KroneckerBlockOperator(model, blocks)
+    with pytest.raises(numpy.linalg.LinAlgError, match="singular; add damping"):
+        op.solve(xp.zeros(model.n_params))
