@@ -1,0 +1,254 @@
+"""The training loop shared by the command line and the benchmarks.
+
+It follows the K-BFGS reference protocol (kbfgs.md sections 3.4-3.5):
+
+* minibatches are sequential slices of a per-epoch permutation (``data.BatchIterator``),
+  remainder dropped; a solver with a warm start consumes one epoch of the iterator first, so it
+  starts on a reshuffled order;
+* after every epoch the regularised loss (data loss + 0.5 tau ||theta||^2) is evaluated on the
+  full training and test sets in chunks (1000 by default, remainder dropped) and averaged over
+  chunks; classifiers also record accuracy;
+* two clocks are kept: process CPU time (the reference's time axis) and wall time, both
+  accumulated over training iterations only, excluding evaluation and the warm start.
+
+A :class:`Trainer` holds everything a run needs to continue exactly (parameters, solver state,
+iterator state, history, clocks); :meth:`Trainer.state_dict` and :meth:`Trainer.load_state_dict`
+expose it as flat records for the run files. Callbacks see each iteration and each epoch end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy
+
+from .backend import get_xp, synchronize, to_device, to_host
+
+__all__ = ["Trainer", "History", "evaluate", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class History:
+    """Per-iteration and per-epoch records (columns of Python floats/ints)."""
+
+    steps: dict[str, list] = field(default_factory=dict)
+    epochs: dict[str, list] = field(default_factory=dict)
+
+    @staticmethod
+    def _append(table: dict[str, list], row: dict) -> None:
+        n = len(next(iter(table.values()))) if table else 0
+        for key, value in row.items():
+            if key not in table:
+                table[key] = [math.nan] * n  # a column that appears late is NaN before
+            table[key].append(value)
+        for key, col in table.items():
+            if len(col) == n:
+                col.append(math.nan)
+
+    def add_step(self, row: dict) -> None:
+        self._append(self.steps, row)
+
+    def add_epoch(self, row: dict) -> None:
+        self._append(self.epochs, row)
+
+    def last_epoch(self) -> dict:
+        return {k: v[-1] for k, v in self.epochs.items()} if self.epochs else {}
+
+
+def _scalar(v):
+    """A host Python scalar from a 0-d array / scalar (one device sync each)."""
+    v = to_host(v)
+    if isinstance(v, numpy.ndarray):
+        v = v.item()
+    if isinstance(v, numpy.generic):
+        v = v.item()
+    if isinstance(v, complex):
+        v = v.real
+    return v
+
+
+def evaluate(model, params, x, y, chunk: int = 1000, dtype=None) -> dict:
+    """Regularised loss (and accuracy for classifiers) on a whole host dataset.
+
+    Chunks of ``chunk`` rows, remainder dropped (as the reference code does) unless the set is
+    smaller than one chunk; the mean over chunks is returned.
+    """
+    n = x.shape[0]
+    if n == 0:
+        return {}
+    size = min(chunk, n)
+    n_chunks = n // size
+    xp = get_xp()
+    dtype = dtype or params[0].dtype
+    reg = model.regularizer(params)
+    losses, accs = [], []
+    for c in range(n_chunks):
+        xb = to_device(x[c * size:(c + 1) * size], xp, dtype=dtype)
+        yb = xb if y is None else to_device(y[c * size:(c + 1) * size], xp)
+        out = model.predict(params, xb)
+        losses.append(model.loss_fn.value(out, yb))
+        if model.loss_fn.classification:
+            accs.append(model.loss_fn.accuracy(out, yb))
+    result = {"loss": _scalar(sum(losses) / n_chunks + reg)}
+    if accs:
+        result["accuracy"] = _scalar(sum(accs) / n_chunks)
+    return result
+
+
+class Trainer:
+    """One training run: model + solver + dataset + batch iterator + history.
+
+    ``dataset`` is a ``data.Dataset`` (host arrays; ``y_train is None`` for autoencoders, whose
+    target is the input). Parameters live in one flat device buffer whose views the solver
+    updates in place.
+    """
+
+    def __init__(self, model, solver, dataset, batch_size: int = 1000, seed: int = 9999,
+                 dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True):
+        from data import BatchIterator  # the CLI layer may import data; keep the engine core free of it
+
+        self.model, self.solver, self.dataset = model, solver, dataset
+        self.dtype = numpy.dtype(dtype)
+        self.batch_size = int(batch_size)
+        self.eval_chunk = int(eval_chunk)
+        n = dataset.x_train.shape[0]
+        if self.batch_size < 1 or self.batch_size > n:
+            raise ValueError(f"batch size must be between 1 and the {n} training examples, got {batch_size}")
+        self.xp = get_xp()
+        self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp)
+        self.solver_state = solver.init(self.params)
+        self.iterator = BatchIterator(n, self.batch_size, seed=seed, shuffle=shuffle)
+        self.history = History()
+        self.iteration = 0
+        self.epoch = 0
+        self.cpu_time = 0.0
+        self.wall_time = 0.0
+        self.warm_started = not solver.needs_warm_start
+
+    # --- state for run files ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run bit for bit, as host copies.
+
+        ``{"params": [host arrays], "solver_state": {...}, "iterator": {...},
+        "history": {"steps": {col: list}, "epochs": {col: list}}, "progress": {...}}``. Arrays
+        are copied, so the record does not change when training goes on.
+        """
+        def copy(v):
+            if isinstance(v, dict):
+                return {k: copy(x) for k, x in v.items()}
+            if isinstance(v, numpy.ndarray):
+                return v.copy()
+            if type(v).__module__.startswith("cupy"):
+                return v.copy()  # stays on the device; the run file converts with to_host
+            if isinstance(v, list):
+                return list(v)
+            return v
+
+        return {
+            "params": [numpy.array(to_host(p)) for p in self.params],
+            "solver_state": copy(self.solver_state),
+            "iterator": copy(self.iterator.state_dict()),
+            "history": {"steps": {k: list(v) for k, v in self.history.steps.items()},
+                        "epochs": {k: list(v) for k, v in self.history.epochs.items()}},
+            "progress": {"iteration": self.iteration, "epoch": self.epoch, "warm_started": self.warm_started,
+                         "cpu_time": self.cpu_time, "wall_time": self.wall_time},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (e.g. read from a run file) into this trainer.
+
+        The parameters must match the model's shapes; they are copied into one flat device
+        buffer of the trainer's dtype (the solver updates its views in place).
+        """
+        params = state["params"]
+        shapes = [tuple(numpy.shape(p)) for p in params]
+        if shapes != [tuple(s) for s in self.model.shapes]:
+            raise ValueError(f"the saved parameters ({len(shapes)} arrays, {sum(int(numpy.prod(s)) for s in shapes)} values) "
+                             f"do not fit network {self.model.name} ({len(self.model.shapes)} arrays, {self.model.n_params} values); "
+                             "the run was made with a different network")
+        dtypes = {numpy.dtype(to_host(p).dtype) for p in params}
+        if dtypes and dtypes != {self.dtype}:
+            raise ValueError(f"the saved parameters are {', '.join(sorted(map(str, dtypes)))} but this trainer runs in {self.dtype}; "
+                             "use the run's dtype")
+        flat = numpy.concatenate([numpy.asarray(to_host(p)).reshape(-1) for p in params]) if params else numpy.zeros(0, self.dtype)
+        self.params = self.model.unflatten(to_device(flat, self.xp, dtype=self.dtype))
+        self.solver_state = dict(state["solver_state"])
+        self.iterator.load_state_dict(state["iterator"])
+        self.history = History(steps={k: list(v) for k, v in state["history"]["steps"].items()},
+                               epochs={k: list(v) for k, v in state["history"]["epochs"].items()})
+        prog = state["progress"]
+        self.iteration = int(prog["iteration"])
+        self.epoch = int(prog["epoch"])
+        self.warm_started = bool(prog["warm_started"])
+        self.cpu_time = float(prog["cpu_time"])
+        self.wall_time = float(prog["wall_time"])
+
+    # --- data ---------------------------------------------------------------------------
+    def _batch(self, idx):
+        ds = self.dataset
+        x = to_device(ds.x_train[idx], self.xp, dtype=self.dtype)
+        y = x if ds.y_train is None else to_device(ds.y_train[idx], self.xp)
+        return x, y
+
+    def _warm_start_batches(self):
+        for _ in range(self.iterator.batches_per_epoch):
+            yield self._batch(self.iterator.next_indices())
+
+    # --- loop ---------------------------------------------------------------------------
+    def warm_start(self) -> None:
+        """The solver's one-epoch warm-start pass (kbfgs.md section 4.2), if it has one."""
+        if not self.warm_started:
+            self.solver_state = self.solver.warm_start(self.params, self.solver_state, self._warm_start_batches())
+            self.warm_started = True
+
+    def evaluate(self) -> dict:
+        ds = self.dataset
+        row = {f"train_{k}": v for k, v in evaluate(self.model, self.params, ds.x_train, ds.y_train, self.eval_chunk, self.dtype).items()}
+        if ds.x_test is not None and len(ds.x_test):
+            row.update({f"test_{k}": v for k, v in evaluate(self.model, self.params, ds.x_test, ds.y_test, self.eval_chunk, self.dtype).items()})
+        return row
+
+    def run(self, epochs: int | None = None, max_time: float | None = None,
+            on_step: Callable[[Trainer, dict], None] | None = None,
+            on_epoch: Callable[[Trainer, dict], None] | None = None) -> History:
+        """Train until ``epochs`` epochs in total are done or ``max_time`` CPU seconds are spent.
+
+        The time budget is checked at epoch boundaries, as in the reference code.
+        """
+        if epochs is None and max_time is None:
+            raise ValueError("give a number of epochs or a time budget")
+        self.warm_start()
+        per_epoch = self.iterator.batches_per_epoch
+        while (epochs is None or self.epoch < epochs) and (max_time is None or self.cpu_time < max_time):
+            # an epoch may have been interrupted by a checkpoint: finish what is left of it
+            start_it = self.iteration - self.epoch * per_epoch
+            for _ in range(start_it, per_epoch):
+                x, y = self._batch(self.iterator.next_indices())
+                synchronize()
+                c0, w0 = time.process_time(), time.perf_counter()
+                self.params, self.solver_state, info = self.solver.step(self.params, self.solver_state, x, y)
+                row = {k: _scalar(v) for k, v in info.items()}  # the one host sync per step
+                self.cpu_time += time.process_time() - c0
+                self.wall_time += time.perf_counter() - w0
+                self.iteration += 1
+                row = {"iteration": self.iteration, **row}
+                self.history.add_step(row)
+                if not math.isfinite(row.get("loss", 0.0)):
+                    raise TrainingDiverged(f"the training loss became {row['loss']} at iteration {self.iteration}; "
+                                           "lower the learning rate or raise the damping")
+                if on_step:
+                    on_step(self, row)
+            self.epoch += 1
+            row = {"epoch": self.epoch, "iterations": self.iteration, "cpu_time": self.cpu_time,
+                   "wall_time": self.wall_time, **self.evaluate()}
+            self.history.add_epoch(row)
+            if on_epoch:
+                on_epoch(self, row)
+        return self.history

@@ -1,0 +1,197 @@
+"""The training loop (engine/train.py): reference protocol (batch order, evaluation), exact
+continuation through state_dict / run files, stopping rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+
+import data
+from engine.runfile import RunRecord, load_run, save_run
+from engine.train import Trainer, TrainingDiverged, evaluate
+from nets import mlp
+from solvers.base import Hyper, Solver, positive, rng_from_state_array, rng_state_array
+from solvers.sgd import SGD
+
+CLOCKS = ("cpu_time", "wall_time")
+
+
+def _dataset(n_train=50, n_test=30, d=8, seed=0):
+    rng = numpy.random.default_rng(seed)
+    return data.Dataset("toy", rng.random((n_train, d)), rng.random((n_test, d)), description="uniform toy data")
+
+
+def _model():
+    return mlp([8, 5, 8], ["tanh", "linear"], "sigmoid_xent", weight_decay=1e-3, name="toy-ae")
+
+
+class NoisyWarmSolver(Solver):
+    """A test solver with everything exact resume must carry: a warm start that reads one epoch,
+    a host random generator in the state, device arrays, and Python scalars of several types."""
+
+    name = "noisy-test"
+    hyperparameters = {"lr": positive("step", 0.05), "noise": Hyper(0.01, "perturbation scale")}
+    needs_warm_start = True
+
+    def init(self, params):
+        return {"m": self.model.flatten(params) * 0, "k": 0, "scale": 1.0, "seen": 0,
+                "rng": rng_state_array(numpy.random.default_rng(123))}
+
+    def warm_start(self, params, state, batches):
+        for x, _ in batches:
+            state["seen"] += x.shape[0]
+        return state
+
+    def step(self, params, state, x, y):
+        model = self.model
+        loss, grads = model.loss_and_grad(params, x, y)
+        rng = rng_from_state_array(state["rng"])
+        g = model.flatten(grads) + self.noise * rng.standard_normal(model.n_params)
+        state["rng"] = rng_state_array(rng)
+        state["m"] = 0.5 * state["m"] + g
+        state["scale"] *= 0.99
+        for p, s in zip(params, model.unflatten(self.lr * state["scale"] * state["m"])):
+            p -= s
+        state["k"] += 1
+        return params, state, {"loss": loss, "scale": state["scale"], "skipped": state["k"] % 3 == 0}
+
+
+def _strip_clocks(table):
+    return {k: v for k, v in table.items() if k not in CLOCKS}
+
+
+def _assert_same_state(a: Trainer, b: Trainer):
+    for p, q in zip(a.params, b.params):
+        assert p.dtype == q.dtype and p.tobytes() == q.tobytes()
+    assert list(a.solver_state) == list(b.solver_state)
+    for key, v in a.solver_state.items():
+        w = b.solver_state[key]
+        if isinstance(v, numpy.ndarray):
+            assert v.dtype == w.dtype and v.tobytes() == w.tobytes(), key
+        else:
+            assert type(v) is type(w) and v == w, key
+    assert a.history.steps == b.history.steps
+    assert _strip_clocks(a.history.epochs) == _strip_clocks(b.history.epochs)
+    assert (a.iteration, a.epoch, a.warm_started) == (b.iteration, b.epoch, b.warm_started)
+
+
+def test_sgd_run_matches_an_independent_reference_loop():
+    """Batch order (natural first epoch, then fresh permutations from PCG64(seed)), EMA momentum
+    and the per-epoch chunked evaluation, recomputed by hand."""
+    ds, model = _dataset(), _model()
+    lr, rho, seed, batch, chunk = 0.3, 0.9, 7, 10, 20
+    tr = Trainer(model, SGD(model, lr=lr, momentum=rho), ds, batch_size=batch, seed=seed,
+                 dtype=numpy.float64, eval_chunk=chunk)
+    tr.run(epochs=3)
+
+    params = model.init(seed=seed, dtype=numpy.float64, xp=numpy)
+    m = numpy.zeros(model.n_params)
+    order_rng = numpy.random.Generator(numpy.random.PCG64(seed))
+    losses, train_evals, test_evals = [], [], []
+    for epoch in range(3):
+        order = numpy.arange(50) if epoch == 0 else order_rng.permutation(50)
+        for b in range(50 // batch):
+            xb = ds.x_train[order[b * batch:(b + 1) * batch]]
+            loss, grads = model.loss_and_grad(params, xb, xb)
+            losses.append(float(loss))
+            m = rho * m + (1 - rho) * model.flatten(grads)
+            params = model.unflatten(model.flatten(params) - lr * m)
+        # chunks of 20, the remainder dropped, mean over chunks of the regularised loss
+        train_evals.append(numpy.mean([float(model.loss(params, ds.x_train[c:c + 20], ds.x_train[c:c + 20])) for c in (0, 20)]))
+        test_evals.append(float(model.loss(params, ds.x_test[:20], ds.x_test[:20])))
+    assert tr.history.steps["loss"] == pytest.approx(losses, rel=1e-13)
+    assert tr.history.steps["iteration"] == list(range(1, 16))
+    numpy.testing.assert_allclose(model.flatten(tr.params), model.flatten(params), rtol=1e-12, atol=1e-14)
+    assert tr.history.epochs["train_loss"] == pytest.approx(train_evals, rel=1e-12)
+    assert tr.history.epochs["test_loss"] == pytest.approx(test_evals, rel=1e-12)
+    assert tr.history.epochs["epoch"] == [1, 2, 3] and tr.history.epochs["iterations"] == [5, 10, 15]
+
+
+def test_evaluate_averages_chunks_and_drops_the_remainder():
+    ds, model = _dataset(n_train=45), _model()
+    params = model.init(seed=1, dtype=numpy.float64, xp=numpy)
+    got = evaluate(model, params, ds.x_train, None, chunk=20)["loss"]
+    want = 0.5 * (float(model.loss(params, ds.x_train[:20], ds.x_train[:20]))
+                  + float(model.loss(params, ds.x_train[20:40], ds.x_train[20:40])))
+    assert got == pytest.approx(want, rel=1e-13)
+
+
+@pytest.mark.parametrize("stop_at", [7, 10])  # mid-epoch, and exactly at an epoch end
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_state_dict_continues_bitwise(tmp_path, stop_at, dtype):
+    ds, model = _dataset(), _model()
+
+    def make():
+        return Trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20)
+
+    full = make()
+    full.run(epochs=4)
+    assert full.solver_state["seen"] == 50  # the warm start read one epoch
+
+    class Stop(Exception):
+        pass
+
+    saved = {}
+
+    def on_step(tr, row):
+        if tr.iteration == stop_at:
+            saved["state"] = tr.state_dict()
+            raise Stop
+
+    first = make()
+    with pytest.raises(Stop):
+        first.run(epochs=4, on_step=on_step)
+    state = saved["state"]
+    first.run(epochs=4)  # state_dict is a copy: training on does not change it
+    assert state["progress"]["iteration"] == stop_at
+
+    # through a run file, as `cstep resume` does
+    path = save_run(tmp_path / "run.h5", RunRecord(config={}, hyperparameters={}, state=state))
+    resumed = make()
+    resumed.load_state_dict(load_run(path, array_module=numpy, solver_template=resumed.solver_state).state)
+    assert resumed.iteration == stop_at and resumed.warm_started
+    resumed.run(epochs=4)
+    _assert_same_state(full, resumed)
+
+
+def test_load_state_dict_rejects_another_network_or_dtype():
+    ds, model = _dataset(), _model()
+    tr = Trainer(model, SGD(model), ds, batch_size=10, dtype=numpy.float32)
+    other = mlp([8, 6, 8], ["tanh", "linear"], "sigmoid_xent", name="wider")
+    wrong = Trainer(other, SGD(other), ds, batch_size=10, dtype=numpy.float32)
+    with pytest.raises(ValueError, match="different network"):
+        tr.load_state_dict(wrong.state_dict())
+    as64 = Trainer(model, SGD(model), ds, batch_size=10, dtype=numpy.float64)
+    with pytest.raises(ValueError, match="float64"):
+        tr.load_state_dict(as64.state_dict())
+
+
+def test_time_budget_is_checked_at_epoch_ends():
+    ds, model = _dataset(), _model()
+    tr = Trainer(model, SGD(model), ds, batch_size=10)
+    tr.run(max_time=1e-12)  # already exceeded after the first step, but the epoch is finished
+    assert tr.epoch == 1 and tr.iteration == 5
+    tr.run(epochs=3)
+    assert tr.epoch == 3 and tr.cpu_time > 0 and tr.wall_time > 0
+    assert tr.history.epochs["cpu_time"] == sorted(tr.history.epochs["cpu_time"])
+
+
+def test_divergence_stops_with_a_clear_error():
+    ds, model = _dataset(), _model()
+
+    class Exploding(SGD):
+        def step(self, params, state, x, y):
+            params, state, info = super().step(params, state, x, y)
+            return params, state, {**info, "loss": math.inf if state["k"] == 3 else info["loss"]}
+
+    tr = Trainer(model, Exploding(model), ds, batch_size=10)
+    with pytest.raises(TrainingDiverged, match="iteration 3.*learning rate"):
+        tr.run(epochs=2)
+
+
+def test_bad_batch_size_is_refused():
+    ds, model = _dataset(), _model()
+    with pytest.raises(ValueError, match="batch size"):
+        Trainer(model, SGD(model), ds, batch_size=51)
