@@ -71,6 +71,8 @@ class Model:
         self.sizes = [prod(s) for s in self.shapes]
         self.offsets = numpy.concatenate([[0], numpy.cumsum(self.sizes)]).astype(int).tolist()
         self.n_params = self.offsets[-1]
+        #: backward passes stop at the first layer with parameters: nobody needs dL/dx below it
+        self.first_param_layer = next((i for i, layer in enumerate(self.layers) if layer.param_shapes()), len(self.layers))
 
     def __repr__(self) -> str:
         body = ", ".join(map(repr, self.layers))
@@ -164,12 +166,13 @@ class Model:
         grads: list = [None] * len(params)
         captures = []
         n = x.shape[0]
-        for i in range(len(self.layers) - 1, -1, -1):
+        first = self.first_param_layer
+        for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
             if capture and layer.kronecker:
                 a, z, g = layer.kron_rows(caches[i], outputs[i], dy)
                 captures.append(Capture(i, self.layer_param_index[i], a, z, g * n))
-            dy, dparams = layer.backward(self.layer_params(params, i), caches[i], dy, need_dx=i > 0)
+            dy, dparams = layer.backward(self.layer_params(params, i), caches[i], dy, need_dx=i > first)
             start = self.layer_param_index[i]
             grads[start:start + len(dparams)] = dparams
         if regularized and self.weight_decay:

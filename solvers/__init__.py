@@ -2,5 +2,7 @@
 
 from .base import SOLVERS, Hyper, Solver, get_solver, make_solver, register, solver_names
 from . import sgd  # noqa: F401  (registers)
+from . import adam, kbfgs, kfac, rmsprop  # noqa: F401  (register adam, kbfgs, kbfgs_l, kfac, rmsprop)
+from . import hessian_free, newton_krylov  # noqa: F401  (register hessian_free, newton_krylov)
 
 __all__ = ["SOLVERS", "Hyper", "Solver", "get_solver", "make_solver", "register", "solver_names"]
