@@ -1,0 +1,300 @@
+"""Truncated conjugate gradient on a curvature operator, shared by the Newton-Krylov solvers.
+
+Solves the damped Newton system
+
+    (H + lambda I) p = b,        b = -g,
+
+by (preconditioned) conjugate gradient and stops early as soon as a direction appears that the
+quadratic model cannot use (complex-step.md sections 6.2-6.3; Nocedal & Wright 2006, Alg. 7.1;
+Martens 2010, section 4):
+
+* **"negative_curvature"** - a search direction d with d^T (H + lambda I) d <= threshold ||d||^2
+  (the "disturbing" direction of Shen et al. 2020, read as non-positive curvature; the threshold
+  is 0 by default). At the first iteration the steepest-descent step of SciPy's Newton-CG is
+  returned, p = (r^T z / |d^T A d|) d with d = M^{-1} b, i.e. (g^T g / |curv|) (-g) without a
+  preconditioner; later the current iterate, which is a descent direction (g^T p < 0 because
+  phi(p) < phi(0) = 0 along the positive-curvature directions taken so far).
+* **"converged"** - the residual rule ||r|| <= eta ||g|| with the forcing term
+  eta = min(rtol, sqrt(||g||)) (Eisenstat-Walker / Nocedal-Wright eq. 7.3, the choice SciPy's
+  Newton-CG makes in the 1-norm; ``adaptive_rtol=False`` uses eta = rtol).
+* **"model_stalled"** (optional, ``model_decrease_check=True``) - Martens' relative-progress rule
+  (Martens 2010, section 4.4): stop at iteration i when i > k, phi(x_i) < 0 and
+  (phi(x_i) - phi(x_{i-k})) / phi(x_i) < k eps, with k = max(k_min, ceil(k_frac i)), k_min = 10,
+  k_frac = 0.1, eps = 5e-4. phi(x) = 1/2 x^T (H + lambda I) x - b^T x is the quadratic model.
+* **"max_iter"** - the iteration cap.
+
+Quantities along the step come from the recurrences, without extra operator products: the
+solver keeps H x (undamped) next to x, so at exit g^T p = -b^T x, p^T H p = x^T (H x) and
+p^T (H + lambda I) p = x^T (H x) + lambda x^T x are exact for the returned x (up to rounding),
+even after a warm start.
+
+Host synchronisation. Everything is computed on the operator's array module (NumPy or CuPy);
+each iteration moves exactly one small vector of scalars to the host (curvature, ||d||^2,
+||r||^2, phi) to take the exit decisions, so a CuPy run pays one device-to-host sync per
+matrix-vector product, plus two before the loop (||b|| and ||r_0||, three with the progress
+rule) and one at exit. The update of iteration i is computed before the sync and dropped if the
+curvature test fails, which is what lets the decisions share one transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.backend import array_module, to_host
+
+__all__ = ["CGResult", "CGIterate", "truncated_cg", "EXIT_REASONS", "exit_code", "martens_schedule"]
+
+#: Exit reasons in the order of their integer codes (run histories store the code).
+EXIT_REASONS = ("converged", "negative_curvature", "max_iter", "model_stalled")
+
+
+def exit_code(reason: str) -> int:
+    """The integer code of an exit reason (its index in :data:`EXIT_REASONS`)."""
+    try:
+        return EXIT_REASONS.index(reason)
+    except ValueError:
+        raise ValueError(f"unknown CG exit reason {reason!r}; known: {', '.join(EXIT_REASONS)}") from None
+
+
+@dataclass
+class CGIterate:
+    """A stored CG iterate (for Hessian-free CG backtracking, Martens 2010 section 4.6).
+
+    ``iteration`` is the number of CG updates it took; ``gTp`` = -b^T x, ``curvature`` =
+    x^T H x (undamped) and ``model_value`` = phi(x) are 0-d device arrays (no host sync).
+    """
+
+    iteration: int
+    x: object
+    gTp: object
+    curvature: object
+    model_value: object
+
+
+@dataclass
+class CGResult:
+    """What :func:`truncated_cg` returns.
+
+    ``x``: the step p. ``model_value``: phi(p) = 1/2 p^T (H + lambda I) p + g^T p.
+    ``pHp``: p^T (H + lambda I) p (damped); ``curvature``: p^T H p (undamped); ``gTp``: g^T p;
+    ``step_sq_norm``: p^T p (all host floats). ``iterations``: CG updates applied to x (the
+    direction that triggered a negative-curvature exit is not counted); ``n_matvec``: operator
+    products spent, including the one for a warm start and the one that found negative
+    curvature. ``residual_norm``: ||r|| of the recurrence at exit. ``iterates``: stored
+    :class:`CGIterate` records (with ``keep_iterates``), the returned x always last.
+    """
+
+    x: object
+    model_value: float
+    pHp: float
+    curvature: float
+    gTp: float
+    step_sq_norm: float
+    iterations: int
+    exit_reason: str
+    n_matvec: int
+    residual_norm: float
+    iterates: list = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.exit_reason)
+
+
+def martens_schedule(start: float = 5.0, ratio: float = 1.3):
+    """Yield the CG iterations at which Martens' HF stores iterates: ceil(5), ceil(6.5), ... .
+
+    ``conjgrad_1`` in Martens' HF code: ``inext = 5; imult = 1.3`` and x is saved whenever
+    ``i == ceil(inext)``, then ``inext = inext * imult`` (iterations 5, 7, 9, 11, 15, 19, ...).
+    """
+    nxt = float(start)
+    while True:
+        yield math.ceil(nxt)
+        nxt *= ratio
+
+
+def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter: int = 250, min_iter: int = 1,
+                 rtol: float = 0.5, adaptive_rtol: bool = True, curvature_threshold: float = 0.0,
+                 model_decrease_check: bool = False, model_eps: float = 5e-4, model_k_min: int = 10,
+                 model_k_frac: float = 0.1, preconditioner: Callable | None = None,
+                 keep_iterates: bool = False, iterate_start: float = 5.0, iterate_ratio: float = 1.3) -> CGResult:
+    """Truncated (preconditioned) CG for (H + damping I) x = b; see the module docstring.
+
+    ``matvec(v)`` applies H (undamped; damping is added here) to a real vector of b's array
+    module. ``b`` is -g. ``x0``: warm start (e.g. beta p_{k-1}); costs one extra product.
+    ``rtol``/``adaptive_rtol``: residual rule ||r|| <= eta ||b||, eta = min(rtol, sqrt(||b||))
+    (adaptive) or rtol; ``rtol=0`` disables it except for an exactly zero residual.
+    ``curvature_threshold``: exit on d^T (H + damping I) d <= threshold ||d||^2.
+    ``model_decrease_check``: Martens' progress rule with ``model_eps``, ``model_k_min``,
+    ``model_k_frac``. ``min_iter``: no residual/progress exit before this many updates (Martens'
+    miniters = 1). ``preconditioner(r)`` applies M^{-1} (symmetric positive definite).
+    ``keep_iterates``: store copies of x at Martens' schedule (``iterate_start``,
+    ``iterate_ratio``; see :func:`martens_schedule`) and at exit.
+    """
+    xp = array_module(b)
+    if b.ndim != 1:
+        raise ValueError(f"truncated_cg needs a 1-d right-hand side, got shape {tuple(b.shape)}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if damping < 0 or not math.isfinite(damping):
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    dtype = b.dtype
+    n_matvec = 0
+
+    # ||b|| once, on the host: it sets the residual target for the whole solve.
+    b_norm = float(to_host(xp.sqrt(b @ b)))
+    if not math.isfinite(b_norm):
+        raise ValueError("the right-hand side (the gradient) contains NaN or Inf; check the loss and the step size")
+    eta = min(rtol, math.sqrt(b_norm)) if adaptive_rtol else rtol
+    r_target_sq = (eta * b_norm) ** 2
+
+    if x0 is None:
+        x = xp.zeros_like(b)
+        Hx = xp.zeros_like(b)
+        r = b.copy()
+    else:
+        if x0.shape != b.shape:
+            raise ValueError(f"warm start x0 has shape {tuple(x0.shape)}, the system has {tuple(b.shape)}")
+        x = xp.asarray(x0, dtype=dtype).copy()
+        Hx = matvec(x)
+        n_matvec += 1
+        r = b - Hx
+        if damping:
+            r -= damping * x
+
+    def phi(x_, r_):
+        # phi(x) = 1/2 x^T A x - b^T x and A x = b - r  =>  phi = -1/2 (b + r)^T x
+        return -0.5 * ((b + r_) @ x_)
+
+    def finish(reason, iterations, iterates):
+        bx = b @ x
+        xHx = x @ Hx
+        xx = x @ x
+        rr = r @ r
+        scalars = to_host(xp.stack([bx, xHx, xx, rr]))  # one sync at exit
+        bx_h, xHx_h, xx_h, rr_h = (float(s) for s in scalars)
+        pHp = xHx_h + damping * xx_h
+        if keep_iterates and (not iterates or iterates[-1].iteration != iterations):
+            iterates.append(CGIterate(iterations, x.copy(), -bx, xHx, phi(x, r)))
+        return CGResult(x=x, model_value=0.5 * pHp - bx_h, pHp=pHp, curvature=xHx_h, gTp=-bx_h,
+                        step_sq_norm=xx_h, iterations=iterations, exit_reason=reason, n_matvec=n_matvec,
+                        residual_norm=math.sqrt(max(rr_h, 0.0)), iterates=iterates)
+
+    iterates: list = []
+    schedule = martens_schedule(iterate_start, iterate_ratio) if keep_iterates else None
+    next_store = next(schedule) if keep_iterates else None
+
+    z = preconditioner(r) if preconditioner is not None else r
+    rz = r @ z
+    d = z.copy() if preconditioner is not None else r.copy()
+    rr0 = float(to_host(r @ r))
+    if b_norm == 0.0 or (rr0 <= r_target_sq and min_iter <= 0) or rr0 == 0.0:
+        return finish("converged", 0, iterates)
+    phis = [float(to_host(phi(x, r)))] if model_decrease_check else None
+
+    for i in range(max_iter):
+        Hd = matvec(d)
+        n_matvec += 1
+        Ad = Hd + damping * d if damping else Hd
+        curv = d @ Ad
+        dd = d @ d
+        # Tentative update, committed only if the curvature test passes (see module docstring).
+        alpha = rz / xp.where(curv > 0, curv, 1)
+        x_new = x + alpha * d
+        Hx_new = Hx + alpha * Hd
+        r_new = r - alpha * Ad
+        rr_new = r_new @ r_new
+        phi_new = phi(x_new, r_new) if model_decrease_check else rr_new
+        curv_h, dd_h, rr_h, phi_h = (float(s) for s in to_host(xp.stack([curv, dd, rr_new, phi_new])))
+        if not math.isfinite(curv_h):
+            raise FloatingPointError(f"the curvature product returned NaN/Inf at CG iteration {i}; check the operator and its step size h")
+        if curv_h <= curvature_threshold * dd_h:
+            if i == 0:
+                # SciPy Newton-CG fallback: steepest (preconditioned) descent scaled by r^T z / |curv|.
+                # A direction of exactly zero curvature gets no scale from it; keep the unit step.
+                scale = rz / abs(curv_h) if curv_h != 0 else 1.0
+                x = x + scale * d
+                Hx = Hx + scale * Hd
+                r = r - scale * Ad
+                return finish("negative_curvature", 0, iterates)
+            return finish("negative_curvature", i, iterates)
+        x, Hx, r = x_new, Hx_new, r_new
+        done = i + 1
+        if keep_iterates and done == next_store:
+            iterates.append(CGIterate(done, x.copy(), -(b @ x), x @ Hx, phi(x, r)))
+            while next_store <= done:
+                next_store = next(schedule)
+        if done >= min_iter and rr_h <= r_target_sq:
+            return finish("converged", done, iterates)
+        if model_decrease_check:
+            phis.append(phi_h)
+            k = max(model_k_min, math.ceil(model_k_frac * done))
+            if done >= min_iter and done > k and phi_h < 0 and (phi_h - phis[done - k]) / phi_h < k * model_eps:
+                return finish("model_stalled", done, iterates)
+        if done == max_iter:
+            break
+        z = preconditioner(r) if preconditioner is not None else r
+        rz_new = r @ z
+        beta = rz_new / rz
+        d = z + beta * d
+        rz = rz_new
+    return finish("max_iter", max_iter, iterates)
+
+
+# --- pieces shared by the Newton-Krylov solvers ---------------------------------------------
+
+#: Curvature sources a Newton-Krylov solver can run CG on (``curvature=`` option).
+CURVATURES = ("cs", "fd-forward", "fd-central", "rop", "gn")
+
+#: Cost of one pass in gradient equivalents (one real forward + backward over the same rows = 1).
+#: The weights follow the arithmetic of each pass and were checked on the reference 2-core CPU
+#: (NumPy 2.4 / OpenBLAS, CURVES autoencoder, batch 1000, float64; measured in brackets):
+#: a forward-only loss is 1/2 (0.42-0.53); a complex-step product is one complex128 gradient,
+#: 4 real multiply-adds per complex one (4.06; complex-step.md section 8 measured 3.4 on a wider
+#: MLP); forward FD is one extra gradient (1.3-1.5 with the vector work), central FD two
+#: (2.0-3.0); the R-operator runs an R-forward and an R-backward next to cached forward/backward
+#: data (1.8-1.9), the Gauss-Newton product an R-forward and one backward (1.2-1.8).
+PASS_COST = {"loss": 0.5, "gradient": 1.0, "cs": 4.0, "fd-forward": 1.0, "fd-central": 2.0, "rop": 2.0, "gn": 1.5}
+
+#: One-time cost of building each operator (its own forward/backward data), in gradient
+#: equivalents: forward FD computes g(w) on the curvature batch, the R-operator a forward and a
+#: backward pass, Gauss-Newton a forward pass.
+OPERATOR_SETUP_COST = {"cs": 0.0, "fd-forward": 1.0, "fd-central": 0.0, "rop": 1.0, "gn": 0.5}
+
+
+def curvature_operator(curvature: str, model, params, x, y, h: float = 0.0):
+    """The curvature operator named ``curvature`` (:data:`CURVATURES`) of the regularised loss.
+
+    "cs": :class:`engine.curvature.HessianCS`; "fd-forward"/"fd-central":
+    :class:`engine.curvature.HessianFD`; "rop": :class:`engine.curvature.HessianRop` (exact);
+    "gn": :class:`engine.curvature.GaussNewton`. ``h`` (CS and FD only; 0 = the operator's
+    default step) is rejected for the others.
+    """
+    from engine.curvature import GaussNewton, HessianCS, HessianFD, HessianRop  # noqa: PLC0415
+
+    step = None if not h else float(h)
+    if curvature == "cs":
+        return HessianCS(model, params, x, y, h=step)
+    if curvature in ("fd-forward", "fd-central"):
+        return HessianFD(model, params, x, y, scheme=curvature[3:], h=step)
+    if step is not None:
+        raise ValueError(f"a step h applies to the 'cs' and 'fd-*' curvatures, not {curvature!r}; set h=0")
+    if curvature == "rop":
+        return HessianRop(model, params, x, y)
+    if curvature == "gn":
+        return GaussNewton(model, params, x, y)
+    raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+
+
+def curvature_rows(n_batch: int, fraction: float, size: int) -> int:
+    """Rows of the minibatch used for curvature: ``size`` if > 0, else ceil(fraction n_batch).
+
+    The minibatch is a slice of a random permutation, so its first rows are a uniformly random
+    subset; taking them keeps the curvature batch deterministic without an RNG in the state.
+    """
+    rows = int(size) if size else math.ceil(fraction * n_batch)
+    if rows < 1:
+        raise ValueError(f"the curvature batch would be empty ({rows} rows of a {n_batch}-row minibatch); raise curvature_fraction")
+    return min(rows, n_batch)
