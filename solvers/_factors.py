@@ -1,0 +1,73 @@
+"""Small in-place helpers for the EMA'd Kronecker factors of K-BFGS and K-FAC."""
+
+from __future__ import annotations
+
+import numpy
+
+from engine.backend import array_module
+
+from ._kernels import scaled_ema_
+
+__all__ = ["ema_", "ema_homogeneous_second_moment_", "flush_subnormals_", "check_real_params", "dense_kron_layers"]
+
+
+def ema_(target, new, decay: float):
+    """target <- decay target + (1 - decay) new, in place (returns ``target``)."""
+    target *= decay
+    target += (1 - decay) * new
+    return target
+
+
+def ema_homogeneous_second_moment_(A, a, decay: float, a_mean=None):
+    """A <- decay A + (1 - decay) (1/N) a~^T a~ in place, a~ = [a, 1] (N x (d+1)).
+
+    The same statistic as ``engine.curvature.kron_factors(..., which="A")``, fused with the EMA
+    so that no (d+1)^2 batch matrix is assembled: a^T a goes through SYRK (NumPy uses it for
+    ``a.T @ a``), the ones column contributes the column means (``a_mean`` when the caller has
+    them) and 1. Exactly symmetric.
+    """
+    n, d = a.shape
+    w = (1 - decay) / n
+    aa = a.T @ a
+    scaled_ema_(A[:d, :d], aa, decay, w)  # one fused pass on NumPy
+    A[:d, d] *= decay
+    A[d, :d] *= decay
+    A[d, d] *= decay
+    col = (1 - decay) * a_mean if a_mean is not None else a.sum(axis=0) * w
+    A[:d, d] += col
+    A[d, :d] += col
+    A[d, d] += 1 - decay
+    return A
+
+
+def flush_subnormals_(a):
+    """Set entries with |a| below the smallest normal number to zero, in place.
+
+    kbfgs.md pitfall 19: entries of EMA'd factors that decay (e.g. rows of dead ReLU units)
+    drift into the subnormal range, where x86 arithmetic is many times slower; the official
+    K-FAC doubles its epoch time on CPU after epoch 11 because of it.
+    """
+    xp = array_module(a)
+    tiny = numpy.finfo(a.dtype).tiny
+    xp.copyto(a, 0, where=xp.abs(a) < tiny)
+    return a
+
+
+def check_real_params(name: str, params) -> None:
+    if not params or params[0].dtype.kind != "f":
+        kind = params[0].dtype if params else "no parameters"
+        raise TypeError(f"{name} trains real float32/float64 parameters, got {kind}; complex parameters are for curvature passes")
+
+
+def dense_kron_layers(name: str, model) -> list[int]:
+    """Indices of the model's Kronecker layers, all of which must be Dense (the paper's setting)."""
+    from engine.layers import Dense  # noqa: PLC0415
+
+    layers = model.kron_layers
+    if not layers:
+        raise ValueError(f"{name} needs a model with Dense layers; {model.name} has none")
+    other = [i for i in layers if not isinstance(model.layers[i], Dense)]
+    if other:
+        raise ValueError(f"{name} is implemented for Dense layers (the paper's setting); layer {other[0]} "
+                         f"({model.layers[other[0]]!r}) is not one; use a solver without Kronecker factors for it")
+    return layers

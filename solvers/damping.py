@@ -1,0 +1,77 @@
+"""Damping of BFGS pairs: Powell damping, the "B = I" Powell (LM) damping, and the double damping
+of K-BFGS (Goldfarb, Ren, Bahamou, NeurIPS 2020, section 3.2; kbfgs.md section 4.4).
+
+All decisions are made on the device with ``where`` (no host synchronisation); each function
+returns the damped vector(s) and 0-d boolean "fired" flags.
+
+Division guards (kbfgs.md pitfall 18; the official code has none):
+
+* Powell: when y^T H y <= 0 (for a positive definite H this means y = 0) damping does not fire
+  and s is returned unchanged; the BFGS skip rule then discards the pair (s^T y = 0).
+* B = I damping: when s^T s = 0 it does not fire. When it fires, the Powell weight
+  theta2 = (1 - mu2) s^T s / (s^T s - s^T y) is used only when it is a true convex weight,
+  0 <= theta2 <= 1, which always holds for mu2 < 1 (lambda < 1). For mu2 >= 1 (lambda >= 1) the
+  formula can give theta2 < 0, > 1, or 0/0 (s^T y = s^T s); then the minimal additive
+  correction y~ = y + ((mu2 s^T s - s^T y) / s^T s) s is used instead. Both give
+  s^T y~ = mu2 s^T s exactly (in exact arithmetic), the property the damping exists for.
+"""
+
+from __future__ import annotations
+
+from engine.backend import array_module
+
+from .bfgs import matvec
+
+__all__ = ["powell_damping", "lm_damping", "double_damping"]
+
+
+def powell_damping(s, y, Hy, mu1: float = 0.2):
+    """Powell damping in inverse form (``get_BFGS_PowellHDamping``): modifies s.
+
+    r = s^T y / (y^T H y). If r > mu1, s is kept; otherwise
+    theta1 = (1 - mu1) y^T H y / (y^T H y - s^T y) and s~ = theta1 s + (1 - theta1) H y, so that
+    s~^T y = mu1 y^T H y. Returns ``(s~, fired)``.
+    """
+    xp = array_module(s, y, Hy)
+    sy = xp.dot(s, y)
+    yHy = xp.dot(y, Hy)
+    fired = (yHy > 0) & (sy <= mu1 * yHy)
+    theta = xp.where(fired, (1 - mu1) * yHy / xp.where(fired, yHy - sy, 1), 1)
+    s_damped = xp.where(fired, theta * s + (1 - theta) * Hy, s)
+    return s_damped, fired
+
+
+def lm_damping(s, y, mu2: float):
+    """Powell damping with B = I (``get_BFGS_ModifiedDamping``): modifies y.
+
+    If s^T y / s^T s > mu2, y is kept; otherwise theta2 = (1 - mu2) s^T s / (s^T s - s^T y) and
+    y~ = theta2 y + (1 - theta2) s, so that s^T y~ = mu2 s^T s: the curvature H sees along s is at
+    least mu2, which bounds H from above (the Levenberg-Marquardt-like part of the double
+    damping). See the module docstring for the guard used when mu2 >= 1. Returns ``(y~, fired)``.
+    """
+    xp = array_module(s, y)
+    ss = xp.dot(s, s)
+    sy = xp.dot(s, y)
+    fired = (ss > 0) & (sy <= mu2 * ss)
+    denom = ss - sy
+    theta = (1 - mu2) * ss / xp.where(denom > 0, denom, 1)
+    convex = fired & (denom > 0) & (theta >= 0) & (theta <= 1)
+    y_powell = theta * y + (1 - theta) * s
+    shift = (mu2 * ss - sy) / xp.where(ss > 0, ss, 1)
+    y_shift = y + shift * s
+    y_damped = xp.where(convex, y_powell, xp.where(fired, y_shift, y))
+    return y_damped, fired
+
+
+def double_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
+    """K-BFGS double damping (kbfgs.md section 4.4): Powell on s with H, then B = I on y.
+
+    ``H`` is a matrix or a callable ``v -> H v`` (the L-BFGS operator of K-BFGS(L)). The second
+    step uses the already damped s~. ``mu2`` (keyword, required) is sqrt(lambda) in K-BFGS. The inputs are not modified
+    (the solver keeps the undamped EMA pair as state, pitfall 5).
+    Returns ``(s~, y~, powell_fired, lm_fired)``.
+    """
+    Hy = H(y) if callable(H) else matvec(H, y)
+    s_damped, powell_fired = powell_damping(s, y, Hy, mu1)
+    y_damped, lm_fired = lm_damping(s_damped, y, mu2)
+    return s_damped, y_damped, powell_fired, lm_fired

@@ -1,0 +1,327 @@
+"""K-BFGS and K-BFGS(L): Kronecker-factored quasi-Newton (Goldfarb, Ren, Bahamou, "Practical
+Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS 2020, arXiv:2006.08877), exactly
+as the authors' code runs them (kbfgs.md sections 4 and 5).
+
+Per Dense layer, with homogeneous weights W~ = [W | b] and momentum M^ = [m_W | m_b]:
+
+    W~ <- W~ - alpha H_g M^ H_a
+
+* H_a ((d_in+1)^2) approximates (A + sqrt(lambda) I)^{-1}, A an EMA (0.9) of the homogeneous
+  input second moment, warm-started by one pass over the data; H_a = inv(A + sqrt(lambda) I)
+  once at k = 0, then one Hessian-action BFGS update per iteration (section 4.5).
+* H_g (d_out^2) approximates the inverse Hessian w.r.t. the pre-activations: one BFGS inverse
+  update per iteration from s = mean(z) - mean(z+), y = mean(g) - mean(g+) measured on the same
+  minibatch at theta_k and theta_k + alpha p (g = N dL/dz), EMA'd (0.9), then double-damped
+  (Powell with mu1 = 0.2 on H_g, then B = I with mu2 = sqrt(lambda)) (sections 4.3, 4.4, 4.6).
+* K-BFGS(L): H_g is the compact L-BFGS operator of the last ``memory`` damped pairs with
+  H0 = gamma I, gamma = 1 (section 5); H_a stays dense.
+
+One iteration (section 4.3): (a) forward+backward at theta_k (regularised), m <- 0.9 m + 0.1 g;
+(b) per layer A <- EMA (not at k = 0), direction P = H_g M^ H_a, theta <- theta - alpha P in place;
+(c) forward+backward of the unregularised loss on the same batch at theta_{k+1} = theta_trial
+(only the pre-activations and their gradients: no weight-gradient products); (d) G-side and
+A-side updates. No model copy is made.
+
+State (flat, HDF5-friendly): ``k``, ``warm_started``, ``m`` (flat momentum) and per Dense layer
+i (index in ``model.layers``) ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``,
+``layer{i}/y_ema`` and ``layer{i}/H_g`` (K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}``
+(K-BFGS(L)). Parameters that belong to no Dense layer get the plain momentum step -alpha m.
+
+Info per step: ``loss`` (regularised minibatch loss at theta_k), ``trial_loss`` (unregularised loss
+of the same batch at theta_{k+1}, from the second pass), ``grad_norm``, ``step_norm``
+(||theta_{k+1} - theta_k||), and counts over the layers of ``powell_damping`` and ``lm_damping``
+firings and of ``skipped_H_g`` / ``skipped_H_a`` updates (for K-BFGS(L): pairs not stored).
+
+Host synchronisation: K-BFGS makes none inside the layer loops (skip and damping decisions are
+device-side ``where``); K-BFGS(L) makes one per iteration, after the layer loop, for the
+"store this pair?" decisions of all layers together (the memory's fill count lives on the host).
+"""
+
+from __future__ import annotations
+
+import math
+
+from engine.backend import array_module, to_host
+from engine.curvature.kronecker import KroneckerBlockOperator, kron_factors
+from engine.model import Capture
+
+from ._factors import check_real_params, dense_kron_layers, ema_, ema_homogeneous_second_moment_, flush_subnormals_
+from ._passes import backward_pass, forward_pass
+from .base import Hyper, Solver, positive, register, unit_interval
+from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, symmetrize
+from .damping import double_damping
+from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
+from .lbfgs import CompactLBFGS
+
+__all__ = ["KBFGS", "KBFGSL"]
+
+#: Subnormal entries of the EMA'd A are flushed, and H_a, H_g re-symmetrised, every this many
+#: iterations (pitfalls 19 and 16): an entry decaying by 0.9 per step spends at most this many
+#: steps subnormal, and a pass over all factors every step would cost ~1.5% of an MNIST iteration.
+FLUSH_EVERY = 10
+
+
+def _kbfgs_hyperparameters() -> dict[str, Hyper]:
+    return {
+        "lr": positive("learning rate alpha", 0.3),
+        "damping": positive("damping lambda: sqrt(lambda) is added to A and is mu2 of the double damping", 0.3),
+        "momentum": unit_interval("gradient momentum rho (EMA form m = rho m + (1 - rho) g, no bias correction)", 0.9),
+        "A_decay": unit_interval("EMA decay of the input second moment A", 0.9),
+        "sy_decay": unit_interval("EMA decay of the pre-activation pair (s, y); 0 for full batch", 0.9),
+        "mu1": Hyper(0.2, "Powell damping constant mu1 of the double damping", lambda v: 0 < v < 1, "in (0, 1)"),
+        "hessian_action": Hyper("V2", "Hessian-action vector: V2 (a_bar ends with 1, reference HEAD) or V1 (ends with the mean)",
+                                lambda v: v in HESSIAN_ACTION_VARIANTS, "V2 or V1"),
+        "skip_constant": positive("c of the BFGS skip rule s^T y <= c s^T s ||g_ref||", SKIP_CONSTANT),
+        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors to zero (pitfall 19)"),
+    }
+
+
+class _KroneckerQuasiNewton(Solver):
+    """The shared K-BFGS iteration; subclasses choose the pre-activation-side inverse H_g."""
+
+    needs_warm_start = True
+
+    def __init__(self, model, **hyper):
+        super().__init__(model, **hyper)
+        self.kron = dense_kron_layers(self.name, model)
+        self.sqrt_damping = math.sqrt(self.damping)
+        kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
+        self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
+
+    # --- G side (overridden) -----------------------------------------------------------------
+    def _init_g_side(self, state, i, d_out, xp, dtype):
+        raise NotImplementedError
+
+    def _g_apply(self, state, i, X):
+        raise NotImplementedError
+
+    def _g_update(self, state, i, s, y, g_ref, info):
+        raise NotImplementedError
+
+    def _g_finish(self, state, info):
+        """Called once after the layer loop (K-BFGS(L) applies its batched decisions here)."""
+
+    def _symmetrize_g_side(self, state, i):
+        """Re-symmetrise a dense H_g (a no-op when it is exactly symmetric already)."""
+
+    # --- contract ---------------------------------------------------------------------------
+    def init(self, params) -> dict:
+        check_real_params(self.name, params)
+        xp = array_module(*params)
+        dtype = params[0].dtype
+        state = {"k": 0, "warm_started": False, "m": xp.zeros(self.model.n_params, dtype=dtype)}
+        for i in self.kron:
+            layer = self.model.layers[i]
+            d_a, d_out = layer.d_in + 1, layer.d_out
+            state[f"layer{i}/A"] = xp.zeros((d_a, d_a), dtype=dtype)
+            state[f"layer{i}/H_a"] = xp.zeros((d_a, d_a), dtype=dtype)  # set at k = 0
+            state[f"layer{i}/s_ema"] = xp.zeros(d_out, dtype=dtype)
+            state[f"layer{i}/y_ema"] = xp.zeros(d_out, dtype=dtype)
+            self._init_g_side(state, i, d_out, xp, dtype)
+        return state
+
+    def warm_start(self, params, state, batches) -> dict:
+        """A_l <- average over all batches of (1/N) a~^T a~ at the initial weights (section 4.2).
+
+        Forward passes only. ``batches`` yields (x, y) pairs covering one epoch.
+        """
+        model = self.model
+        sums, count = None, 0
+        for x, _ in batches:
+            _, caches, zs = forward_pass(model, params, x)
+            caps = [Capture(i, model.layer_param_index[i], caches[i], zs[i], None) for i in self.kron]
+            factors = kron_factors(caps, which="A")
+            if sums is None:
+                sums = [f.A for f in factors]
+            else:
+                for acc, f in zip(sums, factors):
+                    acc += f.A
+            count += 1
+        if count == 0:
+            raise ValueError(f"{self.name}.warm_start got no batches; pass one epoch of (x, y) minibatches")
+        for i, acc in zip(self.kron, sums):
+            acc /= count
+            if self.flush_subnormals:
+                flush_subnormals_(acc)
+            state[f"layer{i}/A"] = acc.astype(state[f"layer{i}/A"].dtype, copy=False)
+        state["warm_started"] = True
+        return state
+
+    def step(self, params, state, x, y):
+        model = self.model
+        xp = array_module(*params)
+        k = int(state["k"])
+        lr, rho = self.lr, self.momentum
+        shift = self.sqrt_damping
+        info = {"powell_damping": 0, "lm_damping": 0, "skipped_H_g": 0, "skipped_H_a": 0}
+
+        # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch
+        loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True)
+        m = state["m"]
+        m_views = model.unflatten(m)
+        grad_sq = 0
+        for mv, g in zip(m_views, grads):
+            gf = g.reshape(-1)
+            grad_sq = grad_sq + xp.dot(gf, gf)
+            mv *= rho
+            g *= 1 - rho  # the gradient arrays are this step's own: scale in place
+            mv += g
+        factors = kron_factors(captures, which=("A", "means") if k == 0 and not state["warm_started"] else ("means",))
+        rows = {c.layer: c for c in captures}
+        n = x.shape[0]
+
+        # (b) step 1 per layer: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0, direction, update
+        step_sq = 0
+        for f in factors:
+            i = f.layer
+            layer = model.layers[i]
+            A = state[f"layer{i}/A"]
+            if k > 0:
+                ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean[:-1])
+                if self.flush_subnormals and k % FLUSH_EVERY == 0:
+                    flush_subnormals_(A)
+            elif not state["warm_started"]:
+                A[...] = f.A  # no warm start: the first batch's statistics stand in for it
+            if k == 0:
+                A_lm = A + shift * xp.eye(A.shape[0], dtype=A.dtype)
+                state[f"layer{i}/H_a"] = symmetrize(xp.linalg.inv(A_lm))
+            elif k % FLUSH_EVERY == 0:  # pitfall 16: guard against any BLAS-order asymmetry
+                state[f"layer{i}/H_a"] = symmetrize(state[f"layer{i}/H_a"])
+                self._symmetrize_g_side(state, i)
+            M = layer.to_matrix(model.layer_params(m_views, i))
+            P = self._g_apply(state, i, M @ state[f"layer{i}/H_a"])
+            P *= lr  # the step alpha H_g M^ H_a
+            Pf = P.reshape(-1)
+            step_sq = step_sq + xp.dot(Pf, Pf)
+            dW, db = layer.from_matrix(P)
+            W, b = model.layer_params(params, i)
+            W -= dW
+            b -= db
+        for j in self.other_params:
+            params[j] -= lr * m_views[j]
+            step_sq = step_sq + lr * lr * (m_views[j] * m_views[j]).sum()
+
+        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, z+ and g+ only
+        out, caches, zs = forward_pass(model, params, x)
+        trial_loss, dout = model.loss_fn.value_and_grad(out, y)
+        _, captures_new = backward_pass(model, params, caches, zs, dout, n, param_grads=False, per_example=False)
+        # batch means at theta_{k+1}: mean_rows(z+), and mean_rows(g+) = sum_rows(dL/dz+) (g = N dL/dz)
+        means_new = {c.layer: (c.z.sum(axis=0) / n, c.g.sum(axis=0)) for c in captures_new}
+
+        # (d) step 2 per layer: G side (EMA, double damping, BFGS) and A side (Hessian action)
+        for f in factors:
+            i = f.layer
+            z_mean_new, g_mean_new = means_new[i]
+            s_ema = ema_(state[f"layer{i}/s_ema"], f.z_mean - z_mean_new, self.sy_decay)
+            y_ema = ema_(state[f"layer{i}/y_ema"], f.g_mean - g_mean_new, self.sy_decay)
+            if self.flush_subnormals:
+                flush_subnormals_(s_ema)
+                flush_subnormals_(y_ema)
+            self._g_update(state, i, s_ema, y_ema, f.g_mean, info)
+            a_bar = hessian_action_vector(f.a_mean[:-1], self.hessian_action)
+            H_a, skipped = hessian_action_update(state[f"layer{i}/H_a"], state[f"layer{i}/A"], shift, a_bar,
+                                                 self.skip_constant, inplace=True)
+            state[f"layer{i}/H_a"] = H_a
+            info["skipped_H_a"] = info["skipped_H_a"] + skipped.astype(int)
+        self._g_finish(state, info)
+
+        state["k"] = k + 1
+        info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=xp.sqrt(step_sq))
+        return params, state, info
+
+    # --- inspection -------------------------------------------------------------------------
+    def g_side_inverse(self, state, i):
+        """The d_out x d_out matrix H_g of Dense layer ``i`` (dense; the L-BFGS operator densified)."""
+        raise NotImplementedError
+
+    def curvature_operator(self, state):
+        """The block curvature inv(H_g) (x) inv(H_a) as a :class:`KroneckerBlockOperator`.
+
+        ``solve`` applies the blocks H_g M H_a the solver preconditions with (on the flat vector);
+        ``matvec`` the curvature itself. Parameters outside Dense layers pass through unchanged.
+        """
+        blocks = {i: (self.g_side_inverse(state, i), state[f"layer{i}/H_a"]) for i in self.kron}
+        return KroneckerBlockOperator.from_inverse_factors(self.model, blocks, missing="identity")
+
+
+@register
+class KBFGS(_KroneckerQuasiNewton):
+    name = "kbfgs"
+    summary = "K-BFGS: Kronecker-factored BFGS with double damping (Goldfarb, Ren, Bahamou 2020)"
+    hyperparameters = _kbfgs_hyperparameters()
+
+    def _init_g_side(self, state, i, d_out, xp, dtype):
+        state[f"layer{i}/H_g"] = xp.eye(d_out, dtype=dtype)
+
+    def _g_apply(self, state, i, X):
+        return state[f"layer{i}/H_g"] @ X
+
+    def _symmetrize_g_side(self, state, i):
+        state[f"layer{i}/H_g"] = symmetrize(state[f"layer{i}/H_g"])
+
+    def _g_update(self, state, i, s, y, g_ref, info):
+        H_g = state[f"layer{i}/H_g"]
+        s_d, y_d, powell, lm = double_damping(s, y, H_g, self.mu1, mu2=self.sqrt_damping)
+        H_g, skipped = bfgs_inverse_update(H_g, s_d, y_d, g_ref, self.skip_constant, inplace=True)
+        state[f"layer{i}/H_g"] = H_g
+        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
+        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
+        info["skipped_H_g"] = info["skipped_H_g"] + skipped.astype(int)
+
+    def g_side_inverse(self, state, i):
+        return state[f"layer{i}/H_g"]
+
+
+@register
+class KBFGSL(_KroneckerQuasiNewton):
+    name = "kbfgs_l"
+    summary = "K-BFGS(L): K-BFGS with a limited-memory (compact L-BFGS) pre-activation factor"
+    hyperparameters = {
+        **_kbfgs_hyperparameters(),
+        "memory": positive("number of (s, y) pairs p kept per layer", 100, type=int),
+        "lbfgs_gamma": positive("initial matrix gamma I of the L-BFGS operator (the reference fixes gamma = 1)", 1.0),
+    }
+
+    def _lbfgs(self, state, i) -> CompactLBFGS:
+        return CompactLBFGS.from_state(state, f"layer{i}/lbfgs/", self.lbfgs_gamma)
+
+    def _init_g_side(self, state, i, d_out, xp, dtype):
+        state.update(CompactLBFGS.empty(d_out, self.memory, dtype, xp, self.lbfgs_gamma).to_state(f"layer{i}/lbfgs/"))
+
+    def _g_apply(self, state, i, X):
+        return self._lbfgs(state, i).apply(X)
+
+    def _g_update(self, state, i, s, y, g_ref, info):
+        xp = array_module(s, y)
+        op = self._lbfgs(state, i)
+        s_d, y_d, powell, lm = double_damping(s, y, op, self.mu1, mu2=self.sqrt_damping)
+        ss = xp.dot(s_d, s_d)
+        sy = xp.dot(s_d, y_d)
+        # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite
+        store = (sy > self.skip_constant * ss * xp.sqrt(xp.dot(g_ref, g_ref))) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
+        self._pending.append((i, s_d, y_d, store))
+        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
+        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
+
+    def step(self, params, state, x, y):
+        self._pending = []
+        return super().step(params, state, x, y)
+
+    def _g_finish(self, state, info):
+        if not self._pending:
+            return
+        xp = array_module(self._pending[0][1])
+        stores = to_host(xp.stack([p[3] for p in self._pending]))  # the one host sync per iteration
+        skipped = 0
+        for (i, s_d, y_d, _), store in zip(self._pending, stores):
+            if store:
+                op = self._lbfgs(state, i)
+                op.push(s_d, y_d)
+                state[f"layer{i}/lbfgs/count"] = op.count
+            else:
+                skipped += 1
+        info["skipped_H_g"] = skipped
+        self._pending = []
+
+    def g_side_inverse(self, state, i):
+        return self._lbfgs(state, i).dense()

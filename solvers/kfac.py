@@ -1,0 +1,180 @@
+"""K-FAC as the K-BFGS reference code runs it (kbfgs.md section 6; Martens & Grosse, "Optimizing
+Neural Networks with Kronecker-factored Approximate Curvature", ICML 2015, arXiv:1503.05671).
+
+Per Dense layer, with homogeneous weights W~ = [W | b] and the EMA momentum M^ = [m_W | m_b]:
+
+    A <- 0.9 A + 0.1 (1/N) a~^T a~,         G <- 0.9 G + 0.1 (1/N) sum_n g_n g_n^T,
+    W~ <- W~ - alpha (G + sqrt(lambda) I)^{-1} M^ (A + sqrt(lambda) I)^{-1}
+
+* Fisher with **sampled** targets: Bernoulli(sigmoid(z)) for the logistic loss, N(z, 1) for
+  half-MSE (``loss.sample_targets``); the sampled loss is back-propagated through the forward
+  pass of the gradient (one forward, two backward passes), g_n = N dL_sampled/dz_n.
+* Warm start: A and G averaged over one pass over the data at the initial weights (sampled
+  targets).
+* Tikhonov damping split as sqrt(lambda) on each factor; inverses recomputed when
+  k % inverse_freq == 0 or k <= inverse_freq (inverse_freq = 20).
+* No KL clipping, no adaptive damping, no rescaling (as the reference code).
+
+State: ``k``, ``warm_started``, ``m``, ``rng`` (PCG64 words of the target-sampling generator,
+:func:`solvers.base.rng_state_array`) and per Dense layer i ``layer{i}/A``, ``layer{i}/G``,
+``layer{i}/A_inv``, ``layer{i}/G_inv``. Info: ``inverses_refreshed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from engine.backend import array_module
+from engine.curvature.kronecker import KroneckerBlockOperator, factor_inverse, kron_factors
+
+from ._factors import check_real_params, dense_kron_layers, ema_, flush_subnormals_
+from ._passes import backward_pass, forward_pass
+from .base import Hyper, Solver, positive, register, rng_from_state_array, rng_state_array, unit_interval
+from .bfgs import symmetrize
+
+__all__ = ["KFAC"]
+
+
+@register
+class KFAC(Solver):
+    name = "kfac"
+    summary = "K-FAC with sampled-target Fisher, as in the K-BFGS paper's baseline"
+    needs_warm_start = True
+    hyperparameters = {
+        "lr": positive("learning rate alpha", 1.0),
+        "damping": positive("damping lambda: sqrt(lambda) is added to A and to G", 3.0),
+        "momentum": unit_interval("gradient momentum rho (EMA form m = rho m + (1 - rho) g, no bias correction)", 0.9),
+        "A_decay": unit_interval("EMA decay of A", 0.9),
+        "G_decay": unit_interval("EMA decay of G", 0.9),
+        "inverse_freq": positive("recompute the damped factor inverses every this many iterations (and at k <= it)", 20, type=int),
+        "seed": Hyper(9999, "seed of the generator that samples the Fisher targets", lambda v: v >= 0, ">= 0", int),
+        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors to zero (pitfall 19)"),
+    }
+
+    def __init__(self, model, **hyper):
+        super().__init__(model, **hyper)
+        self.kron = dense_kron_layers(self.name, model)
+        self.sqrt_damping = math.sqrt(self.damping)
+        kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
+        self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
+
+    def init(self, params) -> dict:
+        check_real_params(self.name, params)
+        xp = array_module(*params)
+        dtype = params[0].dtype
+        state = {"k": 0, "warm_started": False, "m": xp.zeros(self.model.n_params, dtype=dtype),
+                 "rng": rng_state_array(numpy.random.default_rng(self.seed))}
+        for i in self.kron:
+            layer = self.model.layers[i]
+            d_a, d_g = layer.d_in + 1, layer.d_out
+            state[f"layer{i}/A"] = xp.zeros((d_a, d_a), dtype=dtype)
+            state[f"layer{i}/G"] = xp.zeros((d_g, d_g), dtype=dtype)
+            state[f"layer{i}/A_inv"] = xp.zeros((d_a, d_a), dtype=dtype)
+            state[f"layer{i}/G_inv"] = xp.zeros((d_g, d_g), dtype=dtype)
+        return state
+
+    def _sampled_captures(self, params, out, caches, zs, rng, n):
+        """Captures of the backward pass of the loss with targets sampled from the model."""
+        targets = self.model.loss_fn.sample_targets(out, rng)
+        _, dout = self.model.loss_fn.value_and_grad(out, targets)
+        _, caps = backward_pass(self.model, params, caches, zs, dout, n, param_grads=False)
+        return caps
+
+    def warm_start(self, params, state, batches) -> dict:
+        """A and G averaged over one pass over the data at the initial weights (sampled targets)."""
+        rng = rng_from_state_array(state["rng"])
+        sums, count = None, 0
+        for x, _ in batches:
+            out, caches, zs = forward_pass(self.model, params, x)
+            caps = self._sampled_captures(params, out, caches, zs, rng, x.shape[0])
+            factors = kron_factors(caps, which=("A", "G"))
+            if sums is None:
+                sums = [(f.A, f.G) for f in factors]
+            else:
+                for (A, G), f in zip(sums, factors):
+                    A += f.A
+                    G += f.G
+            count += 1
+        if count == 0:
+            raise ValueError("kfac.warm_start got no batches; pass one epoch of (x, y) minibatches")
+        for i, (A, G) in zip(self.kron, sums):
+            for name, F in (("A", A), ("G", G)):
+                F /= count
+                if self.flush_subnormals:
+                    flush_subnormals_(F)
+                state[f"layer{i}/{name}"] = F
+        state["rng"] = rng_state_array(rng)
+        state["warm_started"] = True
+        return state
+
+    def step(self, params, state, x, y):
+        model = self.model
+        xp = array_module(*params)
+        k = int(state["k"])
+        n = x.shape[0]
+
+        # one forward; backward of the true loss (gradient, with tau theta) and of the sampled loss
+        out, caches, zs = forward_pass(model, params, x)
+        model.loss_fn.check_target(out, y)
+        loss, dout = model.loss_fn.value_and_grad(out, y)
+        grads, caps = backward_pass(model, params, caches, zs, dout, n, param_grads=True)
+        if model.weight_decay:
+            loss = loss + model.regularizer(params)
+            for g, p in zip(grads, params):
+                g += model.weight_decay * p
+        m = state["m"]
+        m_views = model.unflatten(m)
+        grad_sq = 0
+        for mv, g in zip(m_views, grads):
+            gf = g.reshape(-1)
+            grad_sq = grad_sq + xp.dot(gf, gf)
+            ema_(mv, g, self.momentum)
+
+        rng = rng_from_state_array(state["rng"])
+        caps_sampled = self._sampled_captures(params, out, caches, zs, rng, n)
+        state["rng"] = rng_state_array(rng)
+        # A from the data pass (identical rows), G from the sampled pass
+        a_factors = kron_factors(caps, which="A")
+        g_factors = kron_factors(caps_sampled, which="G")
+
+        refresh = k % self.inverse_freq == 0 or k <= self.inverse_freq
+        step_sq = 0
+        for fa, fg in zip(a_factors, g_factors):
+            i = fa.layer
+            layer = model.layers[i]
+            A = ema_(state[f"layer{i}/A"], fa.A, self.A_decay)
+            G = ema_(state[f"layer{i}/G"], fg.G, self.G_decay)
+            if self.flush_subnormals:
+                flush_subnormals_(A)
+                flush_subnormals_(G)
+            if refresh:
+                state[f"layer{i}/A_inv"] = self._damped_inverse(A, f"A of layer {i}")
+                state[f"layer{i}/G_inv"] = self._damped_inverse(G, f"G of layer {i}")
+            M = layer.to_matrix(model.layer_params(m_views, i))
+            P = state[f"layer{i}/G_inv"] @ M @ state[f"layer{i}/A_inv"]
+            Pf = P.reshape(-1)
+            step_sq = step_sq + xp.dot(Pf, Pf)
+            dW, db = layer.from_matrix(P)
+            W, b = model.layer_params(params, i)
+            W -= self.lr * dW
+            b -= self.lr * db
+        for j in self.other_params:
+            params[j] -= self.lr * m_views[j]
+            step_sq = step_sq + (m_views[j] * m_views[j]).sum()
+
+        state["k"] = k + 1
+        info = {"loss": loss, "grad_norm": xp.sqrt(grad_sq), "step_norm": self.lr * xp.sqrt(step_sq),
+                "inverses_refreshed": bool(refresh)}
+        return params, state, info
+
+    def _damped_inverse(self, F, name):
+        """(F + sqrt(lambda) I)^{-1}, exactly symmetric."""
+        xp = array_module(F)
+        return symmetrize(factor_inverse(F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype), name))
+
+    def curvature_operator(self, state):
+        """The damped block Fisher (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) of the current state."""
+        blocks = {i: (state[f"layer{i}/G"], state[f"layer{i}/A"]) for i in self.kron}
+        return KroneckerBlockOperator(self.model, blocks, damping=self.sqrt_damping, missing="identity")

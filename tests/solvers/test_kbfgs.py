@@ -1,0 +1,282 @@
+"""solvers.kbfgs: K-BFGS and K-BFGS(L) against a plain float64 re-implementation of kbfgs.md
+section 4.3, plus one test per testable pitfall of section 9.
+
+The reference below is written from the note, the slow and obvious way: a model copy for the
+trial point, explicit homogeneous inputs, ``numpy.linalg.inv``, the textbook product form of the
+BFGS update and the damping formulas with ``if`` statements. Only the model's forward/backward
+(tested in tests/engine) is shared with the solver.
+"""
+
+import numpy
+import pytest
+
+from engine.model import Model
+from nets import mlp
+from solvers import make_solver
+from solvers._factors import flush_subnormals_
+
+
+def tiny_model(weight_decay=1e-3):
+    return mlp([5, 4, 3, 5], ["relu", "tanh", "linear"], "sigmoid_xent", weight_decay=weight_decay)
+
+
+def batches(n_batches=3, n=16, d=5, seed=0):
+    rng = numpy.random.default_rng(seed)
+    return [(x, x) for x in (rng.random((n, d)) for _ in range(n_batches))]
+
+
+def to_np(a):
+    return a.get() if hasattr(a, "get") else numpy.asarray(a)
+
+
+# --- the reference ------------------------------------------------------------------------------
+def ref_bfgs(H, s, y, g_ref):
+    sy = s @ y
+    if sy <= 0 or sy <= 1e-4 * (s @ s) * numpy.linalg.norm(g_ref):
+        return H, True
+    rho = 1 / sy
+    E = numpy.eye(len(s)) - rho * numpy.outer(s, y)
+    return E @ H @ E.T + rho * numpy.outer(s, s), False
+
+
+def ref_double_damping(s, y, H, mu1, mu2):
+    Hy = H @ y
+    if (s @ y) / (y @ Hy) <= mu1:
+        t = (1 - mu1) * (y @ Hy) / (y @ Hy - s @ y)
+        s = t * s + (1 - t) * Hy
+    if (s @ y) / (s @ s) <= mu2:
+        t = (1 - mu2) * (s @ s) / (s @ s - s @ y)
+        y = t * y + (1 - t) * s
+    return s, y
+
+
+class ReferenceKBFGS:
+    """kbfgs.md section 4.3 in float64, dense H_g (memory=None) or L-BFGS from pairs (memory=p)."""
+
+    def __init__(self, model, lr, lam, memory=None, variant="V2"):
+        self.model, self.lr, self.lam, self.memory, self.variant = model, lr, lam, memory, variant
+        self.dense = [i for i in model.kron_layers]
+        self.k = 0
+
+    def rows(self, params, x, y, regularized):
+        loss, grads, caps = self.model.loss_and_grad(params, x, y, regularized=regularized, capture=True)
+        return loss, grads, {c.layer: c for c in caps}
+
+    def warm_start(self, params, data):
+        self.A = {i: 0 for i in self.dense}
+        for x, _ in data:
+            _, _, caps = self.rows(params, x, x, True)
+            for i in self.dense:
+                at = numpy.hstack([caps[i].a, numpy.ones((len(x), 1))])
+                self.A[i] = self.A[i] + at.T @ at / len(x)
+        self.A = {i: A / len(data) for i, A in self.A.items()}
+        self.m = [numpy.zeros_like(p) for p in params]
+        self.H_g = {i: numpy.eye(self.model.layers[i].d_out) for i in self.dense}
+        self.pairs = {i: [] for i in self.dense}
+        self.s_ema = {i: 0 for i in self.dense}
+        self.y_ema = {i: 0 for i in self.dense}
+
+    def H_g_of(self, i):
+        if self.memory is None:
+            return self.H_g[i]
+        H = numpy.eye(self.model.layers[i].d_out)
+        for s, y in self.pairs[i][-self.memory:]:
+            H, _ = ref_bfgs(H, s, y, numpy.zeros(1))
+        return H
+
+    def step(self, params, x, y):
+        model, sq = self.model, numpy.sqrt(self.lam)
+        loss, grads, caps = self.rows(params, x, y, True)
+        self.m = [0.9 * m + 0.1 * g for m, g in zip(self.m, grads)]
+        trial = [p.copy() for p in params]
+        for i in self.dense:
+            at = numpy.hstack([caps[i].a, numpy.ones((len(x), 1))])
+            if self.k > 0:
+                self.A[i] = 0.9 * self.A[i] + 0.1 * at.T @ at / len(x)
+            A_lm = self.A[i] + sq * numpy.eye(len(self.A[i]))
+            if self.k == 0:
+                self.H_a = getattr(self, "H_a", {})
+                self.H_a[i] = numpy.linalg.inv(A_lm)
+            j = model.layer_param_index[i]
+            M = numpy.hstack([self.m[j], self.m[j + 1][:, None]])
+            P = self.H_g_of(i) @ M @ self.H_a[i]
+            trial[j] = params[j] - self.lr * P[:, :-1]
+            trial[j + 1] = params[j + 1] - self.lr * P[:, -1]
+        _, _, caps_new = self.rows(trial, x, y, False)
+        for i in self.dense:
+            s = caps[i].z.mean(0) - caps_new[i].z.mean(0)
+            yv = caps[i].g.mean(0) - caps_new[i].g.mean(0)
+            self.s_ema[i] = 0.9 * self.s_ema[i] + 0.1 * s
+            self.y_ema[i] = 0.9 * self.y_ema[i] + 0.1 * yv
+            H_g = self.H_g_of(i)
+            s_d, y_d = ref_double_damping(self.s_ema[i], self.y_ema[i], H_g, 0.2, sq)
+            g_ref = caps[i].g.mean(0)
+            if self.memory is None:
+                self.H_g[i], _ = ref_bfgs(H_g, s_d, y_d, g_ref)
+            elif s_d @ y_d > 1e-4 * (s_d @ s_d) * numpy.linalg.norm(g_ref):
+                self.pairs[i].append((s_d, y_d))
+            a_mean = caps[i].a.mean(0)
+            a_bar = numpy.concatenate([a_mean, [1.0 if self.variant == "V2" else a_mean.mean()]])
+            A_lm = self.A[i] + sq * numpy.eye(len(self.A[i]))
+            s_a = self.H_a[i] @ a_bar
+            self.H_a[i], _ = ref_bfgs(self.H_a[i], s_a, A_lm @ s_a, a_bar)
+        self.k += 1
+        for p, t in zip(params, trial):
+            p[...] = t
+        return loss
+
+
+@pytest.mark.parametrize("name,memory,variant", [("kbfgs", None, "V2"), ("kbfgs", None, "V1"),
+                                                 ("kbfgs_l", 2, "V2"), ("kbfgs_l", 100, "V1")])
+def test_matches_reference_implementation(name, memory, variant):
+    model = tiny_model()
+    data = batches()
+    lr, lam = 0.3, 0.3
+    hyper = {"lr": lr, "damping": lam, "hessian_action": variant}
+    if memory is not None:
+        hyper["memory"] = memory
+    solver = make_solver(name, model, **hyper)
+    params = model.init(seed=3)
+    ref_params = [p.copy() for p in params]
+    state = solver.warm_start(params, solver.init(params), data)
+    ref = ReferenceKBFGS(model, lr, lam, memory, variant)
+    ref.warm_start(ref_params, data)
+    for k in range(6):
+        x, y = data[k % len(data)]
+        params, state, info = solver.step(params, state, x, y)
+        ref_loss = ref.step(ref_params, x, y)
+        assert float(info["loss"]) == pytest.approx(float(ref_loss), rel=1e-12)
+        for p, q in zip(params, ref_params):
+            numpy.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
+    for i in solver.kron:
+        numpy.testing.assert_allclose(state[f"layer{i}/H_a"], ref.H_a[i], rtol=1e-8, atol=1e-11)
+        numpy.testing.assert_allclose(solver.g_side_inverse(state, i), ref.H_g_of(i), rtol=1e-8, atol=1e-11)
+        numpy.testing.assert_allclose(state[f"layer{i}/s_ema"], ref.s_ema[i], rtol=1e-9, atol=1e-14)
+
+
+def test_warm_start_and_first_iteration():
+    """Pitfalls 2, 6, 7: homogeneous A averaged over the epoch, H_a = inv(A + sqrt(lambda) I) at
+    k = 0, A not EMA-updated at k = 0, H_g = I to start; state keeps the undamped EMA (pitfall 5)."""
+    model = tiny_model()
+    data = batches()
+    solver = make_solver("kbfgs", model, lr=0.3, damping=0.3)
+    params = model.init(seed=1)
+    state = solver.warm_start(params, solver.init(params), data)
+    i = solver.kron[0]
+    xs = [x for x, _ in data]
+    A_ref = sum(numpy.hstack([x, numpy.ones((len(x), 1))]).T @ numpy.hstack([x, numpy.ones((len(x), 1))]) / len(x) for x in xs) / len(xs)
+    numpy.testing.assert_allclose(state[f"layer{i}/A"], A_ref, rtol=1e-13)
+    A0 = state[f"layer{i}/A"].copy()
+    assert numpy.array_equal(state[f"layer{i}/H_g"], numpy.eye(4))
+    old = [p.copy() for p in params]
+    x, y = data[0]
+    _, _, caps = model.loss_and_grad(old, x, y, capture=True)
+    params, state, info = solver.step(params, state, x, y)
+    assert numpy.array_equal(state[f"layer{i}/A"], A0)  # no EMA at k = 0
+    # the first step is -alpha H_g (0.1 g) H_a with H_g = I, H_a = inv(A + sqrt(lambda) I)
+    _, grads = model.loss_and_grad(old, x, y)
+    M = numpy.hstack([grads[0], grads[1][:, None]]) * 0.1
+    P = M @ numpy.linalg.inv(A0 + numpy.sqrt(0.3) * numpy.eye(len(A0)))
+    numpy.testing.assert_allclose(params[0], old[0] - 0.3 * P[:, :-1], rtol=1e-10, atol=1e-13)
+    # s_ema is the undamped 0.1 (mean z - mean z+) even though the damping fired
+    _, _, caps_new = model.loss_and_grad(params, x, y, regularized=False, capture=True)
+    s = caps[0].z.mean(0) - caps_new[0].z.mean(0)
+    numpy.testing.assert_allclose(state[f"layer{i}/s_ema"], 0.1 * s, rtol=1e-10, atol=1e-15)
+    # y uses the per-example scale N dL/dz (pitfall 3)
+    yv = caps[0].g.mean(0) - caps_new[0].g.mean(0)
+    numpy.testing.assert_allclose(state[f"layer{i}/y_ema"], 0.1 * yv, rtol=1e-10, atol=1e-15)
+    assert int(info["powell_damping"]) + int(info["lm_damping"]) >= 0
+
+
+def test_float32_factors_stay_symmetric_and_finite():
+    """Pitfall 16: float32 factors stay exactly symmetric over many steps."""
+    model = tiny_model(weight_decay=1e-5)
+    data = [(x.astype(numpy.float32), y.astype(numpy.float32)) for x, y in batches(4, 32)]
+    for name in ("kbfgs", "kbfgs_l"):
+        solver = make_solver(name, model, lr=0.3, damping=0.3, memory=5) if name == "kbfgs_l" else make_solver(name, model)
+        params = model.init(seed=2, dtype=numpy.float32)
+        state = solver.warm_start(params, solver.init(params), data)
+        for k in range(60):
+            params, state, info = solver.step(params, state, *data[k % 4])
+        for i in solver.kron:
+            for key in ("H_a", "A") + (("H_g",) if name == "kbfgs" else ()):
+                F = state[f"layer{i}/{key}"]
+                assert F.dtype == numpy.float32 and numpy.isfinite(F).all()
+                assert numpy.array_equal(F, F.T), key
+        if name == "kbfgs_l":
+            assert state[f"layer{solver.kron[0]}/lbfgs/count"] == 5  # memory full, oldest dropped
+
+
+def test_flush_subnormals():
+    """Pitfall 19: entries below the smallest normal float32 are flushed to zero."""
+    tiny = numpy.finfo(numpy.float32).tiny
+    a = numpy.array([1.0, tiny, tiny / 4, -tiny / 8, 0.0, -3.0], dtype=numpy.float32)
+    flush_subnormals_(a)
+    assert numpy.array_equal(a, numpy.array([1.0, tiny, 0, 0, 0, -3.0], dtype=numpy.float32))
+    # inside the solver: an A entry decaying geometrically never becomes subnormal
+    model = tiny_model()
+    solver = make_solver("kbfgs", model)
+    params = model.init(seed=0, dtype=numpy.float32)
+    data = [(x.astype(numpy.float32), y.astype(numpy.float32)) for x, y in batches(1, 8)]
+    x = data[0][0].copy()
+    x[:, 0] = 0  # input 0 is dead: its row/column of A decays by 0.9 per step
+    state = solver.warm_start(params, solver.init(params), [(x, x)])
+    state["layer0/A"][0, :] = state["layer0/A"][:, 0] = 1e-37
+    for _ in range(40):
+        params, state, _ = solver.step(params, state, x, x)
+    A = state["layer0/A"]
+    assert not ((A != 0) & (numpy.abs(A) < tiny)).any()
+    assert (A[0, :] == 0).all()
+
+
+def test_needs_dense_layers_and_real_params():
+    from engine.layers import ReLU
+    with pytest.raises(ValueError, match="needs a model with Dense layers"):
+        make_solver("kbfgs", Model([ReLU()], "half_mse"))
+    model = tiny_model()
+    with pytest.raises(TypeError, match="real float32/float64"):
+        make_solver("kbfgs", model).init([p.astype(numpy.complex128) for p in model.init()])
+    with pytest.raises(ValueError, match="V2 or V1"):
+        make_solver("kbfgs", model, hessian_action="V3")
+
+
+def test_curvature_operator_solve_is_the_step_direction():
+    """``solve`` of the block operator is H_g M H_a, the preconditioner the step applies."""
+    model = tiny_model()
+    data = batches()
+    for name in ("kbfgs", "kbfgs_l"):
+        solver = make_solver(name, model)
+        params = model.init(seed=5)
+        state = solver.warm_start(params, solver.init(params), data)
+        for k in range(3):
+            params, state, _ = solver.step(params, state, *data[k])
+        op = solver.curvature_operator(state)
+        m = state["m"]
+        direction = op.solve(m)
+        for i in solver.kron:
+            j = model.layer_param_index[i]
+            mv = model.unflatten(m)
+            M = numpy.hstack([mv[j], mv[j + 1][:, None]])
+            P = solver.g_side_inverse(state, i) @ M @ state[f"layer{i}/H_a"]
+            dv = model.unflatten(direction)
+            numpy.testing.assert_allclose(numpy.hstack([dv[j], dv[j + 1][:, None]]), P, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "kbfgs_l"])
+def test_damping_above_one_stays_finite(name):
+    """Pitfall 18 through the solver: lambda = 3 (mu2 = sqrt(3) > 1) gives finite, decreasing runs."""
+    model = tiny_model()
+    data = batches()
+    solver = make_solver(name, model, lr=0.3, damping=3.0)
+    params = model.init(seed=6)
+    state = solver.warm_start(params, solver.init(params), data)
+    before = numpy.mean([float(model.loss(params, x, y)) for x, y in data])
+    fired = 0
+    for k in range(30):
+        params, state, info = solver.step(params, state, *data[k % 3])
+        fired += int(info["lm_damping"])
+        assert numpy.isfinite(float(info["loss"]))
+    assert fired > 0
+    for i in solver.kron:
+        assert numpy.isfinite(solver.g_side_inverse(state, i)).all()
+    assert numpy.mean([float(model.loss(params, x, y)) for x, y in data]) < before

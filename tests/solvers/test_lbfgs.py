@@ -1,0 +1,76 @@
+"""solvers.lbfgs: the compact L-BFGS operator equals the dense BFGS matrix from the same pairs."""
+
+import numpy
+import pytest
+
+from solvers.lbfgs import CompactLBFGS
+
+
+def to_np(a):
+    return a.get() if hasattr(a, "get") else numpy.asarray(a)
+
+
+def dense_bfgs(pairs, d, gamma):
+    """H = gamma I updated by the textbook BFGS inverse formula with each pair in turn (float64)."""
+    H = gamma * numpy.eye(d)
+    for s, y in pairs:
+        rho = 1.0 / (s @ y)
+        E = numpy.eye(d) - rho * numpy.outer(s, y)
+        H = E @ H @ E.T + rho * numpy.outer(s, s)
+    return H
+
+
+def random_pairs(rng, n, d):
+    B = rng.standard_normal((d, d))
+    B = B @ B.T / d + 0.3 * numpy.eye(d)
+    pairs = []
+    for _ in range(n):
+        s = rng.standard_normal(d)
+        pairs.append((s, B @ s + 0.05 * rng.standard_normal(d)))
+    return [(s, y) for s, y in pairs if s @ y > 0]
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.37])
+def test_compact_equals_dense_bfgs_including_dropped_pairs(xp, gamma):
+    rng = numpy.random.default_rng(0)
+    d, memory = 9, 4
+    pairs = random_pairs(rng, 11, d)
+    op = CompactLBFGS.empty(d, memory, numpy.float64, xp, gamma=gamma)
+    numpy.testing.assert_array_equal(to_np(op.dense()), gamma * numpy.eye(d))  # empty memory: gamma I
+    for n, (s, y) in enumerate(pairs, 1):
+        op.push(xp.asarray(s), xp.asarray(y))
+        kept = pairs[max(0, n - memory):n]  # the oldest pairs are dropped
+        assert op.count == len(kept)
+        numpy.testing.assert_allclose(to_np(op.dense()), dense_bfgs(kept, d, gamma), rtol=1e-9, atol=1e-11)
+    # R^{-1} is the inverse of the upper triangle of S Y^T, D its diagonal
+    S, Y = (numpy.array([p[i] for p in pairs[-memory:]]) for i in (0, 1))
+    R = numpy.triu(S @ Y.T)
+    numpy.testing.assert_allclose(to_np(op.Rinv), numpy.linalg.inv(R), rtol=1e-9, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(op.D), numpy.diag(R), rtol=1e-12)
+    # applied to a vector and to a d x k matrix (two GEMMs)
+    H = dense_bfgs(pairs[-memory:], d, gamma)
+    v = rng.standard_normal(d)
+    X = rng.standard_normal((d, 5))
+    numpy.testing.assert_allclose(to_np(op.apply(xp.asarray(v))), H @ v, rtol=1e-9, atol=1e-11)
+    numpy.testing.assert_allclose(to_np(op(xp.asarray(X))), H @ X, rtol=1e-9, atol=1e-11)
+    # secant condition for the newest pair
+    s, y = pairs[-1]
+    numpy.testing.assert_allclose(to_np(op.apply(xp.asarray(y))), s, rtol=1e-9, atol=1e-11)
+
+
+def test_state_round_trip(xp):
+    rng = numpy.random.default_rng(1)
+    d = 6
+    op = CompactLBFGS.empty(d, 3, numpy.float32, xp)
+    for s, y in random_pairs(rng, 4, d):
+        op.push(xp.asarray(s, dtype=numpy.float32), xp.asarray(y, dtype=numpy.float32))
+    state = {k: (to_np(v).copy() if hasattr(v, "shape") else v) for k, v in op.to_state("layer0/lbfgs/").items()}
+    back = CompactLBFGS.from_state({k: (xp.asarray(v) if hasattr(v, "shape") else v) for k, v in state.items()}, "layer0/lbfgs/")
+    assert back.count == op.count == 3
+    X = xp.asarray(rng.standard_normal((d, 2)).astype(numpy.float32))
+    assert numpy.array_equal(to_np(back.apply(X)), to_np(op.apply(X)))
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="memory >= 1"):
+        CompactLBFGS.empty(5, 0, numpy.float64, numpy)
