@@ -51,8 +51,15 @@ SUPPORTED_DTYPES = ("float32", "float64")
 #: (alpha = 0.3) K-BFGS leaves the CURVES plateau near epoch 7 and then diverges (NaN at iteration
 #: 174 in float32, epoch 8 in float64, batch 1000, seed 9999); lambda = 1 stays finite (measured
 #: 2026-11-21 on the CURVES-like set, 10 epochs).
+#: mnist-cnn (batch 128, float32, seed 9999, 2-3 epochs of MNIST, 2026-11-21): K-FAC alpha 0.3 / lambda 0.1
+#: and K-BFGS, K-BFGS(L) alpha 1 / lambda 0.3 (the conv layers with the KF-QN-CNN damping) reach >= 98.5%
+#: test accuracy in the first epoch; the solvers' own defaults (tuned for the autoencoders at batch 1000)
+#: train it more slowly. Adam keeps its defaults.
 TUNED_HYPERPARAMETERS: dict[tuple[str, str], dict] = {
     ("curves-ae", "kbfgs"): {"damping": 1.0},
+    ("mnist-cnn", "kfac"): {"lr": 0.3, "damping": 0.1},
+    ("mnist-cnn", "kbfgs"): {"lr": 1.0, "damping": 0.3},
+    ("mnist-cnn", "kbfgs_l"): {"lr": 1.0, "damping": 0.3},
 }
 
 
@@ -188,34 +195,22 @@ def _check_data_dir(data_dir: str | None) -> str | None:
     return None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number_type(kind: type, ok, requirement: str):
+    """An argparse ``type=`` converter to ``kind`` that accepts values with ``ok(value)``."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {value}")
+        return value
+    return convert
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+_positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+_nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 # --- building a run ----------------------------------------------------------------------------
