@@ -8,7 +8,7 @@ from engine.backend import array_module
 
 from ._kernels import scaled_ema_
 
-__all__ = ["ema_", "ema_homogeneous_second_moment_", "flush_subnormals_", "check_real_params", "dense_kron_layers"]
+__all__ = ["ema_", "ema_homogeneous_second_moment_", "flush_subnormals_", "check_real_params", "kron_layers", "conv_layers"]
 
 
 def ema_(target, new, decay: float):
@@ -26,7 +26,7 @@ def ema_homogeneous_second_moment_(A, a, decay: float, a_mean=None):
     ``a.T @ a``), the ones column contributes the column means (``a_mean`` when the caller has
     them) and 1. Exactly symmetric.
     """
-    n, d = a.shape
+    n, d = a.shape  # n counts rows: N examples (Dense) or N L (example, location) pairs (Conv2d)
     w = (1 - decay) / n
     aa = a.T @ a
     scaled_ema_(A[:d, :d], aa, decay, w)  # one fused pass on NumPy
@@ -59,15 +59,29 @@ def check_real_params(name: str, params) -> None:
         raise TypeError(f"{name} trains real float32/float64 parameters, got {kind}; complex parameters are for curvature passes")
 
 
-def dense_kron_layers(name: str, model) -> list[int]:
-    """Indices of the model's Kronecker layers, all of which must be Dense (the paper's setting)."""
+def kron_layers(name: str, model) -> list[int]:
+    """Indices of the model's Kronecker layers, each a Dense or a Conv2d layer.
+
+    Both expose the same Kronecker view (``d_in``, ``d_out``, ``kron_rows``, ``to_matrix``,
+    ``from_matrix``), so factors are sized (d_in + 1)^2 and d_out^2 for either: for Conv2d
+    d_in = C_in kh kw (a patch) and d_out = C_out, with one row per (example, location) (KFC,
+    Grosse & Martens 2016; :class:`engine.conv.Conv2d`).
+    """
+    from engine.conv import Conv2d  # noqa: PLC0415
     from engine.layers import Dense  # noqa: PLC0415
 
     layers = model.kron_layers
     if not layers:
-        raise ValueError(f"{name} needs a model with Dense layers; {model.name} has none")
-    other = [i for i in layers if not isinstance(model.layers[i], Dense)]
+        raise ValueError(f"{name} needs a model with Dense layers or Conv2d layers; {model.name} has none")
+    other = [i for i in layers if not isinstance(model.layers[i], (Dense, Conv2d))]
     if other:
-        raise ValueError(f"{name} is implemented for Dense layers (the paper's setting); layer {other[0]} "
-                         f"({model.layers[other[0]]!r}) is not one; use a solver without Kronecker factors for it")
+        raise ValueError(f"{name} has Kronecker factors for Dense and Conv2d layers only; layer {other[0]} "
+                         f"({model.layers[other[0]]!r}) is neither; use a solver without Kronecker factors for it")
     return layers
+
+
+def conv_layers(model, layers) -> set[int]:
+    """The indices among ``layers`` that are Conv2d layers (their pre-activation side has L rows per example)."""
+    from engine.conv import Conv2d  # noqa: PLC0415
+
+    return {i for i in layers if isinstance(model.layers[i], Conv2d)}

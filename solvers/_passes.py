@@ -5,8 +5,9 @@
   sampled targets from the same forward, kbfgs.md section 6).
 * :func:`backward_pass` back-propagates d(loss)/d(output) and returns per Kronecker layer the
   :class:`engine.model.Capture` rows (input a, pre-activation z, g = N dL/dz), and optionally
-  the parameter gradients. Without parameter gradients it skips the weight-gradient GEMMs
-  (dW = dz^T a) of Dense layers and stops at the first Kronecker layer: that is the second
+  the parameter gradients; a Conv2d layer gives one row per (example, location), N L rows, with
+  g = N sqrt(L) dL/dz (:meth:`engine.conv.Conv2d.kron_rows`). Without parameter gradients it
+  skips the weight-gradient GEMMs (dW = dz^T a) and stops at the first Kronecker layer: that is the second
   pass of K-BFGS, which needs only batch means of z and g (kbfgs.md section 4.3 (c)), at 2/3
   of the cost of a full backward.
 
@@ -36,9 +37,13 @@ def forward_pass(model, params, x):
 
 
 def _input_gradient(layer, params, cache, dy):
-    """dL/d(layer input) only; Dense skips its weight-gradient products."""
+    """dL/d(layer input) only: no weight-gradient products (Dense: dy W; Conv2d: its
+    ``input_gradient``, col2im of dY W_m without the im2col of the input)."""
     if isinstance(layer, Dense):
         return dy @ params[0]
+    input_gradient = getattr(layer, "input_gradient", None)
+    if input_gradient is not None:
+        return input_gradient(params, cache, dy)
     return layer.backward(params, cache, dy, need_dx=True)[0]
 
 
@@ -46,8 +51,9 @@ def backward_pass(model, params, caches, zs, dout, n: int, param_grads: bool = T
     """Back-propagate ``dout`` = dL/d(output); returns (grads or None, captures in layer order).
 
     ``n`` is the batch size used for the per-example scale g = n dL/dz (pitfall 3). With
-    ``per_example=False`` the captures hold dL/dz itself (no scaled copy; a caller that only needs
-    mean_rows(g) = sum_rows(dL/dz) saves a pass).
+    ``per_example=False`` the captures hold the layer's unscaled rows (dL/dz for Dense,
+    sqrt(L) dL/dz for Conv2d; no scaled copy): a caller that only needs the mean of the g rows
+    takes sum_rows(rows) n / (number of rows) and saves a pass.
     """
     grads = [None] * len(params) if param_grads else None
     first_kron = min(zs) if zs else 0

@@ -2,7 +2,7 @@
 Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS 2020, arXiv:2006.08877), exactly
 as the authors' code runs them (kbfgs.md sections 4 and 5).
 
-Per Dense layer, with homogeneous weights W~ = [W | b] and momentum M^ = [m_W | m_b]:
+Per Kronecker layer (Dense; Conv2d as below), with homogeneous weights W~ = [W | b] and momentum M^ = [m_W | m_b]:
 
     W~ <- W~ - alpha H_g M^ H_a
 
@@ -22,10 +22,29 @@ One iteration (section 4.3): (a) forward+backward at theta_k (regularised), m <-
 (only the pre-activations and their gradients: no weight-gradient products); (d) G-side and
 A-side updates. No model copy is made.
 
-State (flat, HDF5-friendly): ``k``, ``warm_started``, ``m`` (flat momentum) and per Dense layer
+State (flat, HDF5-friendly): ``k``, ``warm_started``, ``m`` (flat momentum) and per Kronecker layer
 i (index in ``model.layers``) ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``,
 ``layer{i}/y_ema`` and ``layer{i}/H_g`` (K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}``
-(K-BFGS(L)). Parameters that belong to no Dense layer get the plain momentum step -alpha m.
+(K-BFGS(L)). Parameters that belong to no Kronecker layer get the plain momentum step -alpha m.
+
+Convolutional layers (KF-QN-CNN: Ren, Bahamou, Goldfarb, "Kronecker-factored Quasi-Newton
+Methods for Deep Learning", arXiv:2102.06737). A Conv2d layer is handled like a Dense layer on its
+Kronecker view (:class:`engine.conv.Conv2d`): one row per (example n, output location t), N L rows
+with L = H_out W_out, patches a (d_in = C_in kh kw) and pre-activations z (d_out = C_out). So
+
+* A = E_{n,t}[a~ a~^T] (the statistics divide by the number of rows, N L), H_a as for Dense;
+* H_g approximates the inverse of G = E_n[sum_t Ds_t Ds_t^T] (KFC's Gamma summed over
+  locations; the capture rows are g = sqrt(L) Ds, Ds_t = d loss_n / dz_t), so the pair is
+  s = mean_{n,t}(z) - mean_{n,t}(z+) and y = sum_t mean_n(Ds_t - Ds+_t) = sqrt(L) (mean_rows(g)
+  - mean_rows(g+)), and the skip rule's reference gradient is sqrt(L) mean_rows(g) likewise;
+  L = :meth:`Conv2d.locations` (rows, batch size);
+* damping: Powell on s with H_g (mu1, step 1 of the double damping), then "LM damping on
+  H^{-1}", y~ = y + sqrt(lambda) s~ (kbfgs.md section 4.4, last paragraph; :func:`powell_lm_damping`),
+  instead of the B = I Powell step. This is the damping the KF-QN-CNN paper prescribes for conv
+  layers: (s~, y~) is the secant pair of B_g + sqrt(lambda) I for the curvature B_g = inv(H_g) seen
+  by (s~, y), i.e. the same Tikhonov term sqrt(lambda) I that A gets, and it gives
+  s~^T y~ >= sqrt(lambda) s~^T s~ since s~^T y >= 0 after Powell. It is applied every iteration and
+  counted in ``lm_damping``. Dense layers keep the NeurIPS-2020 double damping exactly.
 
 Info per step: ``loss`` (regularised minibatch loss at theta_k), ``trial_loss`` (unregularised loss
 of the same batch at theta_{k+1}, from the second pass), ``grad_norm``, ``step_norm``
@@ -45,20 +64,36 @@ from engine.backend import array_module, to_host
 from engine.curvature.kronecker import KroneckerBlockOperator, kron_factors
 from engine.model import Capture
 
-from ._factors import check_real_params, dense_kron_layers, ema_, ema_homogeneous_second_moment_, flush_subnormals_
+from ._factors import check_real_params, conv_layers, ema_, ema_homogeneous_second_moment_, flush_subnormals_, kron_layers
 from ._passes import backward_pass, forward_pass
 from .base import Hyper, Solver, positive, register, unit_interval
-from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, symmetrize
-from .damping import double_damping
+from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
+from .damping import double_damping, powell_damping
 from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
 from .lbfgs import CompactLBFGS
 
-__all__ = ["KBFGS", "KBFGSL"]
+__all__ = ["KBFGS", "KBFGSL", "powell_lm_damping"]
 
 #: Subnormal entries of the EMA'd A are flushed, and H_a, H_g re-symmetrised, every this many
 #: iterations (pitfalls 19 and 16): an entry decaying by 0.9 per step spends at most this many
 #: steps subnormal, and a pass over all factors every step would cost ~1.5% of an MNIST iteration.
 FLUSH_EVERY = 10
+
+
+def powell_lm_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
+    """KF-QN-CNN damping of a conv layer's pair (arXiv:2102.06737; kbfgs.md section 4.4, last paragraph).
+
+    Powell damping in inverse form on s with ``H`` (a matrix or a callable ``v -> H v``), as step 1
+    of :func:`solvers.damping.double_damping`, then "LM damping on H^{-1}": y~ = y + mu2 s~, so
+    s~^T y~ = s~^T y + mu2 s~^T s~ >= mu2 s~^T s~ (s~^T y >= mu1 y^T H y >= 0 after step 1).
+    The inputs are not modified. Returns ``(s~, y~, powell_fired, lm_fired)``; the LM shift is
+    applied every time, so ``lm_fired`` is always true.
+    """
+    xp = array_module(s, y)
+    Hy = H(y) if callable(H) else matvec(H, y)
+    s_damped, powell_fired = powell_damping(s, y, Hy, mu1)
+    y_damped = y + mu2 * s_damped
+    return s_damped, y_damped, powell_fired, xp.asarray(True)
 
 
 def _kbfgs_hyperparameters() -> dict[str, Hyper]:
@@ -83,7 +118,8 @@ class _KroneckerQuasiNewton(Solver):
 
     def __init__(self, model, **hyper):
         super().__init__(model, **hyper)
-        self.kron = dense_kron_layers(self.name, model)
+        self.kron = kron_layers(self.name, model)
+        self.conv = conv_layers(model, self.kron)
         self.sqrt_damping = math.sqrt(self.damping)
         kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
         self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
@@ -104,6 +140,12 @@ class _KroneckerQuasiNewton(Solver):
     def _symmetrize_g_side(self, state, i):
         """Re-symmetrise a dense H_g (a no-op when it is exactly symmetric already)."""
 
+    def _damp(self, i, s, y, H):
+        """(s~, y~, powell fired, lm fired): double damping for Dense, Powell + LM on H^{-1} for Conv2d."""
+        if i in self.conv:
+            return powell_lm_damping(s, y, H, self.mu1, mu2=self.sqrt_damping)
+        return double_damping(s, y, H, self.mu1, mu2=self.sqrt_damping)
+
     # --- contract ---------------------------------------------------------------------------
     def init(self, params) -> dict:
         check_real_params(self.name, params)
@@ -121,15 +163,17 @@ class _KroneckerQuasiNewton(Solver):
         return state
 
     def warm_start(self, params, state, batches) -> dict:
-        """A_l <- average over all batches of (1/N) a~^T a~ at the initial weights (section 4.2).
+        """A_l <- average over all batches of (1/rows) a~^T a~ at the initial weights (section 4.2).
 
-        Forward passes only. ``batches`` yields (x, y) pairs covering one epoch.
+        Forward passes only. ``batches`` yields (x, y) pairs covering one epoch. The rows are the
+        layer's Kronecker rows (the inputs for Dense, the patches for Conv2d).
         """
         model = self.model
         sums, count = None, 0
         for x, _ in batches:
             _, caches, zs = forward_pass(model, params, x)
-            caps = [Capture(i, model.layer_param_index[i], caches[i], zs[i], None) for i in self.kron]
+            caps = [Capture(i, model.layer_param_index[i], *model.layers[i].kron_rows(caches[i], zs[i], None))
+                    for i in self.kron]
             factors = kron_factors(caps, which="A")
             if sums is None:
                 sums = [f.A for f in factors]
@@ -168,6 +212,7 @@ class _KroneckerQuasiNewton(Solver):
             mv += g
         factors = kron_factors(captures, which=("A", "means") if k == 0 and not state["warm_started"] else ("means",))
         rows = {c.layer: c for c in captures}
+        rows_of = {c.layer: c.z.shape[0] for c in captures}  # N (Dense) or N L (Conv2d)
         n = x.shape[0]
 
         # (b) step 1 per layer: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0, direction, update
@@ -205,19 +250,32 @@ class _KroneckerQuasiNewton(Solver):
         out, caches, zs = forward_pass(model, params, x)
         trial_loss, dout = model.loss_fn.value_and_grad(out, y)
         _, captures_new = backward_pass(model, params, caches, zs, dout, n, param_grads=False, per_example=False)
-        # batch means at theta_{k+1}: mean_rows(z+), and mean_rows(g+) = sum_rows(dL/dz+) (g = N dL/dz)
-        means_new = {c.layer: (c.z.sum(axis=0) / n, c.g.sum(axis=0)) for c in captures_new}
+        # batch means at theta_{k+1}: mean_rows(z+), and mean_rows(g+) = sum_rows(dL/dz+) (g = N dL/dz);
+        # a Conv2d capture has N L rows holding sqrt(L) dL/dz: mean_rows(g+) = (N / N L) sum_rows
+        means_new = {}
+        for c in captures_new:
+            rows = c.z.shape[0]
+            g_sum = c.g.sum(axis=0)
+            if rows != n:
+                g_sum *= n / rows
+            means_new[c.layer] = (c.z.sum(axis=0) / rows, g_sum)
 
-        # (d) step 2 per layer: G side (EMA, double damping, BFGS) and A side (Hessian action)
+        # (d) step 2 per layer: G side (EMA, damping, BFGS) and A side (Hessian action)
         for f in factors:
             i = f.layer
             z_mean_new, g_mean_new = means_new[i]
+            y_new = f.g_mean - g_mean_new
+            g_ref = f.g_mean
+            if i in self.conv:  # y = sum_t mean_n dDs_t = sqrt(L) mean_rows(dg), matching G = E_n sum_t Ds Ds^T
+                root_l = math.sqrt(model.layers[i].locations(rows_of[i], n))
+                y_new *= root_l
+                g_ref = root_l * g_ref
             s_ema = ema_(state[f"layer{i}/s_ema"], f.z_mean - z_mean_new, self.sy_decay)
-            y_ema = ema_(state[f"layer{i}/y_ema"], f.g_mean - g_mean_new, self.sy_decay)
+            y_ema = ema_(state[f"layer{i}/y_ema"], y_new, self.sy_decay)
             if self.flush_subnormals:
                 flush_subnormals_(s_ema)
                 flush_subnormals_(y_ema)
-            self._g_update(state, i, s_ema, y_ema, f.g_mean, info)
+            self._g_update(state, i, s_ema, y_ema, g_ref, info)
             a_bar = hessian_action_vector(f.a_mean[:-1], self.hessian_action)
             H_a, skipped = hessian_action_update(state[f"layer{i}/H_a"], state[f"layer{i}/A"], shift, a_bar,
                                                  self.skip_constant, inplace=True)
@@ -231,14 +289,14 @@ class _KroneckerQuasiNewton(Solver):
 
     # --- inspection -------------------------------------------------------------------------
     def g_side_inverse(self, state, i):
-        """The d_out x d_out matrix H_g of Dense layer ``i`` (dense; the L-BFGS operator densified)."""
+        """The d_out x d_out matrix H_g of Kronecker layer ``i`` (dense; the L-BFGS operator densified)."""
         raise NotImplementedError
 
     def curvature_operator(self, state):
         """The block curvature inv(H_g) (x) inv(H_a) as a :class:`KroneckerBlockOperator`.
 
         ``solve`` applies the blocks H_g M H_a the solver preconditions with (on the flat vector);
-        ``matvec`` the curvature itself. Parameters outside Dense layers pass through unchanged.
+        ``matvec`` the curvature itself. Parameters outside Kronecker layers pass through unchanged.
         """
         blocks = {i: (self.g_side_inverse(state, i), state[f"layer{i}/H_a"]) for i in self.kron}
         return KroneckerBlockOperator.from_inverse_factors(self.model, blocks, missing="identity")
@@ -261,7 +319,7 @@ class KBFGS(_KroneckerQuasiNewton):
 
     def _g_update(self, state, i, s, y, g_ref, info):
         H_g = state[f"layer{i}/H_g"]
-        s_d, y_d, powell, lm = double_damping(s, y, H_g, self.mu1, mu2=self.sqrt_damping)
+        s_d, y_d, powell, lm = self._damp(i, s, y, H_g)
         H_g, skipped = bfgs_inverse_update(H_g, s_d, y_d, g_ref, self.skip_constant, inplace=True)
         state[f"layer{i}/H_g"] = H_g
         info["powell_damping"] = info["powell_damping"] + powell.astype(int)
@@ -294,7 +352,7 @@ class KBFGSL(_KroneckerQuasiNewton):
     def _g_update(self, state, i, s, y, g_ref, info):
         xp = array_module(s, y)
         op = self._lbfgs(state, i)
-        s_d, y_d, powell, lm = double_damping(s, y, op, self.mu1, mu2=self.sqrt_damping)
+        s_d, y_d, powell, lm = self._damp(i, s, y, op)
         ss = xp.dot(s_d, s_d)
         sy = xp.dot(s_d, y_d)
         # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite

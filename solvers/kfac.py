@@ -1,7 +1,7 @@
 """K-FAC as the K-BFGS reference code runs it (kbfgs.md section 6; Martens & Grosse, "Optimizing
 Neural Networks with Kronecker-factored Approximate Curvature", ICML 2015, arXiv:1503.05671).
 
-Per Dense layer, with homogeneous weights W~ = [W | b] and the EMA momentum M^ = [m_W | m_b]:
+Per Kronecker layer (Dense; Conv2d below), with homogeneous weights W~ = [W | b] and the EMA momentum M^ = [m_W | m_b]:
 
     A <- 0.9 A + 0.1 (1/N) a~^T a~,         G <- 0.9 G + 0.1 (1/N) sum_n g_n g_n^T,
     W~ <- W~ - alpha (G + sqrt(lambda) I)^{-1} M^ (A + sqrt(lambda) I)^{-1}
@@ -15,8 +15,19 @@ Per Dense layer, with homogeneous weights W~ = [W | b] and the EMA momentum M^ =
   k % inverse_freq == 0 or k <= inverse_freq (inverse_freq = 20).
 * No KL clipping, no adaptive damping, no rescaling (as the reference code).
 
+Conv2d layers: KFC (Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
+convolution layers", ICML 2016, section 3.1, spatially homogeneous and uncorrelated
+derivatives) through the same formulas on the layer's Kronecker rows, one per (example n,
+location t), N L rows (:meth:`engine.conv.Conv2d.kron_rows`): a~ the homogeneous patch and
+g = N sqrt(L) dL_sampled/dz_{n,t} = sqrt(L) Ds_{n,t}, so with the statistics' 1/(N L)
+
+    A = E_{n,t}[a~ a~^T],     G = E_n[sum_t Ds_t Ds_t^T],     A (x) G = KFC's Omega (x) Gamma,
+
+and the step is (G + sqrt(lambda) I)^{-1} [M_W | m_b] (A + sqrt(lambda) I)^{-1} with M_W the
+momentum of W reshaped to C_out x (C_in kh kw).
+
 State: ``k``, ``warm_started``, ``m``, ``rng`` (PCG64 words of the target-sampling generator,
-:func:`solvers.base.rng_state_array`) and per Dense layer i ``layer{i}/A``, ``layer{i}/G``,
+:func:`solvers.base.rng_state_array`) and per Kronecker layer i ``layer{i}/A``, ``layer{i}/G``,
 ``layer{i}/A_inv``, ``layer{i}/G_inv``. Info: ``inverses_refreshed``.
 """
 
@@ -29,7 +40,7 @@ import numpy
 from engine.backend import array_module
 from engine.curvature.kronecker import KroneckerBlockOperator, factor_inverse, kron_factors
 
-from ._factors import check_real_params, dense_kron_layers, ema_, flush_subnormals_
+from ._factors import check_real_params, ema_, flush_subnormals_, kron_layers
 from ._passes import backward_pass, forward_pass
 from .base import Hyper, Solver, positive, register, rng_from_state_array, rng_state_array, unit_interval
 from .bfgs import symmetrize
@@ -55,7 +66,7 @@ class KFAC(Solver):
 
     def __init__(self, model, **hyper):
         super().__init__(model, **hyper)
-        self.kron = dense_kron_layers(self.name, model)
+        self.kron = kron_layers(self.name, model)
         self.sqrt_damping = math.sqrt(self.damping)
         kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
         self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
