@@ -112,7 +112,9 @@ class Trainer:
 
     def __init__(self, model, solver, dataset, batch_size: int = 1000, seed: int = 9999,
                  dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True):
-        from data import BatchIterator  # the CLI layer may import data; keep the engine core free of it
+        from data import BatchIterator, gather_batch  # the CLI layer may import data; keep the engine core free of it
+
+        self._gather = gather_batch
 
         self.model, self.solver, self.dataset = model, solver, dataset
         self.dtype = numpy.dtype(dtype)
@@ -192,10 +194,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------
     def _batch(self, idx):
-        ds = self.dataset
-        x = to_device(ds.x_train[idx], self.xp, dtype=self.dtype)
-        y = x if ds.y_train is None else to_device(ds.y_train[idx], self.xp)
-        return x, y
+        return self._gather(idx, self.dataset.x_train, self.dataset.y_train, xp=self.xp, dtype=self.dtype)
 
     def _warm_start_batches(self):
         for _ in range(self.iterator.batches_per_epoch):
