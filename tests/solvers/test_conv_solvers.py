@@ -17,7 +17,7 @@ from solvers import make_solver
 from solvers.kbfgs import powell_lm_damping
 from tests.engine.conv_reference import patches_loop
 from tests.solvers.test_kbfgs import ref_bfgs, ref_double_damping
-from tests.solvers.test_solvers import h5_round_trip, runfile_round_trip
+from tests.solvers.test_solvers import assert_resume_bit_for_bit
 
 #: settings that train the tiny CNN below in a few dozen steps
 HYPER = {
@@ -337,24 +337,8 @@ def test_powell_lm_damping_bounds_the_curvature(case):
 def test_cnn_state_round_trips_through_hdf5_bit_for_bit(name, dtype, writer, tmp_path):
     """step, save the state (HDF5), load into a fresh solver, step == two steps straight, exactly."""
     model, data, solver, params, state = start(name, dtype)
-    for k in range(2):
-        params, state, _ = solver.step(params, state, *data[k])
-    pa = model.unflatten(model.flatten(params))
-    sa = {k: (v.copy() if isinstance(v, numpy.ndarray) else v) for k, v in state.items()}
-    pa, sa, _ = solver.step(pa, sa, *data[2])
-    pa, sa, info_a = solver.step(pa, sa, *data[0])
-    pb = model.unflatten(model.flatten(params))
-    sb = {k: (v.copy() if isinstance(v, numpy.ndarray) else v) for k, v in state.items()}
-    pb, sb, _ = solver.step(pb, sb, *data[2])
-    sb = (h5_round_trip if writer == "h5py" else runfile_round_trip)(sb, tmp_path / "state.h5")
-    assert set(sb) == set(sa)
-    pb, sb, info_b = make_solver(name, model, **HYPER[name]).step(pb, sb, *data[0])
-    for p, q in zip(pa, pb):
-        assert p.dtype == dtype
-        assert numpy.array_equal(p, q)
-    for key in sa:
-        assert numpy.array_equal(numpy.asarray(sa[key]), numpy.asarray(sb[key])), key
-    assert float(info_a["loss"]) == float(info_b["loss"])
+    assert_resume_bit_for_bit(model, data, solver, params, state, lambda: make_solver(name, model, **HYPER[name]),
+                              dtype, writer, tmp_path)
 
 
 def test_unsupported_kronecker_layer_is_named():
