@@ -16,7 +16,7 @@ from engine.model import Model
 from solvers import make_solver
 from solvers.kbfgs import powell_lm_damping
 from tests.engine.conv_reference import patches_loop
-from tests.solvers.test_kbfgs import ref_bfgs, ref_double_damping
+from tests.solvers.test_kbfgs import ReferenceKBFGS, ref_bfgs, ref_double_damping
 from tests.solvers.test_solvers import assert_resume_bit_for_bit
 
 #: settings that train the tiny CNN below in a few dozen steps
@@ -123,13 +123,8 @@ def ref_powell_lm(s, y, H, mu1, mu2):
     return s, y + mu2 * s
 
 
-class ReferenceConvKBFGS:
+class ReferenceConvKBFGS(ReferenceKBFGS):
     """K-BFGS (dense H_g, ``memory=None``) or K-BFGS(L) (``memory=p``) on explicit conv statistics, float64."""
-
-    def __init__(self, model, lr, lam, memory=None):
-        self.model, self.lr, self.lam, self.memory = model, lr, lam, memory
-        self.kron = list(model.kron_layers)
-        self.k = 0
 
     def warm_start(self, params, data):
         self.A = {i: 0 for i in self.kron}
@@ -138,20 +133,7 @@ class ReferenceConvKBFGS:
             for i in self.kron:
                 self.A[i] = self.A[i] + explicit_A(rows[i][0])
         self.A = {i: A / len(data) for i, A in self.A.items()}
-        self.m = [numpy.zeros_like(p) for p in params]
-        self.H_g = {i: numpy.eye(self.model.layers[i].d_out) for i in self.kron}
-        self.H_a = {}
-        self.pairs = {i: [] for i in self.kron}
-        self.s_ema = {i: 0 for i in self.kron}
-        self.y_ema = {i: 0 for i in self.kron}
-
-    def H_g_of(self, i):
-        if self.memory is None:
-            return self.H_g[i]
-        H = numpy.eye(self.model.layers[i].d_out)
-        for s, y in self.pairs[i][-self.memory:]:
-            H, _ = ref_bfgs(H, s, y, numpy.zeros(1))
-        return H
+        self.init_state(params)
 
     def step(self, params, x, y):
         model, sq = self.model, numpy.sqrt(self.lam)

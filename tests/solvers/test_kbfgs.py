@@ -55,7 +55,7 @@ class ReferenceKBFGS:
 
     def __init__(self, model, lr, lam, memory=None, variant="V2"):
         self.model, self.lr, self.lam, self.memory, self.variant = model, lr, lam, memory, variant
-        self.dense = [i for i in model.kron_layers]
+        self.kron = list(model.kron_layers)
         self.k = 0
 
     def rows(self, params, x, y, regularized):
@@ -63,18 +63,23 @@ class ReferenceKBFGS:
         return loss, grads, {c.layer: c for c in caps}
 
     def warm_start(self, params, data):
-        self.A = {i: 0 for i in self.dense}
+        self.A = {i: 0 for i in self.kron}
         for x, _ in data:
             _, _, caps = self.rows(params, x, x, True)
-            for i in self.dense:
+            for i in self.kron:
                 at = numpy.hstack([caps[i].a, numpy.ones((len(x), 1))])
                 self.A[i] = self.A[i] + at.T @ at / len(x)
         self.A = {i: A / len(data) for i, A in self.A.items()}
+        self.init_state(params)
+
+    def init_state(self, params):
+        """Momentum, H_g = I, empty L-BFGS memory and (s, y) EMAs at zero (kbfgs.md section 4.2)."""
         self.m = [numpy.zeros_like(p) for p in params]
-        self.H_g = {i: numpy.eye(self.model.layers[i].d_out) for i in self.dense}
-        self.pairs = {i: [] for i in self.dense}
-        self.s_ema = {i: 0 for i in self.dense}
-        self.y_ema = {i: 0 for i in self.dense}
+        self.H_g = {i: numpy.eye(self.model.layers[i].d_out) for i in self.kron}
+        self.H_a = {}
+        self.pairs = {i: [] for i in self.kron}
+        self.s_ema = {i: 0 for i in self.kron}
+        self.y_ema = {i: 0 for i in self.kron}
 
     def H_g_of(self, i):
         if self.memory is None:
@@ -89,13 +94,12 @@ class ReferenceKBFGS:
         loss, grads, caps = self.rows(params, x, y, True)
         self.m = [0.9 * m + 0.1 * g for m, g in zip(self.m, grads)]
         trial = [p.copy() for p in params]
-        for i in self.dense:
+        for i in self.kron:
             at = numpy.hstack([caps[i].a, numpy.ones((len(x), 1))])
             if self.k > 0:
                 self.A[i] = 0.9 * self.A[i] + 0.1 * at.T @ at / len(x)
             A_lm = self.A[i] + sq * numpy.eye(len(self.A[i]))
             if self.k == 0:
-                self.H_a = getattr(self, "H_a", {})
                 self.H_a[i] = numpy.linalg.inv(A_lm)
             j = model.layer_param_index[i]
             M = numpy.hstack([self.m[j], self.m[j + 1][:, None]])
@@ -103,7 +107,7 @@ class ReferenceKBFGS:
             trial[j] = params[j] - self.lr * P[:, :-1]
             trial[j + 1] = params[j + 1] - self.lr * P[:, -1]
         _, _, caps_new = self.rows(trial, x, y, False)
-        for i in self.dense:
+        for i in self.kron:
             s = caps[i].z.mean(0) - caps_new[i].z.mean(0)
             yv = caps[i].g.mean(0) - caps_new[i].g.mean(0)
             self.s_ema[i] = 0.9 * self.s_ema[i] + 0.1 * s
