@@ -16,7 +16,10 @@ Martens 2010, section 4):
   phi(p) < phi(0) = 0 along the positive-curvature directions taken so far).
 * **"converged"** - the residual rule ||r|| <= eta ||g|| with the forcing term
   eta = min(rtol, sqrt(||g||)) (Eisenstat-Walker / Nocedal-Wright eq. 7.3, the choice SciPy's
-  Newton-CG makes in the 1-norm; ``adaptive_rtol=False`` uses eta = rtol).
+  Newton-CG makes in the 1-norm; ``adaptive_rtol=False`` uses eta = rtol). Also when r^T M^{-1} r
+  vanishes in the working precision: a heavily damped float32 system (Hessian-free starts at
+  lambda = 45) shrinks the residual by orders of magnitude per iteration, r^T z underflows to 0
+  within ten iterations, before the progress rule may act, and the next beta would be 0/0.
 * **"model_stalled"** (optional, ``model_decrease_check=True``) - Martens' relative-progress rule
   (Martens 2010, section 4.4): stop at iteration i when i > k, phi(x_i) < 0 and
   (phi(x_i) - phi(x_{i-k})) / phi(x_i) < k eps, with k = max(k_min, ceil(k_frac i)), k_min = 10,
@@ -30,7 +33,7 @@ even after a warm start.
 
 Host synchronisation. Everything is computed on the operator's array module (NumPy or CuPy);
 each iteration moves exactly one small vector of scalars to the host (curvature, ||d||^2,
-||r||^2, phi) to take the exit decisions, so a CuPy run pays one device-to-host sync per
+||r||^2, phi, r^T M^{-1} r) to take the exit decisions, so a CuPy run pays one device-to-host sync per
 matrix-vector product, plus two before the loop (||b|| and ||r_0||, three with the progress
 rule) and one at exit. The update of iteration i is computed before the sync and dropped if the
 curvature test fails, which is what lets the decisions share one transfer.
@@ -205,9 +208,11 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
         x_new = x + alpha * d
         Hx_new = Hx + alpha * Hd
         r_new = r - alpha * Ad
-        rr_new = r_new @ r_new
+        z_new = preconditioner(r_new) if preconditioner is not None else r_new
+        rz_new = r_new @ z_new
+        rr_new = r_new @ r_new if preconditioner is not None else rz_new
         phi_new = phi(x_new, r_new) if model_decrease_check else rr_new
-        curv_h, dd_h, rr_h, phi_h = (float(s) for s in to_host(xp.stack([curv, dd, rr_new, phi_new])))
+        curv_h, dd_h, rr_h, phi_h, rz_h = (float(s) for s in to_host(xp.stack([curv, dd, rr_new, phi_new, rz_new])))
         if not math.isfinite(curv_h):
             raise FloatingPointError(f"the curvature product returned NaN/Inf at CG iteration {i}; check the operator and its step size h")
         if curv_h <= curvature_threshold * dd_h:
@@ -228,6 +233,11 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
                 next_store = next(schedule)
         if done >= min_iter and rr_h <= r_target_sq:
             return finish("converged", done, iterates)
+        if not rz_h > 0.0:
+            # r^T M^{-1} r vanished in the working precision (it underflows in float32 when a heavily
+            # damped system converges fast): the residual is at rounding level, and one more step
+            # would divide 0 by 0
+            return finish("converged", done, iterates)
         if model_decrease_check:
             phis.append(phi_h)
             k = max(model_k_min, math.ceil(model_k_frac * done))
@@ -235,10 +245,8 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
                 return finish("model_stalled", done, iterates)
         if done == max_iter:
             break
-        z = preconditioner(r) if preconditioner is not None else r
-        rz_new = r @ z
         beta = rz_new / rz
-        d = z + beta * d
+        d = z_new + beta * d
         rz = rz_new
     return finish("max_iter", max_iter, iterates)
 

@@ -259,3 +259,30 @@ def test_nan_gradient_is_refused(xp):
     mv, _ = counted(xp, numpy.eye(3))
     with pytest.raises(ValueError, match="NaN or Inf"):
         truncated_cg(mv, xp.asarray([1.0, numpy.nan, 0.0]))
+
+
+@pytest.mark.parametrize("seed", [3, 11, 21])
+def test_float32_residual_underflow_ends_as_converged(xp, seed):
+    # Hessian-free's first steps: lambda = 45 dominates a small Gauss-Newton matrix, so each CG
+    # iteration divides the (recurrence) residual by ~1e4, far below float32 rounding, until
+    # r^T M^{-1} r underflows to 0 while r^T r does not, before Martens' progress rule may stop
+    # (it needs i > 10). The next beta was 0/0: with these seeds the former loop raised on a NaN
+    # curvature (11) or mislabelled the exit as negative curvature (3, 21). CG must stop as
+    # converged with the float32-accurate solution.
+    n = 40
+    rng = numpy.random.default_rng(seed)
+    B = rng.standard_normal((n, n)) * 1e-2
+    A = B @ B.T
+    b = rng.standard_normal(n) * 0.05
+    lam = 45.0
+    m = xp.asarray(((numpy.diag(A) + lam) ** 0.75).astype(numpy.float32))  # Martens' preconditioner
+    mv, _ = counted(xp, A.astype(numpy.float32))
+    with numpy.errstate(divide="raise", invalid="raise", over="raise"):  # no 0/0 on the way (NumPy side)
+        res = truncated_cg(mv, xp.asarray(b.astype(numpy.float32)), damping=lam, rtol=0.0, max_iter=250,
+                           model_decrease_check=True, preconditioner=lambda r: r / m)
+    assert res.exit_reason == "converged"
+    assert res.iterations <= 10
+    x = to_host(res.x)
+    assert x.dtype == numpy.float32 and numpy.isfinite(x).all()
+    exact = numpy.linalg.solve(A + lam * numpy.eye(n), b)
+    assert numpy.linalg.norm(x - exact) <= 1e-6 * numpy.linalg.norm(exact)
