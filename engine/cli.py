@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy
 
 from . import __version__
+from .init import INIT_SCHEMES
 
 
 class UsageError(Exception):
@@ -44,6 +45,9 @@ DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = 1000  # the reference protocol's minibatch (kbfgs.md section 3.4)
 DEFAULT_SEED = 9999  # the reference code's seed (kbfgs.md section 3.3)
 DEFAULT_DTYPE = "float32"
+#: The initial weights: PyTorch's own values for the seed (the reference code's initial point at
+#: its seed 9999; engine/init.py), or NumPy's PCG64 draws of the same distribution.
+DEFAULT_INIT = "torch"
 DEFAULT_COMPARE_SOLVERS = ("kbfgs", "kfac", "adam")
 SUPPORTED_DTYPES = ("float32", "float64")
 #: hyper-parameters tuned for a (network, solver) pair, used where the command line gives none (the
@@ -275,7 +279,7 @@ class Run:
         try:
             self.trainer = Trainer(self.model, self.solver, dataset, batch_size=config["batch_size"],
                                    seed=config["seed"], dtype=self.dtype, eval_chunk=config.get("eval_chunk", 1000),
-                                   shuffle=config.get("shuffle", True))
+                                   shuffle=config.get("shuffle", True), init=config.get("init", "numpy"))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         self.path: Path | None = None
@@ -305,7 +309,7 @@ class Run:
             "n_train": args.n_train, "n_test": args.n_test,
             "n_train_used": int(dataset.x_train.shape[0]), "n_test_used": int(dataset.x_test.shape[0]),
             "data_dir": data_dir, "data_fingerprint": _data_fingerprint(dataset),
-            "dtype": str(dtype), "seed": args.seed, "batch_size": args.batch_size,
+            "dtype": str(dtype), "seed": args.seed, "init": args.init, "batch_size": args.batch_size,
             "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
             "eval_chunk": 1000, "shuffle": True,
         }
@@ -592,7 +596,7 @@ def cmd_info(args) -> int:
         f"network      {c['net']}: {c.get('net_description', '')}; {c.get('n_params', 0):,} parameters",
         f"data         {c['dataset']}: {c.get('n_train_used')} train / {c.get('n_test_used')} test{sub}",
         f"solver       {c['solver']}  {hyper}",
-        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']}, epochs {target}, "
+        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']} ({c.get('init', 'numpy')} init), epochs {target}, "
         f"max time {str(c['max_time']) + ' s' if c.get('max_time') else 'none'}, "
         f"checkpoint every {str(c['checkpoint_every']) + ' iterations and every epoch' if c.get('checkpoint_every') else 'epoch'}",
         f"progress     {p.get('status', '?')}: epoch {p['epoch']}{'/' + str(target) if target else ''}, iteration {p['iteration']}, "
@@ -629,7 +633,7 @@ def _run_labels(records) -> list[str]:
     """Solver names, plus what tells runs of the same solver apart (differing hyper-parameters or
     options), plus the file name when nothing does."""
     labels = []
-    options = ("net", "dataset", "n_train_used", "batch_size", "dtype", "seed")
+    options = ("net", "dataset", "n_train_used", "batch_size", "dtype", "seed", "init")
     for r in records:
         same = [q for q in records if q.config["solver"] == r.config["solver"]]
         label = r.config["solver"]
@@ -812,7 +816,11 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
     t.add_argument("--dtype", default=DEFAULT_DTYPE, metavar="DTYPE",
                    help=f"real precision of parameters and data: float32 or float64 (default {DEFAULT_DTYPE})")
     t.add_argument("--seed", type=_nonnegative_int, default=DEFAULT_SEED, metavar="N",
-                   help=f"seed of the initial weights and of the data order (default {DEFAULT_SEED})")
+                   help=f"seed of the initial weights and of the data order (default {DEFAULT_SEED}, the reference code's)")
+    t.add_argument("--init", choices=INIT_SCHEMES, default=DEFAULT_INIT,
+                   help="who draws the initial weights (W, b ~ U(+-1/sqrt(fan_in))) for --seed: 'torch' gives exactly "
+                        "PyTorch's values after torch.manual_seed(seed), the reference code's initial point, without "
+                        f"PyTorch; 'numpy' uses NumPy's PCG64 generator (default {DEFAULT_INIT})")
     t.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also write a checkpoint every N iterations (a checkpoint is always written at every epoch end)")
     o = p.add_argument_group("output")

@@ -29,6 +29,7 @@ import math
 import numpy
 
 from .backend import array_module
+from .init import fan_in_uniform
 from .layers import Layer
 
 __all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "Upsample2d", "Flatten", "Unflatten", "conv_output_size"]
@@ -160,10 +161,7 @@ class Conv2d(Layer):
         return [(self.c_out, self.c_in, *self.kernel), (self.c_out,)]
 
     def init(self, rng, dtype):
-        bound = 1.0 / math.sqrt(self.fan_in)
-        w = rng.uniform(-bound, bound, size=(self.c_out, self.c_in, *self.kernel))
-        b = rng.uniform(-bound, bound, size=(self.c_out,))
-        return [w.astype(dtype), b.astype(dtype)]
+        return fan_in_uniform(rng, (self.c_out, self.c_in, *self.kernel), self.fan_in, dtype)
 
     def _out_hw(self, h, w):
         return (conv_output_size(h, self.kernel[0], self.stride[0], self.padding[0]),

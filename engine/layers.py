@@ -24,6 +24,7 @@ import numpy
 
 from . import ops
 from .backend import array_module
+from .init import fan_in_uniform
 
 __all__ = ["Layer", "Dense", "Activation", "ReLU", "Sigmoid", "Tanh", "Identity", "activation"]
 
@@ -36,8 +37,9 @@ class Layer:
     def param_shapes(self) -> list[tuple[int, ...]]:
         return []
 
-    def init(self, rng: numpy.random.Generator, dtype) -> list[numpy.ndarray]:
-        """Host arrays of the initial parameters drawn from ``rng``."""
+    def init(self, rng, dtype) -> list[numpy.ndarray]:
+        """Host arrays of the initial parameters drawn from ``rng`` (a ``numpy.random.Generator``
+        or an :class:`engine.init.TorchGenerator`)."""
         return []
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -75,10 +77,7 @@ class Dense(Layer):
         return (self.d_out,)
 
     def init(self, rng, dtype):
-        bound = 1.0 / math.sqrt(self.d_in)
-        w = rng.uniform(-bound, bound, size=(self.d_out, self.d_in))
-        b = rng.uniform(-bound, bound, size=(self.d_out,))
-        return [w.astype(dtype), b.astype(dtype)]
+        return fan_in_uniform(rng, (self.d_out, self.d_in), self.d_in, dtype)
 
     def forward(self, params, x):
         w, b = params

@@ -15,6 +15,7 @@ from math import prod
 import numpy
 
 from .backend import array_module, get_xp
+from .init import make_generator
 from .layers import Layer
 from .losses import Loss, get_loss
 
@@ -89,10 +90,15 @@ class Model:
         """Indices of layers with a Kronecker view (Dense, Conv2d)."""
         return [i for i, layer in enumerate(self.layers) if layer.kronecker]
 
-    def init(self, seed: int = 9999, dtype=numpy.float64, xp=None) -> list:
-        """Initial parameters from ``numpy.random.default_rng(seed)``, layer by layer, on ``xp``."""
+    def init(self, seed: int = 9999, dtype=numpy.float64, xp=None, init: str = "numpy") -> list:
+        """Initial parameters, layer by layer (W then b, U(+-1/sqrt(fan_in))), on ``xp``.
+
+        ``init="numpy"`` draws them from ``numpy.random.default_rng(seed)``; ``init="torch"``
+        gives exactly the float32 values PyTorch draws for the same layers after
+        ``torch.manual_seed(seed)`` (:mod:`engine.init`), i.e. the reference code's initial point.
+        """
         xp = xp or get_xp()
-        rng = numpy.random.default_rng(seed)
+        rng = make_generator(init, seed)
         dtype = numpy.dtype(dtype)
         if dtype not in (numpy.float32, numpy.float64):
             raise TypeError(f"parameters are float32 or float64, not {dtype}")

@@ -107,11 +107,12 @@ class Trainer:
 
     ``dataset`` is a ``data.Dataset`` (host arrays; ``y_train is None`` for autoencoders, whose
     target is the input). Parameters live in one flat device buffer whose views the solver
-    updates in place.
+    updates in place. ``seed`` seeds the initial weights (drawn by ``init``: "numpy" or
+    "torch", see :meth:`engine.model.Model.init`) and the batch order.
     """
 
     def __init__(self, model, solver, dataset, batch_size: int = 1000, seed: int = 9999,
-                 dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True):
+                 dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy"):
         from data import BatchIterator, gather_batch  # the CLI layer may import data; keep the engine core free of it
 
         self._gather = gather_batch
@@ -124,7 +125,7 @@ class Trainer:
         if self.batch_size < 1 or self.batch_size > n:
             raise ValueError(f"batch size must be between 1 and the {n} training examples, got {batch_size}")
         self.xp = get_xp()
-        self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp)
+        self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp, init=init)
         self.solver_state = solver.init(self.params)
         self.iterator = BatchIterator(n, self.batch_size, seed=seed, shuffle=shuffle)
         self.history = History()

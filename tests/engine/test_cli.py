@@ -499,7 +499,8 @@ def test_help_lists_every_command_option_solver_and_preset(capsys):
 
 def test_train_defaults_are_the_readme_main_job():
     args = cli.build_parser().parse_args(["train"])
-    assert (args.net, args.solver, args.batch_size, args.dtype, args.seed) == ("curves-ae", "kbfgs", 1000, "float32", 9999)
+    assert (args.net, args.solver, args.batch_size, args.dtype, args.seed, args.init) == \
+        ("curves-ae", "kbfgs", 1000, "float32", 9999, "torch")
     assert args.epochs is None and args.max_time is None  # -> DEFAULT_EPOCHS
     assert nets.PRESETS["curves-ae"][1] == "curves"
 
@@ -526,3 +527,26 @@ def test_tuned_defaults_apply_unless_overridden(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert load_run(tmp_path / "b.h5").hyperparameters["lr"] == 0.02
     assert cli.TUNED_HYPERPARAMETERS[("curves-ae", "kbfgs")]["damping"] > 0
+
+
+def test_init_option_starts_from_pytorch_weights_and_is_recorded(tmp_path, capsys):
+    paths = {init: tmp_path / f"{init}.h5" for init in ("torch", "numpy")}
+    for init, path in paths.items():
+        rc, _, err = _cstep(capsys, "train", *SMALL, "--solver", "sgd", "--epochs", 1, "--init", init, "--out", path, "--quiet")
+        assert rc == 0, err
+    runs = {init: load_run(path) for init, path in paths.items()}
+    assert runs["torch"].config["init"] == "torch" and runs["numpy"].config["init"] == "numpy"
+    # the tiny net's initial weights are PyTorch's: torch.manual_seed(9999), then nn.Linear(16, 8),
+    # (8, 3), (3, 8), (8, 16); these sums and the last bias were printed by PyTorch 2.13
+    model = nets.build(TINY)
+    p = [q.astype(numpy.float64) for q in model.init(seed=9999, dtype=numpy.float32, xp=numpy, init="torch")]
+    assert sum(float(q.sum()) for q in p) == -1.2924946695566177
+    assert float(sum((q ** 2).sum() for q in p)) == 14.597635029901669
+    assert float(p[-1][-1]) == float.fromhex("-0x1.c4a9c8p-3")
+    # ... and the run started there: SGD has no warm start, so its first batch is rows 0..99
+    x = _registry["load_toy"]().x_train[:100]
+    first = float(model.loss([q.astype(numpy.float32) for q in p], x, x))
+    assert runs["torch"].history["steps"]["loss"][0] == pytest.approx(first, rel=1e-6)
+    assert runs["numpy"].history["steps"]["loss"][0] != pytest.approx(first, rel=1e-6)
+    rc, out, _ = _cstep(capsys, "info", paths["torch"])
+    assert rc == 0 and "seed 9999 (torch init)" in out
