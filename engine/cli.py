@@ -48,6 +48,8 @@ DEFAULT_DTYPE = "float32"
 #: The initial weights: PyTorch's own values for the seed (the reference code's initial point at
 #: its seed 9999; engine/init.py), or NumPy's PCG64 draws of the same distribution.
 DEFAULT_INIT = "torch"
+#: The batch order: the reference code's own sequence for the seed (data/batches.py), or PCG64.
+DEFAULT_ORDER = "reference"
 DEFAULT_COMPARE_SOLVERS = ("kbfgs", "kfac", "adam")
 SUPPORTED_DTYPES = ("float32", "float64")
 #: hyper-parameters tuned for a (network, solver) pair, used where the command line gives none (the
@@ -279,7 +281,8 @@ class Run:
         try:
             self.trainer = Trainer(self.model, self.solver, dataset, batch_size=config["batch_size"],
                                    seed=config["seed"], dtype=self.dtype, eval_chunk=config.get("eval_chunk", 1000),
-                                   shuffle=config.get("shuffle", True), init=config.get("init", "numpy"))
+                                   shuffle=config.get("shuffle", True), init=config.get("init", "numpy"),
+                                   order=config.get("order", "pcg64"))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         self.path: Path | None = None
@@ -309,7 +312,7 @@ class Run:
             "n_train": args.n_train, "n_test": args.n_test,
             "n_train_used": int(dataset.x_train.shape[0]), "n_test_used": int(dataset.x_test.shape[0]),
             "data_dir": data_dir, "data_fingerprint": _data_fingerprint(dataset),
-            "dtype": str(dtype), "seed": args.seed, "init": args.init, "batch_size": args.batch_size,
+            "dtype": str(dtype), "seed": args.seed, "init": args.init, "order": args.order, "batch_size": args.batch_size,
             "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
             "eval_chunk": 1000, "shuffle": True,
         }
@@ -596,7 +599,7 @@ def cmd_info(args) -> int:
         f"network      {c['net']}: {c.get('net_description', '')}; {c.get('n_params', 0):,} parameters",
         f"data         {c['dataset']}: {c.get('n_train_used')} train / {c.get('n_test_used')} test{sub}",
         f"solver       {c['solver']}  {hyper}",
-        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']} ({c.get('init', 'numpy')} init), epochs {target}, "
+        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']} ({c.get('init', 'numpy')} init, {c.get('order', 'pcg64')} order), epochs {target}, "
         f"max time {str(c['max_time']) + ' s' if c.get('max_time') else 'none'}, "
         f"checkpoint every {str(c['checkpoint_every']) + ' iterations and every epoch' if c.get('checkpoint_every') else 'epoch'}",
         f"progress     {p.get('status', '?')}: epoch {p['epoch']}{'/' + str(target) if target else ''}, iteration {p['iteration']}, "
@@ -633,7 +636,7 @@ def _run_labels(records) -> list[str]:
     """Solver names, plus what tells runs of the same solver apart (differing hyper-parameters or
     options), plus the file name when nothing does."""
     labels = []
-    options = ("net", "dataset", "n_train_used", "batch_size", "dtype", "seed", "init")
+    options = ("net", "dataset", "n_train_used", "batch_size", "dtype", "seed", "init", "order")
     for r in records:
         same = [q for q in records if q.config["solver"] == r.config["solver"]]
         label = r.config["solver"]
@@ -805,6 +808,7 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                    help="use only the first N training examples (default: all)")
     g.add_argument("--n-test", type=_positive_int, default=None, metavar="N",
                    help="use only the first N test examples (default: all)")
+    from data.batches import ORDERS  # noqa: PLC0415
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
                    help=f"number of epochs (default {DEFAULT_EPOCHS}, or unlimited when --max-time is given)")
@@ -821,6 +825,11 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                    help="who draws the initial weights (W, b ~ U(+-1/sqrt(fan_in))) for --seed: 'torch' gives exactly "
                         "PyTorch's values after torch.manual_seed(seed), the reference code's initial point, without "
                         f"PyTorch; 'numpy' uses NumPy's PCG64 generator (default {DEFAULT_INIT})")
+    t.add_argument("--order", choices=ORDERS, default=DEFAULT_ORDER,
+                   help="the batch order for --seed: 'reference' is exactly the reference code's sequence (first "
+                        "epoch in file order, then numpy.random.seed(seed) shuffles, with its K-BFGS/K-FAC generator "
+                        "draws; seeds below 2**32); 'pcg64' draws each epoch's permutation from NumPy's PCG64 "
+                        f"(default {DEFAULT_ORDER})")
     t.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also write a checkpoint every N iterations (a checkpoint is always written at every epoch end)")
     o = p.add_argument_group("output")

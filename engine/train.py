@@ -108,11 +108,13 @@ class Trainer:
     ``dataset`` is a ``data.Dataset`` (host arrays; ``y_train is None`` for autoencoders, whose
     target is the input). Parameters live in one flat device buffer whose views the solver
     updates in place. ``seed`` seeds the initial weights (drawn by ``init``: "numpy" or
-    "torch", see :meth:`engine.model.Model.init`) and the batch order.
+    "torch", see :meth:`engine.model.Model.init`) and the batch order (``order``: "pcg64", or
+    "reference" for the reference code's exact batches, see :class:`data.BatchIterator`).
     """
 
     def __init__(self, model, solver, dataset, batch_size: int = 1000, seed: int = 9999,
-                 dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy"):
+                 dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy",
+                 order: str = "pcg64"):
         from data import BatchIterator, gather_batch  # the CLI layer may import data; keep the engine core free of it
 
         self._gather = gather_batch
@@ -127,7 +129,8 @@ class Trainer:
         self.xp = get_xp()
         self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp, init=init)
         self.solver_state = solver.init(self.params)
-        self.iterator = BatchIterator(n, self.batch_size, seed=seed, shuffle=shuffle)
+        draws = solver.reference_draws_per_batch if order == "reference" else 0
+        self.iterator = BatchIterator(n, self.batch_size, seed=seed, shuffle=shuffle, order=order, draws_per_batch=draws)
         self.history = History()
         self.iteration = 0
         self.epoch = 0

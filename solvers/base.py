@@ -77,6 +77,10 @@ class Solver:
     summary: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
     needs_warm_start: ClassVar[bool] = False
+    #: how many ``numpy.random.permutation(batch)`` draws the reference code makes per training
+    #: iteration for this method (1 for its second-order methods, K-BFGS, K-BFGS(L) and K-FAC:
+    #: the N2 row subsample); the ``"reference"`` batch order replays them (data/batches.py)
+    reference_draws_per_batch: ClassVar[int] = 0
 
     def __init__(self, model, **hyper):
         unknown = sorted(set(hyper) - set(self.hyperparameters))

@@ -115,6 +115,7 @@ class _KroneckerQuasiNewton(Solver):
     """The shared K-BFGS iteration; subclasses choose the pre-activation-side inverse H_g."""
 
     needs_warm_start = True
+    reference_draws_per_batch = 1
 
     def __init__(self, model, **hyper):
         super().__init__(model, **hyper)

@@ -53,6 +53,7 @@ class KFAC(Solver):
     name = "kfac"
     summary = "K-FAC with sampled-target Fisher, as in the K-BFGS paper's baseline"
     needs_warm_start = True
+    reference_draws_per_batch = 1
     hyperparameters = {
         "lr": positive("learning rate alpha", 1.0),
         "damping": positive("damping lambda: sqrt(lambda) is added to A and to G", 3.0),

@@ -117,3 +117,90 @@ def test_gather_batch_moves_one_batch_to_the_backend(xp):
 def test_gather_batch_defaults_to_the_active_backend():
     xb, _ = gather_batch(np.array([1, 0]), np.ones((3, 2), np.float32))
     assert isinstance(xb, get_xp().ndarray)
+
+
+# --- the reference code's order -------------------------------------------------------------------
+#: (seed, n, batch, draws per batch) -> {training batch: (first three indices, index sum)}, printed by
+#: a transcription of the official DataSet.next_batch loop (numpy.random.seed, compounding shuffles,
+#: one numpy.random.permutation(batch) per training iteration for its second-order methods after
+#: their warm-start epoch). That transcription, as part of an op-for-op PyTorch port of the official
+#: K-BFGS, reproduces the measured reference run (kbfgs.md pitfall 20) to the printed digits.
+REFERENCE_BATCHES = {
+    (9999, 60000, 1000, 1): {0: ([57526, 4472, 32767], 30928267), 1: ([18035, 37823, 12435], 29583848),
+                             59: ([39781, 16862, 7340], 29512439), 60: ([23095, 23547, 58156], 30295385),
+                             61: ([33816, 43158, 26049], 29892605), 120: ([27407, 2100, 16482], 30003094),
+                             179: ([5889, 18302, 54030], 30438473)},
+    (3, 103, 10, 1): {0: ([87, 64, 101], 537), 1: ([45, 96, 89], 603), 9: ([20, 38, 97], 392),
+                      10: ([26, 65, 11], 532), 11: ([45, 67, 12], 457), 20: ([87, 84, 30], 565),
+                      29: ([100, 77, 80], 619)},
+}
+#: a first-order method (no warm start, no draws): epoch 0 in natural order, then the shuffles
+REFERENCE_FIRST_ORDER = {0: ([0, 1, 2], 499500), 59: ([59000, 59001, 59002], 59499500),
+                         60: ([57526, 4472, 32767], 30928267), 61: ([18035, 37823, 12435], 29583848),
+                         120: ([2758, 57000, 8419], 29616878), 179: ([12296, 47399, 48537], 30020614)}
+
+
+@pytest.mark.parametrize("key", list(REFERENCE_BATCHES), ids=str)
+def test_reference_order_is_the_official_batch_sequence(key):
+    seed, n, batch, draws = key
+    it = BatchIterator(n, batch, seed=seed, order="reference", draws_per_batch=draws)
+    warm = take(it, it.batches_per_epoch)  # the warm-start epoch: natural order
+    np.testing.assert_array_equal(np.concatenate(warm), np.arange(it.batches_per_epoch * batch))
+    batches = take(it, 3 * it.batches_per_epoch)
+    for k, (first, total) in REFERENCE_BATCHES[key].items():
+        assert batches[k][:3].tolist() == first and int(batches[k].sum()) == total, k
+    for e in range(3):  # still every example once per epoch
+        epoch = np.concatenate(batches[e * it.batches_per_epoch:(e + 1) * it.batches_per_epoch])
+        assert len(np.unique(epoch)) == len(epoch)
+
+
+def test_reference_order_without_draws_is_the_first_order_sequence():
+    it = BatchIterator(60000, 1000, seed=9999, order="reference")
+    batches = take(it, 180)
+    for k, (first, total) in REFERENCE_FIRST_ORDER.items():
+        assert batches[k][:3].tolist() == first and int(batches[k].sum()) == total, k
+
+
+@pytest.mark.parametrize("cut", [0, 5, 10, 11, 19, 20, 37])  # 10 batches per epoch
+def test_reference_order_resumes_by_replay_also_through_hdf5(tmp_path, cut):
+    kw = dict(n_examples=103, batch_size=10, seed=3, order="reference", draws_per_batch=2)
+    reference = take(BatchIterator(**kw), 45)
+    it = BatchIterator(**kw)
+    take(it, cut)
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        g = f.create_group("iterator")
+        for k, v in it.state_dict().items():
+            g.attrs[k] = v
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        state = dict(f["iterator"].attrs)
+    resumed = BatchIterator(**kw)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (cut // 10, cut % 10)
+    for expected, got in zip(reference[cut:], take(resumed, 45 - cut), strict=True):
+        np.testing.assert_array_equal(expected, got)
+    # a state of another order or draw count is refused, and old states (no such keys) load as PCG64
+    with pytest.raises(DataError, match="reference_order=1 but this iterator has 0"):
+        BatchIterator(103, 10, seed=3).load_state_dict(state)
+    with pytest.raises(DataError, match="draws_per_batch=2 but this iterator has 1"):
+        BatchIterator(103, 10, seed=3, order="reference", draws_per_batch=1).load_state_dict(state)
+    plain = BatchIterator(103, 10, seed=3)
+    take(plain, 4)
+    old = {k: v for k, v in plain.state_dict().items() if k not in ("reference_order", "draws_per_batch")}
+    again = BatchIterator(103, 10, seed=3)
+    again.load_state_dict(old)
+    np.testing.assert_array_equal(again.next_indices(), plain.next_indices())
+
+
+def test_reference_order_arguments_are_checked():
+    with pytest.raises(DataError, match="order='lcg' is unknown"):
+        BatchIterator(10, 2, order="lcg")
+    with pytest.raises(DataError, match="needs order='reference'"):
+        BatchIterator(10, 2, draws_per_batch=1)
+    with pytest.raises(DataError, match="below 2\\*\\*32"):
+        BatchIterator(10, 2, seed=2**32, order="reference")
+    with pytest.raises(DataError, match="unshuffled"):
+        BatchIterator(10, 2, order="reference", shuffle_first_epoch=True)
+    with pytest.raises(DataError, match="draws_per_batch=-1"):
+        BatchIterator(10, 2, order="reference", draws_per_batch=-1)
+    fixed = BatchIterator(10, 2, seed=1, order="reference", shuffle=False, draws_per_batch=1)
+    np.testing.assert_array_equal(np.concatenate(take(fixed, 15)), np.tile(np.arange(10), 3))

@@ -499,8 +499,8 @@ def test_help_lists_every_command_option_solver_and_preset(capsys):
 
 def test_train_defaults_are_the_readme_main_job():
     args = cli.build_parser().parse_args(["train"])
-    assert (args.net, args.solver, args.batch_size, args.dtype, args.seed, args.init) == \
-        ("curves-ae", "kbfgs", 1000, "float32", 9999, "torch")
+    assert (args.net, args.solver, args.batch_size, args.dtype, args.seed, args.init, args.order) == \
+        ("curves-ae", "kbfgs", 1000, "float32", 9999, "torch", "reference")
     assert args.epochs is None and args.max_time is None  # -> DEFAULT_EPOCHS
     assert nets.PRESETS["curves-ae"][1] == "curves"
 
@@ -531,11 +531,14 @@ def test_tuned_defaults_apply_unless_overridden(tmp_path, capsys, monkeypatch):
 
 def test_init_option_starts_from_pytorch_weights_and_is_recorded(tmp_path, capsys):
     paths = {init: tmp_path / f"{init}.h5" for init in ("torch", "numpy")}
-    for init, path in paths.items():
-        rc, _, err = _cstep(capsys, "train", *SMALL, "--solver", "sgd", "--epochs", 1, "--init", init, "--out", path, "--quiet")
+    for (init, path), order in zip(paths.items(), ("reference", "pcg64")):
+        rc, _, err = _cstep(capsys, "train", *SMALL, "--solver", "sgd", "--epochs", 1, "--init", init,
+                            "--order", order, "--out", path, "--quiet")
         assert rc == 0, err
     runs = {init: load_run(path) for init, path in paths.items()}
-    assert runs["torch"].config["init"] == "torch" and runs["numpy"].config["init"] == "numpy"
+    assert (runs["torch"].config["init"], runs["torch"].config["order"]) == ("torch", "reference")
+    assert (runs["numpy"].config["init"], runs["numpy"].config["order"]) == ("numpy", "pcg64")
+    assert runs["torch"].state["iterator"]["reference_order"] == 1 and runs["numpy"].state["iterator"]["reference_order"] == 0
     # the tiny net's initial weights are PyTorch's: torch.manual_seed(9999), then nn.Linear(16, 8),
     # (8, 3), (3, 8), (8, 16); these sums and the last bias were printed by PyTorch 2.13
     model = nets.build(TINY)
@@ -549,4 +552,4 @@ def test_init_option_starts_from_pytorch_weights_and_is_recorded(tmp_path, capsy
     assert runs["torch"].history["steps"]["loss"][0] == pytest.approx(first, rel=1e-6)
     assert runs["numpy"].history["steps"]["loss"][0] != pytest.approx(first, rel=1e-6)
     rc, out, _ = _cstep(capsys, "info", paths["torch"])
-    assert rc == 0 and "seed 9999 (torch init)" in out
+    assert rc == 0 and "seed 9999 (torch init, reference order)" in out

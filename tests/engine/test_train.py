@@ -195,3 +195,29 @@ def test_bad_batch_size_is_refused():
     ds, model = _dataset(), _model()
     with pytest.raises(ValueError, match="batch size"):
         Trainer(model, SGD(model), ds, batch_size=51)
+
+
+def test_reference_order_replays_the_solvers_own_generator_draws():
+    from solvers import make_solver
+
+    ds = _dataset()
+    for name, draws in (("kbfgs", 1), ("kbfgs_l", 1), ("kfac", 1), ("sgd", 0), ("rmsprop", 0), ("adam", 0)):
+        solver = make_solver(name, _model())
+        assert solver.reference_draws_per_batch == draws
+        tr = Trainer(_model(), solver, ds, batch_size=10, seed=3, dtype=numpy.float64, order="reference")
+        assert (tr.iterator.order, tr.iterator.draws_per_batch) == ("reference", draws)
+        assert Trainer(_model(), solver, ds, batch_size=10, seed=3).iterator.draws_per_batch == 0
+    # the same draws as the reference loop: after the warm-start epoch, one permutation(10) per batch
+    tr = Trainer(_model(), make_solver("kbfgs", _model()), ds, batch_size=10, seed=3, order="reference")
+    tr.run(epochs=2)
+    legacy = numpy.random.RandomState(3)
+    order = numpy.arange(50)
+    for _ in range(3):  # epochs 1 and 2 trained, epoch 3's order drawn at the end of epoch 2
+        perm = numpy.arange(50)
+        legacy.shuffle(perm)
+        order = order[perm]
+        for _ in range(5):
+            legacy.permutation(10)
+    state = tr.iterator.state_dict()
+    assert (state["epoch"], state["position"]) == (3, 0)
+    numpy.testing.assert_array_equal(tr.iterator.next_indices(), order[:10])
