@@ -120,7 +120,9 @@ def run_solver(name: str, dataset, epochs: int, extra: dict, log, log_every: int
             log(f"  iteration {tr.iteration:5d}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "iteration"))
 
     try:
-        trainer.run(epochs=epochs, on_epoch=on_epoch, on_step=on_step)
+        # a diverging run overflows on its way to NaN; the Trainer reports that in one line (as the CLI does)
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            trainer.run(epochs=epochs, on_epoch=on_epoch, on_step=on_step)
     except TrainingDiverged as exc:  # report it and go on with the next solver
         log(f"{name} DIVERGED: {exc}")
     return rows
