@@ -904,8 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare", help="run several solvers on the same data, seed and budget",
-        description="Train one network with several solvers on the same data, initial weights, data order and "
-                    "budget; write one run file per solver, one comparison plot and a table.")
+        description="Train one network with several solvers on the same data, initial weights, batch-order rule "
+                    "and budget (with --order reference each solver gets the batches the reference code gives "
+                    "that method); write one run file per solver, one comparison plot and a table.")
     p.add_argument("--net", default=DEFAULT_NET, metavar="NET",
                    help=f"network preset: {', '.join(_nets().preset_names())} (default {DEFAULT_NET})")
     p.add_argument("--solvers", default=",".join(DEFAULT_COMPARE_SOLVERS), metavar="A,B,...",
