@@ -553,3 +553,29 @@ def test_init_option_starts_from_pytorch_weights_and_is_recorded(tmp_path, capsy
     assert runs["numpy"].history["steps"]["loss"][0] != pytest.approx(first, rel=1e-6)
     rc, out, _ = _cstep(capsys, "info", paths["torch"])
     assert rc == 0 and "seed 9999 (torch init, reference order)" in out
+
+
+def test_run_files_from_before_init_and_order_resume_as_numpy_and_pcg64(tmp_path, capsys):
+    """A run file written before --init/--order existed has neither in its config nor the new iterator
+    fields; it was made with NumPy weights and the PCG64 order and must resume as such, bit for bit."""
+    full, old = tmp_path / "full.h5", tmp_path / "old.h5"
+    common = (*SMALL, "--solver", "kbfgs", "--init", "numpy", "--order", "pcg64", "--quiet")
+    rc, _, err = _cstep(capsys, "train", *common, "--epochs", 3, "--out", full)
+    assert rc == 0, err
+    rc, _, err = _cstep(capsys, "train", *common, "--epochs", 2, "--out", old)
+    assert rc == 0, err
+    with h5py.File(old, "r+") as f:  # make it look like the format before
+        config = json.loads(f["config"].attrs["json"])
+        for key in ("init", "order"):
+            del config[key], f["config"].attrs[key]
+        f["config"].attrs["json"] = json.dumps(config)
+        it = f["iterator"]
+        index = [pair for pair in json.loads(it.attrs["cstep_index"]) if pair[0] not in ("reference_order", "draws_per_batch")]
+        for key in ("reference_order", "draws_per_batch"):
+            del it[key]
+        it.attrs["cstep_index"] = json.dumps(index)
+    rec = load_run(old)
+    assert "order" not in rec.config and "reference_order" not in rec.state["iterator"]
+    rc, _, err = _cstep(capsys, "resume", old, "--epochs", 3, "--quiet")
+    assert rc == 0, err
+    _assert_same_run(full, old)
