@@ -88,7 +88,8 @@ class BatchIterator:
                                 "do not combine order='reference' with shuffle_first_epoch=True")
             if self.seed >= 2**32:
                 raise DataError(f"BatchIterator seed={self.seed} is too large for the reference order "
-                                "(numpy.random.seed takes seeds below 2**32); pass a smaller one")
+                                "(numpy.random.seed takes seeds below 2**32); pass a smaller one, or use the PCG64 "
+                                "order (order='pcg64', --order pcg64)")
         elif self.draws_per_batch:
             raise DataError("draws_per_batch emulates the reference code's generator and needs order='reference'")
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
