@@ -40,7 +40,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy
 

@@ -55,9 +55,9 @@ SUPPORTED_DTYPES = ("float32", "float64")
 #: hyper-parameters tuned for a (network, solver) pair, used where the command line gives none (the
 #: run file records every value used). curves-ae + kbfgs: with the paper's MNIST choice lambda = 0.3
 #: (alpha = 0.3) K-BFGS leaves the CURVES plateau near epoch 7 and then diverges (inf at iteration
-#: 185, float32, batch 1000, seed 9999, PyTorch's initial weights, reference order; NaN at 174 from
-#: NumPy's initial weights and PCG64 order); lambda = 1 stays finite and reaches 164.6 at epoch 10 (measured
-#: 2026-11-21 on the CURVES-like set).
+#: 185, float32, batch 1000, seed 9999, PyTorch's initial weights, reference order; NaN at 174
+#: from NumPy's initial weights and PCG64 order); lambda = 1 stays finite and reaches 164.6 at
+#: epoch 10 (measured 2026-11-21 on the CURVES-like set).
 #: mnist-cnn (use --batch-size 128): K-FAC alpha 0.3 / lambda 0.1, K-BFGS and K-BFGS(L) alpha 1 / lambda 0.3
 #: (conv layers with the KF-QN-CNN damping) give 98.5% / 98.7% / 98.4% test accuracy after one epoch and
 #: 98.8% / 98.7% / 98.8% after two (Adam with its defaults: 97.4%, 98.7%) (batch 128, float32, seed 9999,

@@ -3,13 +3,13 @@
 Every weight layer draws ``W`` then ``b``, both ~ U(-1/sqrt(fan_in), +1/sqrt(fan_in)), layer by
 layer (kbfgs.md section 3.3). Two sources of those numbers are supported:
 
-* ``"numpy"`` (the default): ``numpy.random.default_rng(seed)`` (PCG64), in double precision,
-  cast to the run's dtype;
+* ``"numpy"`` (the default of :meth:`engine.model.Model.init` and :class:`engine.train.Trainer`):
+  ``numpy.random.default_rng(seed)`` (PCG64), in double precision, cast to the run's dtype;
 * ``"torch"``: **the exact float32 values** PyTorch draws for the same layers after
   ``torch.manual_seed(seed)`` on the CPU, without PyTorch. This puts a run at the reference
   code's own initial point (its seed 9999), which matters for methods whose early iterations
   are sensitive to the initial weights (K-BFGS at the Demo's alpha = 0.3, lambda = 0.3: see
-  ``benchmarks/reproduce_kbfgs.py``).
+  ``benchmarks/reproduce_kbfgs.py``). The command line uses it by default.
 
 How PyTorch draws them (CPU generator; checked bit for bit against PyTorch 2.13 in the tests'
 reference values): ``torch.manual_seed(s)`` seeds a 32-bit Mersenne Twister (MT19937) with the

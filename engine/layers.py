@@ -18,8 +18,6 @@ convert their parameter gradient to and from the homogeneous matrix ``[W | b]``.
 
 from __future__ import annotations
 
-import math
-
 import numpy
 
 from . import ops

@@ -61,13 +61,12 @@ class EmpiricalFisher(ModelOperator):
         """The N x n matrix whose rows are grad l_n (for small models and checks)."""
         if self._per_example is not None:
             return self._per_example
-        xp, model = self.xp, self.model
         n = self._n
         cols = [None] * len(self.params)
         for pi, a, g in self._rows:
             cols[pi] = (g[:, :, None] * a[:, None, :]).reshape(n, -1)
             cols[pi + 1] = g
-        return xp.concatenate(cols, axis=1)
+        return self.xp.concatenate(cols, axis=1)  # not cached: _matvec keeps the factored product
 
     def _matvec(self, v):
         xp, model = self.xp, self.model
