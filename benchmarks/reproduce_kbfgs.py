@@ -21,8 +21,8 @@ batches (``--order reference``: its legacy ``numpy.random`` shuffles plus the on
 per iteration of its second-order methods, ``data/batches.py``). Only floating-point rounding then
 differs from the reference run. This matters because K-BFGS and K-BFGS(L) at the Demo's
 alpha = 0.3, lambda = 0.3 sit at the edge of stability in their first ~100 iterations, and the
-dynamics are chaotic: from the same initial point and batches, this solver in float64 and an
-op-for-op PyTorch port of the official code (kept outside this repository; it reproduces the
+dynamics are chaotic: from the same initial point and batches, this solver and an op-for-op
+PyTorch port of the official code (kept outside this repository; it reproduces the
 measured reference run of pitfall 20 to the printed digits: K-BFGS 166.80 / 110.01, K-BFGS(L)
 164.08 / 107.55 after epochs 1 / 2) agree to 1e-7 for 8 iterations in float32 and then drift apart
 as rounding errors grow (3e-3 at iteration 20); the port itself ends epoch 1 at 166.80 with two
