@@ -499,8 +499,10 @@ def test_help_lists_every_command_option_solver_and_preset(capsys):
 
 def test_train_defaults_are_the_readme_main_job():
     args = cli.build_parser().parse_args(["train"])
-    assert (args.net, args.solver, args.batch_size, args.dtype, args.seed, args.init, args.order) == \
-        ("curves-ae", "kbfgs", 1000, "float32", 9999, "torch", "reference")
+    assert (args.net, args.solver, args.dtype, args.seed, args.init, args.order) == \
+        ("curves-ae", "kbfgs", "float32", 9999, "torch", "reference")
+    assert args.batch_size is None and "curves-ae" not in cli.PRESET_BATCH_SIZES  # -> DEFAULT_BATCH_SIZE
+    assert cli.DEFAULT_BATCH_SIZE == 1000 and cli.PRESET_BATCH_SIZES["mnist-cnn"] == 128
     assert args.epochs is None and args.max_time is None  # -> DEFAULT_EPOCHS
     assert nets.PRESETS["curves-ae"][1] == "curves"
 
@@ -579,3 +581,14 @@ def test_run_files_from_before_init_and_order_resume_as_numpy_and_pcg64(tmp_path
     rc, _, err = _cstep(capsys, "resume", old, "--epochs", 3, "--quiet")
     assert rc == 0, err
     _assert_same_run(full, old)
+
+
+def test_preset_batch_size_applies_unless_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(cli.PRESET_BATCH_SIZES, TINY, 50)
+    base = ["--net", TINY, "--n-train", "600", "--n-test", "200", "--solver", "sgd", "--epochs", 1, "--quiet"]
+    for extra, expected in (((), 50), (("--batch-size", 120), 120)):
+        path = tmp_path / f"b{expected}.h5"
+        rc, _, err = _cstep(capsys, "train", *base, *extra, "--out", path)
+        assert rc == 0, err
+        rec = load_run(path)
+        assert rec.config["batch_size"] == expected and rec.progress["iteration"] == 600 // expected
