@@ -13,6 +13,16 @@ def take(it, n):
     return [it.next_indices() for _ in range(n)]
 
 
+def through_hdf5(tmp_path, state: dict) -> dict:
+    """``state`` written as HDF5 attributes and read back, as a run file stores it."""
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        g = f.create_group("iterator")
+        for k, v in state.items():
+            g.attrs[k] = v
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        return dict(f["iterator"].attrs)
+
+
 def test_every_example_once_per_epoch_remainder_dropped():
     it = BatchIterator(103, 10, seed=5)
     assert it.batches_per_epoch == 10
@@ -69,12 +79,7 @@ def test_state_round_trips_through_hdf5(tmp_path):
     reference = take(BatchIterator(**kw), 60)
     it = BatchIterator(**kw)
     take(it, 33)  # epoch 2, mid-epoch
-    with h5py.File(tmp_path / "run.h5", "w") as f:
-        g = f.create_group("iterator")
-        for k, v in it.state_dict().items():
-            g.attrs[k] = v
-    with h5py.File(tmp_path / "run.h5", "r") as f:
-        state = dict(f["iterator"].attrs)
+    state = through_hdf5(tmp_path, it.state_dict())
     resumed = BatchIterator(**kw)
     resumed.load_state_dict(state)
     for expected, got in zip(reference[33:], take(resumed, 27), strict=True):
@@ -167,12 +172,7 @@ def test_reference_order_resumes_by_replay_also_through_hdf5(tmp_path, cut):
     reference = take(BatchIterator(**kw), 45)
     it = BatchIterator(**kw)
     take(it, cut)
-    with h5py.File(tmp_path / "run.h5", "w") as f:
-        g = f.create_group("iterator")
-        for k, v in it.state_dict().items():
-            g.attrs[k] = v
-    with h5py.File(tmp_path / "run.h5", "r") as f:
-        state = dict(f["iterator"].attrs)
+    state = through_hdf5(tmp_path, it.state_dict())
     resumed = BatchIterator(**kw)
     resumed.load_state_dict(state)
     assert (resumed.epoch, resumed.position) == (cut // 10, cut % 10)
