@@ -10,6 +10,7 @@ works on NumPy and CuPy arrays alike); host-side bookkeeping converts explicitly
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 
 import numpy
@@ -21,6 +22,7 @@ __all__ = [
     "array_module",
     "cupy_available",
     "to_host",
+    "is_device_array",
     "to_device",
     "synchronize",
     "complex_dtype",
@@ -89,24 +91,45 @@ def backend_name() -> str:
     return get_xp().__name__
 
 
+def _module_of(a) -> ModuleType | None:
+    """The CuPy module owning ``a`` when ``a`` is a CuPy array, else None.
+
+    Decided by the array's type, not by whether the backend was probed: a CuPy array can only
+    exist once ``cupy`` is imported, so its module is in ``sys.modules`` (the tests' CuPy
+    stand-in is found the same way).
+    """
+    t = type(a)
+    if t is numpy.ndarray or t.__module__.partition(".")[0] != "cupy":
+        return None
+    cp = sys.modules.get("cupy")
+    return cp if cp is not None and isinstance(a, cp.ndarray) else None
+
+
 def array_module(*arrays) -> ModuleType:
     """The array module that owns ``arrays``: cupy if any operand is a CuPy array, else numpy.
 
     Unlike :func:`get_xp` this follows the data, so one function body serves both libraries
-    (the tests run the same body under NumPy and CuPy).
+    (the tests run the same body under NumPy and CuPy). It needs no probe of the device.
     """
-    if _CUPY is not None:
-        for a in arrays:
-            if isinstance(a, _CUPY.ndarray):
-                return _CUPY
+    for a in arrays:
+        cp = _module_of(a)
+        if cp is not None:
+            return cp
     return numpy
 
 
+def is_device_array(a) -> bool:
+    """True for a CuPy array (device memory), False for host data."""
+    return _module_of(a) is not None
+
+
 def to_host(a):
-    """A NumPy array (or Python scalar) with the value of ``a``; a no-op for host data."""
-    if _CUPY is not None and isinstance(a, _CUPY.ndarray):
-        return _CUPY.asnumpy(a)
-    return a
+    """A NumPy array (or Python scalar) with the value of ``a``; a no-op for host data.
+
+    The one explicit device-to-host transfer (a host sync on CuPy).
+    """
+    cp = _module_of(a)
+    return cp.asnumpy(a) if cp is not None else a
 
 
 def to_device(a, xp: ModuleType | None = None, dtype=None):
@@ -115,10 +138,14 @@ def to_device(a, xp: ModuleType | None = None, dtype=None):
     return xp.asarray(a, dtype=dtype)
 
 
-def synchronize() -> None:
-    """Wait for queued GPU work (for honest timings); a no-op on NumPy."""
-    if _CUPY is not None and _XP is _CUPY:
-        _CUPY.cuda.get_current_stream().synchronize()
+def synchronize(xp: ModuleType | None = None) -> None:
+    """Wait for queued GPU work (for honest timings); a no-op on NumPy.
+
+    ``xp`` is the module whose work to wait for (default: the active backend).
+    """
+    xp = xp or _XP
+    if xp is not None and xp is not numpy:
+        xp.cuda.get_current_stream().synchronize()
 
 
 _COMPLEX = {numpy.dtype(numpy.float64): numpy.dtype(numpy.complex128),
