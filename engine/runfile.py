@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy
 
-from .backend import to_host
+from .backend import is_device_array, to_host
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "RunFileError", "RunRecord", "save_run", "load_run",
            "check_run_file", "write_record", "read_record", "environment_info"]
@@ -87,7 +87,7 @@ class RunRecord:
 
 # --- records: flat dicts of arrays and scalars ------------------------------------------------
 def _is_device_array(v) -> bool:
-    return type(v).__module__.startswith("cupy")
+    return is_device_array(v)
 
 
 def write_record(group, record: dict) -> None:
@@ -141,10 +141,11 @@ def write_record(group, record: dict) -> None:
 def read_record(group, array_module=None, template: dict | None = None) -> dict:
     """Inverse of :func:`write_record`.
 
-    Arrays written from a device (CuPy) array go to ``array_module`` (the active backend); arrays
-    written from NumPy arrays stay NumPy unless ``template`` (e.g. a freshly initialised solver
-    state) holds a device array under the same key, or ``array_module`` is given and the template
-    has no entry (solver state fields are device arrays by default).
+    Where an array goes: when ``template`` (e.g. a freshly initialised solver state) has the
+    field, where the template's value lives (a device array: ``array_module``; anything else: the
+    host), so a run written on one backend resumes on another; without a template entry, where it
+    was when written (a CuPy array to ``array_module``, a NumPy array stays NumPy: host-only
+    fields such as generator words never land on the device).
     """
     if _INDEX_ATTR not in group.attrs:
         raise RunFileError(f"group {group.name} has no {_INDEX_ATTR} attribute")
@@ -179,12 +180,8 @@ def read_record(group, array_module=None, template: dict | None = None) -> dict:
         elif tag in ("array", "device_array"):
             host = numpy.array(raw)  # 0-d datasets read as scalars: make them arrays again
             like = template.get(key)
-            if tag == "device_array" or (like is not None and _is_device_array(like)):
-                to_xp = array_module or numpy
-            elif like is None and array_module is not None:
-                to_xp = array_module
-            else:
-                to_xp = numpy
+            on_device = _is_device_array(like) if key in template else tag == "device_array"
+            to_xp = (array_module or numpy) if on_device else numpy
             out[key] = host if to_xp is numpy else to_xp.asarray(host)
         else:
             raise RunFileError(f"field {group.name}/{key} has unknown type tag {tag!r}; it was written by a newer cstep")

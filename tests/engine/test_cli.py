@@ -22,6 +22,7 @@ import data
 import nets
 import solvers
 from engine import cli
+from engine.backend import backend_name
 from engine.runfile import load_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,6 +71,9 @@ exec(TEST_REGISTRY, _registry)
 CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
+    if os.environ.get("CSTEP_CUPY") == "standin":  # the child runs on the backend the parent tests
+        from tests import cupy_standin
+        cupy_standin.install()
     exec({registry!r})
     presets.PRESETS.update(TEST_PRESETS)
     data.DATASETS.update(TEST_DATASETS)
@@ -265,7 +269,7 @@ def _solver_with(name):
     (["train", "--solver", "no-such-solver"], "unknown solver 'no-such-solver'"),
     (["train", *SMALL, "--solver", "sgd", "--lr", "-0.1"], "lr must be > 0"),
     (["train", *SMALL, "--solver", "sgd", "--lr", "abc"], "lr must be a number"),
-    (["train", *SMALL, "--solver", "sgd", "--dtype", "float16"], "dtype 'float16' is not supported by the numpy backend"),
+    (["train", *SMALL, "--solver", "sgd", "--dtype", "float16"], f"dtype 'float16' is not supported by the {backend_name()} backend"),
     (["train", *SMALL, "--dtype", "complex128"], "dtype 'complex128' is not supported"),
     (["train", *SMALL, "--data-dir", "/no/such/dir"], "data directory /no/such/dir does not exist"),
     (["train", *SMALL, "--data", "no-such-data"], "unknown data set 'no-such-data'"),
@@ -381,7 +385,7 @@ def test_progress_lines_quiet_and_json(tmp_path, capsys):
     assert summary["epochs"] == 2 and summary["iterations"] == 12
     assert summary["train_loss"] == rec.history["epochs"]["train_loss"]
     assert summary["test_loss"] == rec.history["epochs"]["test_loss"]
-    assert summary["backend"] == "numpy" and summary["dtype"] == "float32"
+    assert summary["backend"] == backend_name() and summary["dtype"] == "float32"
     assert summary["elapsed_seconds"] > 0 and summary["status"] == "complete"
     # training lowered the loss below that of the first minibatch
     assert summary["train_loss"][-1] < rec.history["steps"]["loss"][0]
@@ -406,7 +410,7 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
 def test_info_text_and_json(tiny_run, capsys):
     rc, out, err = _cstep(capsys, "info", tiny_run)
     assert rc == 0 and err == ""
-    for needle in (CURVES_TINY, "sgd", "lr=0.05", "epoch 2/2", "iteration 12", "final", "train loss", "NumPy", "backend numpy",
+    for needle in (CURVES_TINY, "sgd", "lr=0.05", "epoch 2/2", "iteration 12", "final", "train loss", "NumPy", f"backend {backend_name()}",
                    "substitute"):
         assert needle in out, needle
     rc, out, err = _cstep(capsys, "info", tiny_run, "--json")

@@ -11,6 +11,7 @@ import numpy
 import pytest
 
 from engine import runfile
+from engine.backend import to_host
 from engine.runfile import (FORMAT_VERSION, MAGIC, RunFileError, RunRecord, check_run_file, load_run, read_record,
                             save_run, write_record)
 
@@ -210,3 +211,18 @@ def test_environment_names_versions_and_backend():
     assert env["backend"] in ("numpy", "cupy")
     for key in ("cstep_version", "python", "scipy", "cupy", "host", "platform", "device", "cpu_count"):
         assert key in env
+
+
+def test_arrays_go_back_where_they_were_written(tmp_path, xp):
+    """Device arrays return to the device, host arrays (a generator's words) stay on the host even when
+    ``array_module`` is CuPy and no template names them; a template moves a host-written field to the
+    device (a NumPy run resumed on CuPy) and a device-written one to the host (the other way)."""
+    rec = {"m": xp.arange(4.0), "rng": numpy.array([1, 2, 3, 4, 5, 6], dtype=numpy.uint64), "k": 3}
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        write_record(f.create_group("s"), rec)
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        back = read_record(f["s"], array_module=xp)
+        assert type(back["m"]) is type(rec["m"]) and type(back["rng"]) is numpy.ndarray
+        numpy.testing.assert_array_equal(to_host(back["m"]), numpy.arange(4.0))
+        moved = read_record(f["s"], array_module=xp, template={"m": numpy.zeros(4), "rng": xp.zeros(6, dtype=numpy.uint64)})
+        assert type(moved["m"]) is numpy.ndarray and type(moved["rng"]) is type(xp.zeros(1))

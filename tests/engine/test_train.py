@@ -9,8 +9,9 @@ import numpy
 import pytest
 
 import data
+from engine.backend import array_module, to_host
 from engine.runfile import RunRecord, load_run, save_run
-from engine.train import Trainer, TrainingDiverged, evaluate
+from engine.train import Trainer, TrainingDiverged, evaluate, host_scalars
 from nets import mlp
 from solvers.base import Hyper, Solver, positive, rng_from_state_array, rng_state_array
 from solvers.sgd import SGD
@@ -47,8 +48,9 @@ class NoisyWarmSolver(Solver):
     def step(self, params, state, x, y):
         model = self.model
         loss, grads = model.loss_and_grad(params, x, y)
-        rng = rng_from_state_array(state["rng"])
-        g = model.flatten(grads) + self.noise * rng.standard_normal(model.n_params)
+        xp = array_module(*params)
+        rng = rng_from_state_array(state["rng"])  # a host generator: its words stay on the host
+        g = model.flatten(grads) + self.noise * xp.asarray(rng.standard_normal(model.n_params))
         state["rng"] = rng_state_array(rng)
         state["m"] = 0.5 * state["m"] + g
         state["scale"] *= 0.99
@@ -64,12 +66,14 @@ def _strip_clocks(table):
 
 def _assert_same_state(a: Trainer, b: Trainer):
     for p, q in zip(a.params, b.params):
-        assert p.dtype == q.dtype and p.tobytes() == q.tobytes()
+        assert type(p) is type(q)
+        assert p.dtype == q.dtype and to_host(p).tobytes() == to_host(q).tobytes()
     assert list(a.solver_state) == list(b.solver_state)
     for key, v in a.solver_state.items():
         w = b.solver_state[key]
-        if isinstance(v, numpy.ndarray):
-            assert v.dtype == w.dtype and v.tobytes() == w.tobytes(), key
+        if hasattr(v, "dtype") and getattr(v, "ndim", 0) >= 0 and not isinstance(v, numpy.generic):
+            assert type(v) is type(w), key  # device fields stay on the device, host fields on the host
+            assert v.dtype == w.dtype and to_host(v).tobytes() == to_host(w).tobytes(), key
         else:
             assert type(v) is type(w) and v == w, key
     assert a.history.steps == b.history.steps
@@ -77,13 +81,14 @@ def _assert_same_state(a: Trainer, b: Trainer):
     assert (a.iteration, a.epoch, a.warm_started) == (b.iteration, b.epoch, b.warm_started)
 
 
-def test_sgd_run_matches_an_independent_reference_loop():
+def test_sgd_run_matches_an_independent_reference_loop(xp):
     """Batch order (natural first epoch, then fresh permutations from PCG64(seed)), EMA momentum
-    and the per-epoch chunked evaluation, recomputed by hand."""
+    and the per-epoch chunked evaluation, recomputed by hand (on the host, whatever ``xp``)."""
     ds, model = _dataset(), _model()
     lr, rho, seed, batch, chunk = 0.3, 0.9, 7, 10, 20
     tr = Trainer(model, SGD(model, lr=lr, momentum=rho), ds, batch_size=batch, seed=seed,
-                 dtype=numpy.float64, eval_chunk=chunk)
+                 dtype=numpy.float64, eval_chunk=chunk, xp=xp)
+    assert array_module(*tr.params) is xp
     tr.run(epochs=3)
 
     params = model.init(seed=seed, dtype=numpy.float64, xp=numpy)
@@ -103,16 +108,18 @@ def test_sgd_run_matches_an_independent_reference_loop():
         test_evals.append(float(model.loss(params, ds.x_test[:20], ds.x_test[:20])))
     assert tr.history.steps["loss"] == pytest.approx(losses, rel=1e-13)
     assert tr.history.steps["iteration"] == list(range(1, 16))
-    numpy.testing.assert_allclose(model.flatten(tr.params), model.flatten(params), rtol=1e-12, atol=1e-14)
+    numpy.testing.assert_allclose(to_host(model.flatten(tr.params)), model.flatten(params), rtol=1e-12, atol=1e-14)
     assert tr.history.epochs["train_loss"] == pytest.approx(train_evals, rel=1e-12)
     assert tr.history.epochs["test_loss"] == pytest.approx(test_evals, rel=1e-12)
     assert tr.history.epochs["epoch"] == [1, 2, 3] and tr.history.epochs["iterations"] == [5, 10, 15]
 
 
-def test_evaluate_averages_chunks_and_drops_the_remainder():
+def test_evaluate_averages_chunks_and_drops_the_remainder(xp):
+    """The data follows the parameters' module (host data is copied to the device chunk by chunk)."""
     ds, model = _dataset(n_train=45), _model()
     params = model.init(seed=1, dtype=numpy.float64, xp=numpy)
-    got = evaluate(model, params, ds.x_train, None, chunk=20)["loss"]
+    got = evaluate(model, [xp.asarray(p) for p in params], ds.x_train, None, chunk=20)["loss"]
+    assert type(got) is float
     want = 0.5 * (float(model.loss(params, ds.x_train[:20], ds.x_train[:20]))
                   + float(model.loss(params, ds.x_train[20:40], ds.x_train[20:40])))
     assert got == pytest.approx(want, rel=1e-13)
@@ -120,11 +127,11 @@ def test_evaluate_averages_chunks_and_drops_the_remainder():
 
 @pytest.mark.parametrize("stop_at", [7, 10])  # mid-epoch, and exactly at an epoch end
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-def test_state_dict_continues_bitwise(tmp_path, stop_at, dtype):
+def test_state_dict_continues_bitwise(tmp_path, stop_at, dtype, xp):
     ds, model = _dataset(), _model()
 
     def make():
-        return Trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20)
+        return Trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20, xp=xp)
 
     full = make()
     full.run(epochs=4)
@@ -150,7 +157,7 @@ def test_state_dict_continues_bitwise(tmp_path, stop_at, dtype):
     # through a run file, as `cstep resume` does
     path = save_run(tmp_path / "run.h5", RunRecord(config={}, hyperparameters={}, state=state))
     resumed = make()
-    resumed.load_state_dict(load_run(path, array_module=numpy, solver_template=resumed.solver_state).state)
+    resumed.load_state_dict(load_run(path, array_module=xp, solver_template=resumed.solver_state).state)
     assert resumed.iteration == stop_at and resumed.warm_started
     resumed.run(epochs=4)
     _assert_same_state(full, resumed)
@@ -221,3 +228,52 @@ def test_reference_order_replays_the_solvers_own_generator_draws():
     state = tr.iterator.state_dict()
     assert (state["epoch"], state["position"]) == (3, 0)
     numpy.testing.assert_array_equal(tr.iterator.next_indices(), order[:10])
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_device_run_is_the_host_run(xp, dtype):
+    """The trainer on CuPy gives the NumPy run's history: every step loss and epoch evaluation."""
+    ds, model = _dataset(), _model()
+    runs = [Trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20, xp=m)
+            for m in (numpy, xp)]
+    for tr in runs:
+        tr.run(epochs=2)
+    rel = 1e-12 if dtype == numpy.float64 else 1e-5
+    assert runs[1].history.steps["loss"] == pytest.approx(runs[0].history.steps["loss"], rel=rel)
+    assert runs[1].history.steps["skipped"] == runs[0].history.steps["skipped"]
+    for col in ("train_loss", "test_loss"):
+        assert runs[1].history.epochs[col] == pytest.approx(runs[0].history.epochs[col], rel=rel)
+    numpy.testing.assert_allclose(to_host(model.flatten(runs[1].params)), model.flatten(runs[0].params), rtol=rel * 10)
+
+
+def test_trainer_makes_one_host_sync_per_iteration(xp):
+    """All info scalars of a step come to the host in one transfer; nothing else syncs."""
+    from tests.device_counts import device_work
+
+    ds, model = _dataset(), _model()
+    tr = Trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    marks = []
+    with device_work(xp, forbid_syncs=False) as work:
+        def on_step(trainer, row):
+            marks.append(sum(xp.counters.syncs.values()) if work.exact else 0)
+        tr.run(epochs=1, on_step=on_step)
+    assert tr.iteration == 5
+    if work.exact:
+        per_iteration = [b - a for a, b in zip(marks, marks[1:])]
+        assert per_iteration == [1] * 4, f"syncs per iteration {per_iteration}: {work}"
+
+
+def test_host_scalars_is_one_transfer_and_keeps_types(xp):
+    from tests.device_counts import device_work
+
+    info = {"loss": xp.asarray(1.5, dtype=numpy.float32), "n": xp.asarray(3), "flag": xp.asarray(True),
+            "z": xp.asarray(2.0 + 1e-30j), "host": 7, "hf": numpy.float64(0.25)}
+    if xp is numpy:
+        row = host_scalars(info)
+    else:
+        with device_work(xp) as work:
+            row = host_scalars(info)
+        if work.exact:
+            assert work.n_syncs == 1, str(work)
+    assert row == {"loss": 1.5, "n": 3, "flag": True, "z": 2.0, "host": 7, "hf": 0.25}
+    assert [type(v) for v in row.values()] == [float, int, bool, float, int, float]
