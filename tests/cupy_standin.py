@@ -819,7 +819,7 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType]:
     mod.counters = counters
     for name in sorted(_names.MODULE):
         value = _module_attribute(name)
-        if value is not None:
+        if value is not None or name == "newaxis":
             setattr(mod, name, value)
     mod.cuda = _cuda_module()
     linalg = types.ModuleType("cupy.linalg")
