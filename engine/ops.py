@@ -13,7 +13,7 @@ from .backend import array_module
 
 __all__ = [
     "relu", "relu_grad", "sigmoid", "sigmoid_grad", "tanh", "tanh_grad",
-    "softplus", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part",
+    "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part",
 ]
 
 
@@ -73,14 +73,52 @@ def sigmoid_grad(s):
     return s * (1 - s)
 
 
+def log1p(z):
+    """log(1 + z), accurate for small |z| in real AND complex arithmetic (for Re z > -1).
+
+    Real input goes to the library's ``log1p``. Complex input does not: CuPy computes complex
+    ``log1p`` as ``log(1 + z)`` (and NumPy's loses the real part the same way), so for
+    z = u + iv with |u| below eps the 1 + u rounds to 1 and Re log1p(z) comes out 0 instead of
+    ~u. Writing 1 + z = (1 + u)(1 + i t) with t = v / (1 + u) splits the principal logarithm
+    exactly into real functions of real arguments:
+
+        log1p(z) = [log1p(u) + log1p(t^2) / 2] + i atan2(v, 1 + u)
+
+    (|1 + z|^2 = (1 + u)^2 (1 + t^2), arg(1 + z) = atan2(v, 1 + u)). Each part keeps full
+    relative precision: log1p(u) and log1p(t^2) are real log1p's, and atan2 of v against the
+    rounded 1 + u errs by one rounding relative. It is the analytic log(1 + z) itself, not a
+    first-order approximation, so a complex-step pass differentiates it exactly, and nothing is
+    conjugated; with v = 0 the real part is log1p(u) bit for bit.
+    """
+    xp = array_module(z)
+    if not xp.iscomplexobj(z):
+        return xp.log1p(z)
+    u, v = z.real, z.imag
+    one_u = 1 + u
+    t = v / one_u
+    out = xp.empty_like(z)
+    re = xp.log1p(u)
+    re += 0.5 * xp.log1p(t * t)
+    out.real[...] = re
+    out.imag[...] = xp.arctan2(v, one_u)
+    return out
+
+
 def softplus(z):
     """log(1 + e^z) in the stable form max_cs(z, 0) + log1p(exp(-|z|_cs)).
 
     Both max and abs are the complex-safe versions that return the complex z, so the linear
-    term keeps its derivative (writing max(Re z, 0) would drop it). Derivative: sigmoid(z).
+    term keeps its derivative (writing max(Re z, 0) would drop it). They take the SAME branch,
+    decided on Re z >= 0: z + log1p(e^-z) there, log1p(e^z) below, so at Re z = 0 exactly the
+    derivative is sigmoid(0) = 1/2 (a max taken on Re z > 0 with an abs taken on Re z < 0 would
+    mix the branches there and give -1/2). ``e = exp(-|z|_cs)`` has Re <= 0, so it never
+    overflows, and its log1p is :func:`log1p`, which keeps full relative precision in complex
+    mode too (for Re z = -40, e ~ 4e-18 and log(1 + e) would round to 0). Derivative:
+    sigmoid(z).
     """
     xp = array_module(z)
-    return max0_cs(z) + xp.log1p(xp.exp(-abs_cs(z)))
+    pos = z.real >= 0
+    return xp.where(pos, z, 0) + log1p(xp.exp(xp.where(pos, -z, z)))
 
 
 def logsumexp(z, axis=-1, keepdims=False):
