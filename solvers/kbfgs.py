@@ -25,7 +25,7 @@ A-side updates. No model copy is made.
 State (flat, HDF5-friendly): ``k``, ``warm_started``, ``m`` (flat momentum) and per Kronecker layer
 i (index in ``model.layers``) ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``,
 ``layer{i}/y_ema`` and ``layer{i}/H_g`` (K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}``
-(K-BFGS(L)). Parameters that belong to no Kronecker layer get the plain momentum step -alpha m.
+(K-BFGS(L); ``count`` is a 0-d integer array). Parameters that belong to no Kronecker layer get the plain momentum step -alpha m.
 
 Convolutional layers (KF-QN-CNN: Ren, Bahamou, Goldfarb, "Kronecker-factored Quasi-Newton
 Methods for Deep Learning", arXiv:2102.06737). A Conv2d layer is handled like a Dense layer on its
@@ -51,16 +51,17 @@ of the same batch at theta_{k+1}, from the second pass), ``grad_norm``, ``step_n
 (||theta_{k+1} - theta_k||), and counts over the layers of ``powell_damping`` and ``lm_damping``
 firings and of ``skipped_H_g`` / ``skipped_H_a`` updates (for K-BFGS(L): pairs not stored).
 
-Host synchronisation: K-BFGS makes none inside the layer loops (skip and damping decisions are
-device-side ``where``); K-BFGS(L) makes one per iteration, after the layer loop, for the
-"store this pair?" decisions of all layers together (the memory's fill count lives on the host).
+Host synchronisation: none in a step of either solver (DESIGN.md convention 5). The skip and
+damping decisions are device-side ``where``; K-BFGS(L)'s "store this pair?" decision and the
+memory's fill count stay on the device too (:meth:`solvers.lbfgs.CompactLBFGS.push`), and the
+info counts are 0-d device arrays that the caller converts once per step.
 """
 
 from __future__ import annotations
 
 import math
 
-from engine.backend import array_module, to_host
+from engine.backend import array_module
 from engine.curvature.kronecker import KroneckerBlockOperator, kron_factors
 from engine.model import Capture
 
@@ -134,9 +135,6 @@ class _KroneckerQuasiNewton(Solver):
 
     def _g_update(self, state, i, s, y, g_ref, info):
         raise NotImplementedError
-
-    def _g_finish(self, state, info):
-        """Called once after the layer loop (K-BFGS(L) applies its batched decisions here)."""
 
     def _symmetrize_g_side(self, state, i):
         """Re-symmetrise a dense H_g (a no-op when it is exactly symmetric already)."""
@@ -282,7 +280,6 @@ class _KroneckerQuasiNewton(Solver):
                                                  self.skip_constant, inplace=True)
             state[f"layer{i}/H_a"] = H_a
             info["skipped_H_a"] = info["skipped_H_a"] + skipped.astype(int)
-        self._g_finish(state, info)
 
         state["k"] = k + 1
         info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=xp.sqrt(step_sq))
@@ -356,31 +353,14 @@ class KBFGSL(_KroneckerQuasiNewton):
         s_d, y_d, powell, lm = self._damp(i, s, y, op)
         ss = xp.dot(s_d, s_d)
         sy = xp.dot(s_d, y_d)
-        # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite
+        # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite;
+        # decided and applied on the device (no host sync)
         store = (sy > self.skip_constant * ss * xp.sqrt(xp.dot(g_ref, g_ref))) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
-        self._pending.append((i, s_d, y_d, store))
+        op.push(s_d, y_d, store)
+        state.update(op.to_state(f"layer{i}/lbfgs/"))
         info["powell_damping"] = info["powell_damping"] + powell.astype(int)
         info["lm_damping"] = info["lm_damping"] + lm.astype(int)
-
-    def step(self, params, state, x, y):
-        self._pending = []
-        return super().step(params, state, x, y)
-
-    def _g_finish(self, state, info):
-        if not self._pending:
-            return
-        xp = array_module(self._pending[0][1])
-        stores = to_host(xp.stack([p[3] for p in self._pending]))  # the one host sync per iteration
-        skipped = 0
-        for (i, s_d, y_d, _), store in zip(self._pending, stores):
-            if store:
-                op = self._lbfgs(state, i)
-                op.push(s_d, y_d)
-                state[f"layer{i}/lbfgs/count"] = op.count
-            else:
-                skipped += 1
-        info["skipped_H_g"] = skipped
-        self._pending = []
+        info["skipped_H_g"] = info["skipped_H_g"] + (~store).astype(int)
 
     def g_side_inverse(self, state, i):
         return self._lbfgs(state, i).dense()

@@ -22,9 +22,24 @@ inverse recursion builds from gamma I with the same pairs (tested against it).
 
 The operator lives in fixed-capacity arrays plus a fill count, so it round-trips through the
 solver state (HDF5) exactly: :meth:`CompactLBFGS.to_state` / :meth:`CompactLBFGS.from_state`.
+The count is a 0-d integer array of the arrays' module, and :meth:`CompactLBFGS.push` takes the
+"store this pair?" decision as a 0-d boolean array, so on a GPU the whole memory update runs
+on the device with no host synchronisation (DESIGN.md convention 5):
+
+* **NumPy** (the count and the flag are host values, reading them is free): the leading
+  ``count`` rows are sliced and updated in place, as above.
+* **CuPy**: the arrays are used at full capacity; the rows and columns beyond the count are
+  zero, so the products over them add zeros (the same values up to rounding order). Dropping
+  the oldest pair is a gather with a device-side index, writing the new pair a ``where`` on
+  one-hot masks of the device-side count, and a pair that is not stored selects nothing.
+
+Both keep the same layout (the cached L and Rm packed to their leading ``2 count``
+columns/rows), so a state moves between backends.
 """
 
 from __future__ import annotations
+
+import numpy
 
 from engine.backend import array_module, get_xp
 
@@ -40,12 +55,15 @@ class CompactLBFGS:
 
     Arrays (capacity p = ``memory``): ``S``, ``Y`` (p x d), ``Rinv``, ``YY`` (p x p), ``D`` (p),
     cached ``L`` (d x 2p) and ``Rm`` (2p x d), of which the leading ``count`` rows/columns
-    (``2 count`` for L and Rm) are valid. An empty memory is gamma I.
+    (``2 count`` for L and Rm) are valid and the rest are zero. ``count`` is a 0-d integer array
+    of the same module. An empty memory is gamma I.
     """
 
-    def __init__(self, S, Y, Rinv, YY, D, L, Rm, count: int, gamma: float = 1.0):
+    def __init__(self, S, Y, Rinv, YY, D, L, Rm, count, gamma: float = 1.0):
         self.S, self.Y, self.Rinv, self.YY, self.D, self.L, self.Rm = S, Y, Rinv, YY, D, L, Rm
-        self.count = int(count)
+        xp = array_module(S)
+        # a Python int (a run file written before the count moved to the device) becomes an array
+        self.count = count if isinstance(count, xp.ndarray) else xp.asarray(count, dtype=numpy.int64)
         self.gamma = float(gamma)
 
     @classmethod
@@ -55,7 +73,7 @@ class CompactLBFGS:
         xp = xp or get_xp()
         z = lambda *shape: xp.zeros(shape, dtype=dtype)  # noqa: E731
         return cls(z(memory, dim), z(memory, dim), z(memory, memory), z(memory, memory), z(memory),
-                   z(dim, 2 * memory), z(2 * memory, dim), 0, gamma)
+                   z(dim, 2 * memory), z(2 * memory, dim), xp.zeros((), dtype=numpy.int64), gamma)
 
     @property
     def memory(self) -> int:
@@ -64,6 +82,10 @@ class CompactLBFGS:
     @property
     def dim(self) -> int:
         return self.S.shape[1]
+
+    @property
+    def _on_host(self) -> bool:
+        return array_module(self.S) is numpy
 
     # --- state ----------------------------------------------------------------------------
     def to_state(self, prefix: str) -> dict:
@@ -74,15 +96,19 @@ class CompactLBFGS:
 
     @classmethod
     def from_state(cls, state: dict, prefix: str, gamma: float = 1.0) -> "CompactLBFGS":
-        return cls(*(state[prefix + name] for name in _FIELDS), int(state[prefix + "count"]), gamma)
+        return cls(*(state[prefix + name] for name in _FIELDS), state[prefix + "count"], gamma)
 
     # --- operator -------------------------------------------------------------------------
     def apply(self, X):
         """H X for a vector (d,) or a matrix (d, k): gamma X + L (Rm X), two GEMMs."""
-        m = self.count
-        if m == 0:
-            return self.gamma * X
-        out = matvec(self.L[:, : 2 * m], matvec(self.Rm[: 2 * m], X))
+        if self._on_host:
+            m = int(self.count)
+            if m == 0:
+                return self.gamma * X
+            L, Rm = self.L[:, : 2 * m], self.Rm[: 2 * m]
+        else:  # full capacity: the columns of L and rows of Rm beyond 2 count are zero
+            L, Rm = self.L, self.Rm
+        out = matvec(L, matvec(Rm, X))
         out += self.gamma * X
         return out
 
@@ -93,10 +119,21 @@ class CompactLBFGS:
         xp = array_module(self.S)
         return self.apply(xp.eye(self.dim, dtype=self.S.dtype))
 
-    def push(self, s, y) -> None:
-        """Append the pair (s, y) (s^T y > 0 is the caller's check), dropping the oldest if full."""
+    def push(self, s, y, store=True) -> None:
+        """Append the pair (s, y) where ``store`` holds, dropping the oldest if full.
+
+        ``store`` is a bool or a 0-d boolean array (s^T y > 0 is the caller's check); on a
+        device it is never read on the host.
+        """
+        if self._on_host:
+            if bool(store):
+                self._push_host(s, y)
+        else:
+            self._push_device(s, y, store)
+
+    def _push_host(self, s, y) -> None:
         p = self.memory
-        m = self.count
+        m = int(self.count)
         if m == p:  # drop the oldest pair: shift rows, keep the trailing block of R^{-1}
             self.S[:-1] = self.S[1:].copy()
             self.Y[:-1] = self.Y[1:].copy()
@@ -117,13 +154,13 @@ class CompactLBFGS:
         self.D[m] = delta
         self.S[m] = s
         self.Y[m] = y
-        self.count = m + 1
-        self._rebuild()
+        self.count[...] = m + 1
+        self._rebuild_host(m + 1)
 
-    def _rebuild(self) -> None:
+    def _rebuild_host(self, m: int) -> None:
         """Recompute the cached L and Rm from S, Y, R^{-1}, YY, D (O(m^2 d))."""
         xp = array_module(self.S)
-        m, g = self.count, self.gamma
+        g = self.gamma
         P = self.Rinv[:m, :m] @ self.S[:m]                    # R^{-1} S  (m x d)
         middle = g * self.YY[:m, :m]
         middle[xp.arange(m), xp.arange(m)] += self.D[:m]      # D + gamma Y Y^T
@@ -131,3 +168,48 @@ class CompactLBFGS:
         self.L[:, m: 2 * m] = g * self.Y[:m].T
         self.Rm[:m] = middle @ P - g * self.Y[:m]
         self.Rm[m: 2 * m] = -P
+
+    def _push_device(self, s, y, store) -> None:
+        """:meth:`_push_host` at full capacity with the count and the decision on the device.
+
+        The arrays are replaced (not updated in place); callers keep them through :meth:`to_state`.
+        """
+        xp = array_module(self.S, s, y)
+        p, g = self.memory, self.gamma
+        dtype = self.S.dtype
+        store = xp.asarray(store, dtype=bool)
+        count = self.count
+        full = store & (count == p)
+        rows = xp.arange(p)
+        # drop the oldest pair when storing into a full memory: row j <- row j + 1 (the last row
+        # is overwritten by the new pair below); an identity gather otherwise
+        src = xp.where(full, xp.minimum(rows + 1, p - 1), rows)
+        S, Y, D = self.S[src], self.Y[src], self.D[src]
+        Rinv = self.Rinv[src[:, None], src[None, :]]
+        YY = self.YY[src[:, None], src[None, :]]
+        m = count - full                                      # index of the new pair
+        before = rows < m
+        at = (rows == m) & store                              # all false: nothing is written
+        delta = xp.where(store, xp.dot(s, y), 1)
+        inv_delta = 1 / delta
+        b = xp.where(before, matvec(S, y), 0)
+        col = xp.where(before, -matvec(Rinv, b) * inv_delta, xp.where(at, inv_delta, 0))
+        row = xp.where(at, inv_delta, 0)
+        Rinv = xp.where(at[None, :], col[:, None], xp.where(at[:, None], row[None, :], Rinv))
+        yy = xp.where(before, matvec(Y, y), xp.where(at, xp.dot(y, y), 0))
+        YY = xp.where(at[None, :], yy[:, None], xp.where(at[:, None], yy[None, :], YY))
+        D = xp.where(at, delta, D)
+        S = xp.where(at[:, None], s[None, :], S)
+        Y = xp.where(at[:, None], y[None, :], Y)
+        n = m + store                                         # the new count
+        # cached L and Rm, packed as on the host: columns/rows [0, n) from R^{-1} S, [n, 2n) from Y.
+        # Rows of S, Y, R^{-1} beyond n are zero, so the products over them add zeros.
+        P = Rinv @ S
+        middle = g * YY + xp.diag(D)
+        top = middle @ P - g * Y
+        j = xp.arange(2 * p)
+        idx = xp.minimum(xp.where(j < n, j, p + j - n), 2 * p - 1)  # beyond 2n: a zero row of Y or P
+        self.L = xp.ascontiguousarray(xp.concatenate([P, g * Y])[idx].T)
+        self.Rm = xp.concatenate([top, -P])[idx]
+        self.S, self.Y, self.D, self.Rinv, self.YY = S, Y, D.astype(dtype, copy=False), Rinv, YY
+        self.count = n.astype(numpy.int64)
