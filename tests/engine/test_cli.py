@@ -71,7 +71,7 @@ exec(TEST_REGISTRY, _registry)
 CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    if os.environ.get("CSTEP_CUPY") == "standin":  # the child runs on the backend the parent tests
+    if os.environ.get("CSTEP_CUPY") == "standin" and os.environ.get("CSTEP_BACKEND") != "numpy":  # the parent's backend
         from tests import cupy_standin
         cupy_standin.install()
     exec({registry!r})
@@ -183,6 +183,35 @@ def _saved_iterations(log) -> list[int]:
     log.flush()
     log.seek(0)
     return [int(line.split()[1]) for line in log.read().splitlines() if line.startswith("saved ")]
+
+
+@pytest.mark.cupy
+@pytest.mark.parametrize("solver", ["kbfgs", "kfac"])
+def test_device_run_and_resume_match_the_numpy_run(solver, tmp_path, capsys):
+    """On CuPy (the stand-in in CI), `cstep train` + `cstep resume` give the NumPy process's run:
+    the same losses to float64 rounding, the same iterator and progress, device state saved and read back."""
+    if backend_name() != "cupy":
+        pytest.skip("the active backend is NumPy: the CuPy pass (CSTEP_CUPY=standin or a GPU) runs this")
+    common = [*SMALL, "--solver", solver, "--dtype", "float64", "--quiet"]
+    dev = tmp_path / "dev.h5"
+    rc, _, err = _cstep(capsys, "train", *common, "--epochs", 1, "--out", dev)
+    assert rc == 0, err
+    rc, _, err = _cstep(capsys, "resume", dev, "--epochs", 2, "--quiet")
+    assert rc == 0, err
+    host = tmp_path / "host.h5"
+    proc, log = _start_child(["train", *common, "--epochs", 2, "--out", host], tmp_path,
+                             {"CSTEP_BACKEND": "numpy", "CSTEP_CUPY": ""})
+    assert proc.wait(timeout=300) == 0, (log.seek(0), log.read())[1]
+    a, b = load_run(dev), load_run(host)
+    assert (a.environment["backend"], b.environment["backend"]) == ("cupy", "numpy")
+    assert a.progress["iteration"] == b.progress["iteration"] == 12
+    numpy.testing.assert_allclose(a.history["steps"]["loss"], b.history["steps"]["loss"], rtol=1e-10)
+    numpy.testing.assert_allclose(a.history["epochs"]["train_loss"], b.history["epochs"]["train_loss"], rtol=1e-10)
+    for p, q in zip(a.state["params"], b.state["params"], strict=True):
+        numpy.testing.assert_allclose(p, q, rtol=1e-8, atol=1e-12)
+    assert list(a.state["iterator"]) == list(b.state["iterator"])
+    for key, value in a.state["iterator"].items():
+        numpy.testing.assert_array_equal(value, b.state["iterator"][key], err_msg=key)
 
 
 def test_sigkill_at_any_moment_leaves_a_resumable_run(tmp_path, capsys):
