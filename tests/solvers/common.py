@@ -13,11 +13,24 @@ import numpy
 
 from engine.backend import is_device_array, to_host
 
-__all__ = ["to_np", "host_float", "on", "copy_state", "twin", "assert_same_record", "RTOL"]
+__all__ = ["to_np", "host_float", "on", "copy_state", "twin", "assert_same_record", "Tol", "RTOL"]
 
 #: relative agreement asked of a CuPy run with the NumPy run of the same steps
 RTOL = {numpy.dtype(numpy.float64): 1e-12, numpy.dtype(numpy.complex128): 1e-12,
         numpy.dtype(numpy.float32): 1e-5, numpy.dtype(numpy.complex64): 1e-5}
+
+
+class Tol:
+    """A record entry compared with its own relative tolerance.
+
+    For the end of a long float32 run: the device and NumPy runs round differently (summation
+    orders, fused kernels) and many quasi-Newton steps amplify that, so a long run is compared
+    to the dtype's tolerance early on and with ``Tol(final, 1e-3)`` at the end (a real bug still
+    shows as an O(1) difference).
+    """
+
+    def __init__(self, value, rtol: float):
+        self.value, self.rtol = value, rtol
 
 
 def to_np(a):
@@ -40,6 +53,8 @@ def copy_state(state: dict) -> dict:
 
 
 def _host_record(value):
+    if isinstance(value, Tol):
+        return Tol(_host_record(value.value), value.rtol)
     if isinstance(value, dict):
         return {k: _host_record(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -56,6 +71,9 @@ def assert_same_record(got, want, where: str = "run", rtol: float | None = None)
     ||got - want|| <= rtol ||want|| (rtol from :data:`RTOL` by dtype unless given), integers,
     booleans and strings exactly, and both have the same dtype and shape.
     """
+    if isinstance(want, Tol):
+        assert_same_record(got.value, want.value, where, want.rtol)
+        return
     if isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
         for k in want:

@@ -4,6 +4,7 @@ import numpy
 import pytest
 
 from solvers.lbfgs import CompactLBFGS
+from tests.solvers.common import twin
 
 
 def to_np(a):
@@ -74,3 +75,50 @@ def test_state_round_trip(xp):
 def test_bad_sizes():
     with pytest.raises(ValueError, match="memory >= 1"):
         CompactLBFGS.empty(5, 0, numpy.float64, numpy)
+
+
+def masked_pushes(xp, dtype):
+    """Pushes with a device-side store decision: skipped pairs change nothing, stored ones fill and
+    then roll the memory (the path K-BFGS(L) takes, with no host sync on a device)."""
+    rng = numpy.random.default_rng(2)
+    d, memory = 7, 3
+    pairs = random_pairs(rng, 12, d)
+    decisions = [True, False, True, True, False, False, True, True, False, True, True, True][:len(pairs)]
+    op = CompactLBFGS.empty(d, memory, dtype, xp, gamma=0.7)
+    stored, record = [], []
+    for (s, y), keep in zip(pairs, decisions):
+        op.push(xp.asarray(s.astype(dtype)), xp.asarray(y.astype(dtype)), xp.asarray(keep))
+        if keep:
+            stored.append((s.astype(dtype).astype(numpy.float64), y.astype(dtype).astype(numpy.float64)))
+        kept = stored[-memory:]
+        assert int(to_np(op.count)) == len(kept)
+        tol = 1e-9 if dtype == numpy.float64 else 2e-4
+        numpy.testing.assert_allclose(to_np(op.dense()), dense_bfgs(kept, d, 0.7), rtol=tol, atol=tol)
+        # the rows and columns beyond the count stay zero (the device path relies on it)
+        m = len(kept)
+        for name in ("S", "Y", "D"):
+            assert not to_np(getattr(op, name))[m:].any(), name
+        for name in ("Rinv", "YY"):
+            F = to_np(getattr(op, name))
+            assert not F[m:].any() and not F[:, m:].any(), name
+        assert not to_np(op.L)[:, 2 * m:].any() and not to_np(op.Rm)[2 * m:].any()
+        record.append({name: value.copy() for name, value in op.to_state("").items()})
+    return record
+
+
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_push_with_a_device_side_decision(xp, dtype):
+    twin(xp, masked_pushes, dtype)
+
+
+def test_count_from_an_older_state_is_accepted(xp):
+    """Run files written before the count moved to the device hold it as a Python int."""
+    rng = numpy.random.default_rng(3)
+    op = CompactLBFGS.empty(5, 2, numpy.float64, xp)
+    for s, y in random_pairs(rng, 3, 5):
+        op.push(xp.asarray(s), xp.asarray(y))
+    state = op.to_state("p/")
+    state["p/count"] = int(to_np(state["p/count"]))
+    back = CompactLBFGS.from_state(state, "p/")
+    assert type(back.count) is type(op.count) and int(to_np(back.count)) == 2
+    assert numpy.array_equal(to_np(back.dense()), to_np(op.dense()))
