@@ -13,8 +13,8 @@ from .base import CurvatureOperator, ModelOperator, split_norm
 from .fisher import EmpiricalFisher, Fisher
 from .gauss_newton import GaussNewton
 from .hessian import DEFAULT_CS_STEP, HessianCS, HessianFD, HessianRop
-from .kronecker import KronFactors, KroneckerBlockOperator, factor_inverse, homogeneous, kron_factors
+from .kronecker import KronFactors, KroneckerBlockOperator, factor_inverse, factor_inverses, homogeneous, kron_factors
 
 __all__ = ["CurvatureOperator", "ModelOperator", "split_norm", "HessianCS", "HessianFD", "HessianRop",
            "DEFAULT_CS_STEP", "GaussNewton", "Fisher", "EmpiricalFisher", "KronFactors", "kron_factors",
-           "homogeneous", "KroneckerBlockOperator", "factor_inverse"]
+           "homogeneous", "KroneckerBlockOperator", "factor_inverse", "factor_inverses"]

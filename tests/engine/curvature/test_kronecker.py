@@ -4,8 +4,9 @@ import numpy
 import pytest
 
 from engine.backend import to_host
-from engine.curvature import KronFactors, KroneckerBlockOperator, homogeneous, kron_factors
+from engine.curvature import KronFactors, KroneckerBlockOperator, factor_inverse, factor_inverses, homogeneous, kron_factors
 from nets import mlp
+from tests.device_counts import device_work
 
 
 def small_model(loss="softmax_xent"):
@@ -191,3 +192,111 @@ def test_singular_factor_is_reported(xp):
     op = KroneckerBlockOperator(model, blocks)
     with pytest.raises(numpy.linalg.LinAlgError, match="singular; add damping"):
         op.solve(xp.zeros(model.n_params))
+
+
+# --- factor inverses: failures recognised on both backends, one host sync ------------------------
+def _rotated(eigenvalues, seed=0):
+    """Q diag(eigenvalues) Q^T, exactly symmetric, for a random orthogonal Q."""
+    q, _ = numpy.linalg.qr(numpy.random.default_rng(seed).standard_normal((len(eigenvalues),) * 2))
+    F = (q * numpy.asarray(eigenvalues, dtype=float)) @ q.T
+    return (F + F.T) / 2
+
+
+#: symmetric factors that are not positive definite but invertible: LU must invert them. The
+#: last one fails Cholesky only at its last pivot (the partial factor is right but for one row).
+INDEFINITE = {
+    "indefinite": _rotated([3.0, -1.0, 2.0, 0.5]),
+    "swap": numpy.array([[0.0, 1.0], [1.0, 0.0]]),
+    "last_pivot": numpy.array([[4.0, 2.0, 2.0], [2.0, 5.0, 3.0], [2.0, 3.0, 1.0]]),
+}
+#: singular factors (exactly: every elimination hits an exact zero pivot)
+SINGULAR = {
+    "psd_rank_2": numpy.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]),
+    "indefinite_rank_2": numpy.diag([1.0, -1.0, 0.0]),
+    "psd_rank_1": numpy.diag([1.0, 0.0, 0.0, 0.0, 0.0]),
+}
+
+
+def _inverse_on(m, F):
+    return to_host(factor_inverse(m.asarray(F), "left factor of layer 0"))
+
+
+@pytest.mark.parametrize("name", sorted(INDEFINITE))
+def test_indefinite_factor_is_inverted_by_lu(xp, name):
+    """CuPy's cholesky does not raise on these: its partial factor must not be taken for the
+    factor (it gave a finite, wrong inverse); the LU inverse is the inverse, as on NumPy."""
+    F = INDEFINITE[name]
+    inv = _inverse_on(xp, F)
+    ref = numpy.linalg.inv(F)
+    assert numpy.linalg.norm(inv - ref) <= 1e-14 * numpy.linalg.norm(ref)
+    numpy.testing.assert_allclose(inv, _inverse_on(numpy, F), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(SINGULAR))
+def test_singular_factor_raises_on_both_backends(xp, name):
+    with pytest.raises(numpy.linalg.LinAlgError, match="left factor of layer 0 is singular; add damping"):
+        _inverse_on(xp, SINGULAR[name])
+
+
+def test_bad_factors_raise_clear_errors(xp):
+    with pytest.raises(numpy.linalg.LinAlgError, match="is zero and has no inverse; add damping"):
+        factor_inverse(xp.zeros((3, 3)), "G")
+    bad = numpy.eye(3)
+    bad[1, 2] = numpy.nan
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        factor_inverse(xp.asarray(bad), "G")
+    bad[1, 2] = numpy.inf
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        factor_inverse(xp.asarray(bad), "G")
+    with pytest.raises(ValueError, match="square"):
+        factor_inverse(xp.zeros((2, 3)), "G")
+
+
+@pytest.mark.parametrize("name", ["indefinite", "last_pivot"])
+def test_a_plausible_wrong_cholesky_factor_is_rejected(xp, monkeypatch, name):
+    """Whatever a failed potrf leaves (here: the untouched lower triangle, finite with a positive
+    diagonal, as no library raising would signal), the residual check rejects it and LU inverts."""
+    F = INDEFINITE[name]
+    monkeypatch.setattr(xp.linalg, "cholesky", lambda a: xp.tril(a))
+    inv = _inverse_on(xp, F)
+    ref = numpy.linalg.inv(F)
+    assert numpy.linalg.norm(inv - ref) <= 1e-14 * numpy.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_spd_factor_inverse_is_symmetric_and_matches_numpy(xp, dtype):
+    rng = numpy.random.default_rng(8)
+    F = random_spd(rng, 6, shift=1e-3).astype(dtype)  # condition number ~1e3
+    inv = _inverse_on(xp, F)
+    assert inv.dtype == dtype
+    numpy.testing.assert_array_equal(inv, inv.T)
+    ref = numpy.linalg.inv(F.astype(numpy.float64))
+    eps = numpy.finfo(dtype).eps
+    assert numpy.linalg.norm(inv - ref) <= 1e4 * eps * numpy.linalg.norm(ref)
+    numpy.testing.assert_allclose(inv, _inverse_on(numpy, F), rtol=100 * eps, atol=0)
+
+
+def test_factor_inverse_syncs_once(xp):
+    """One host sync for a symmetric positive definite factor (all checks read as one device
+    integer; it was three), two for LU, and one for all the factors of an operator."""
+    rng = numpy.random.default_rng(9)
+    spd = xp.asarray(random_spd(rng, 5))
+    with device_work(xp) as work:
+        factor_inverse(spd)
+    assert work.n_syncs == 1, str(work)
+    with device_work(xp) as work:
+        factor_inverse(xp.asarray(INDEFINITE["indefinite"]))
+    assert work.n_syncs == 2, str(work)
+    with device_work(xp) as work:
+        invs = factor_inverses([spd, 2 * spd, 3 * spd])
+    assert work.n_syncs == 1 and len(invs) == 3, str(work)
+    model = small_model()
+    op = KroneckerBlockOperator(model, random_blocks(model, xp, rng))
+    v = xp.asarray(rng.standard_normal(model.n_params))
+    with device_work(xp) as work:
+        op.solve(v)  # inverts the four factors of the two layers
+    assert work.n_syncs == 1, str(work)
+    with device_work(xp) as work:
+        op.solve(v), op.matvec(v)
+        assert op.symmetric
+    assert work.n_syncs == 1, str(work)  # the symmetry flag of all the factors, read once
