@@ -414,7 +414,7 @@ class MaxPool2d(_Pool2d):
                 continue
             better = cand.real > best.real
             xp.copyto(best, cand, where=better)
-            idx[better] = k
+            idx = xp.where(better, idx.dtype.type(k), idx)  # not idx[better] = k: a boolean mask syncs on CuPy
         return best, (idx, x.shape)
 
     def _scatter(self, dy, cache):
