@@ -14,7 +14,7 @@ from math import prod
 
 import numpy
 
-from .backend import array_module, get_xp
+from .backend import array_module, get_xp, is_device_array
 from .init import make_generator
 from .layers import Layer
 from .losses import Loss, get_loss
@@ -126,13 +126,22 @@ class Model:
         return sum((p * p).sum() for p in params)
 
     # --- passes -------------------------------------------------------------------------
-    def _check_input(self, x):
+    def _check_input(self, x, params=None, y=None):
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        # Data and parameters must live on the same side: the library's own error for a host
+        # array meeting a device array ("Unsupported type", "Implicit conversion") names neither.
+        if params:
+            on_device = is_device_array(params[0])
+            for what, a in (("x", x), ("y", y)):
+                if a is not None and is_device_array(a) != on_device:
+                    where, other = ("CuPy", "NumPy") if on_device else ("NumPy", "CuPy")
+                    raise TypeError(f"{self.name}: the parameters are {where} arrays but {what} is a {other} array; "
+                                    f"move the batch with {'cupy.asarray' if on_device else 'engine.backend.to_host'} once, before the passes")
 
     def forward(self, params, x):
         """(network output, list of per-layer caches)."""
-        self._check_input(x)
+        self._check_input(x, params)
         caches = []
         for i, layer in enumerate(self.layers):
             x, cache = layer.forward(self.layer_params(params, i), x)
@@ -149,6 +158,7 @@ class Model:
 
     def loss(self, params, x, y, regularized: bool = True):
         """Mean loss on the batch (plus 0.5 tau ||theta||^2 when ``regularized``); a 0-d array."""
+        self._check_input(x, params, y)
         out, _ = self.forward(params, x)
         self.loss_fn.check_target(out, y)
         value = self.loss_fn.value(out, y)
@@ -158,9 +168,9 @@ class Model:
         """(loss, gradient list) or, with ``capture``, (loss, gradients, list of :class:`Capture`).
 
         One forward and one backward pass. With complex parameters this is the complex-step
-        pass: Re of the result is the gradient, Im/h the Hessian-vector product.
+        pass: Re of the result is the gradient, Im/h the Hessian-vector product. No host sync.
         """
-        self._check_input(x)
+        self._check_input(x, params, y)
         caches, outputs = [], []
         h = x
         for i, layer in enumerate(self.layers):

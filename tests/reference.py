@@ -1,8 +1,12 @@
-"""Independent high-precision references for tests (mpmath, pure Python, no engine code).
+"""Independent references for tests: high precision (mpmath, pure Python, no engine code), and
+the NumPy run of a test body as the reference of its CuPy run.
 
 The model is read only for its *structure* (layer kinds, sizes, activation and loss names);
 the arithmetic below is written from the textbook formulas in plain Python on mpmath numbers, so
 an error in the engine's forward or backward pass cannot be reproduced here.
+
+:func:`numpy_twin` is CuPy's ``numpy_cupy_allclose`` pattern: the test body ``run(xp)`` runs under
+the module under test and, for CuPy, once more under NumPy; the two must agree.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import mpmath
 import numpy
 
+from engine.backend import to_host
 from engine.layers import Dense
 
 
@@ -100,3 +105,52 @@ def mp_gradient(model, params, x, y, dps: int = 40, t: str = "1e-15") -> numpy.n
             wm[j] -= tt
             g[j] = float((mp_loss(model, wp, x, y) - mp_loss(model, wm, x, y)) / (2 * tt))
         return g
+
+
+def _host_tree(value):
+    """``value`` with every array (device or host, any nesting of lists/tuples/dicts) on the host."""
+    if isinstance(value, dict):
+        return {k: _host_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_tree(v) for v in value)
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return numpy.asarray(to_host(value))
+    return value
+
+
+def _assert_close(got, want, rtol, atol, where="result"):
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for k in want:
+            _assert_close(got[k], want[k], rtol, atol, f"{where}[{k!r}]")
+        return
+    if isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for k, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, rtol, atol, f"{where}[{k}]")
+        return
+    if want is None or isinstance(want, (str, bool)):
+        assert got == want, where
+        return
+    g, w = numpy.asarray(got), numpy.asarray(want)
+    assert g.shape == w.shape and g.dtype == w.dtype, f"{where}: {g.dtype}{g.shape} on CuPy, {w.dtype}{w.shape} on NumPy"
+    if w.dtype.kind in "biu":
+        numpy.testing.assert_array_equal(g, w, err_msg=where)
+        return
+    # norm-wise: components far below the norm may differ in their last bits between libraries
+    err, size = float(numpy.linalg.norm(g - w)), float(numpy.linalg.norm(w))
+    assert err <= rtol * size + atol, f"{where}: CuPy run differs from the NumPy run by {err / max(size, 1e-300):.2e} relative"
+
+
+def numpy_twin(xp, run, rtol: float = 1e-13, atol: float = 0.0):
+    """``run(xp)`` with its arrays moved to the host; for CuPy, ``run(numpy)`` too, compared.
+
+    ``run`` builds its problem from host seeds on the module it is given and returns arrays
+    (any nesting of lists, tuples and dicts; ints, bools and strings compare exactly). Floating
+    arrays must agree norm-wise to ``rtol`` (1e-13: float64 libraries differ only in summation
+    order) and in dtype and shape. Returns the host results of ``run(xp)``.
+    """
+    got = _host_tree(run(xp))
+    if xp is not numpy:
+        _assert_close(got, _host_tree(run(numpy)), rtol, atol)
+    return got

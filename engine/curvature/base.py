@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy
 
-from ..backend import array_module
+from ..backend import array_module, is_device_array
 
 __all__ = ["CurvatureOperator", "ModelOperator", "split_norm", "DENSE_LIMIT"]
 
@@ -63,9 +63,16 @@ class CurvatureOperator:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
 
     # --- input checks -------------------------------------------------------------------
+    def _on_device(self, a):
+        """``a`` as an array of the operator's module: host data are copied to the device; device
+        data for a NumPy operator are refused with a clear message (no hidden device-to-host copy)."""
+        if self.xp is numpy and is_device_array(a):
+            raise TypeError(f"{type(self).__name__} computes with NumPy (its parameters are host arrays) and got a CuPy array; "
+                            "pass engine.backend.to_host(...) of it, or build the operator at device parameters")
+        return self.xp.asarray(a)
+
     def _as_vector(self, v):
-        xp = self.xp
-        v = xp.asarray(v)
+        v = self._on_device(v)
         if v.dtype.kind == "c":
             raise TypeError(f"{type(self).__name__} acts on real vectors, got dtype {v.dtype}; pass v.real (or split the real and imaginary parts)")
         if v.ndim == 2 and v.shape[1] == 1:
@@ -75,8 +82,7 @@ class CurvatureOperator:
         return v if v.dtype == self.dtype else v.astype(self.dtype)
 
     def _as_matrix(self, V):
-        xp = self.xp
-        V = xp.asarray(V)
+        V = self._on_device(V)
         if V.dtype.kind == "c":
             raise TypeError(f"{type(self).__name__} acts on real matrices, got dtype {V.dtype}")
         if V.ndim != 2 or V.shape[0] != self.shape[1]:
@@ -110,7 +116,7 @@ class CurvatureOperator:
         return xp.stack([self._matvec(xp.ascontiguousarray(V[:, j])) for j in range(V.shape[1])], axis=1)
 
     def __matmul__(self, other):
-        other = self.xp.asarray(other)
+        other = self._on_device(other)
         return self.matvec(other) if other.ndim == 1 else self.matmat(other)
 
     def dense(self, force: bool = False):
@@ -152,9 +158,17 @@ class ModelOperator(CurvatureOperator):
     """
 
     def __init__(self, model, params, x, y=None, regularized: bool = True):
-        xp = array_module(x, *(params if isinstance(params, (list, tuple)) else [params]))
+        # The parameters decide where the operator computes (NumPy or CuPy): host data are
+        # copied to their device once, here; device data with host parameters are refused
+        # rather than copied back to the host behind the caller's back.
+        xp = array_module(*(params if isinstance(params, (list, tuple)) else [params]))
+        if xp is numpy:
+            for what, a in (("x", x), ("y", y)):
+                if is_device_array(a):
+                    raise TypeError(f"{type(self).__name__}: the parameters are NumPy arrays but {what} is a CuPy array; "
+                                    f"move the parameters to the device (model.init(xp=cupy) or cupy.asarray) or {what} to the host (engine.backend.to_host)")
         if not isinstance(params, (list, tuple)):
-            params = model.unflatten(xp.asarray(params))
+            params = model.unflatten(params)
         params = list(params)
         if model.n_params == 0:
             raise ValueError(f"{model.name} has no parameters, so it has no curvature to operate with")
@@ -178,7 +192,7 @@ class ModelOperator(CurvatureOperator):
         self._grad = None
 
     def _data(self, a):
-        a = self.xp.asarray(a)
+        a = self._on_device(a)
         if a.dtype.kind == "c":
             raise TypeError(f"data stay real (complex-step.md section 2.2), got {a.dtype}")
         if a.dtype.kind == "f" and a.dtype != self.dtype:

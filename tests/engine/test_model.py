@@ -1,11 +1,20 @@
-"""engine.model: the complex-step pass against independent high-precision references."""
+"""engine.model: the complex-step pass against independent high-precision references.
+
+Every numeric test runs its body on NumPy and on CuPy (the ``xp`` fixture); the CuPy run is
+compared with high-precision references kept on the host and with the NumPy run of the same body
+(:func:`tests.reference.numpy_twin`).
+"""
+
+from functools import lru_cache
 
 import numpy
 import pytest
 
-from engine.backend import complex_dtype
-from nets import mlp
-from tests.reference import mp_dense_hessian, mp_gradient
+from engine.backend import array_module, complex_dtype, to_host
+from nets import lenet, mlp
+from tests.device_counts import device_work
+from tests.engine.curvature.common import mp_hessian
+from tests.reference import mp_gradient, numpy_twin
 
 LOSSES = ["sigmoid_xent", "half_mse", "softmax_xent"]
 
@@ -24,8 +33,7 @@ def batch(model, xp, n=4, seed=0):
 
 
 def cs_pass(model, params, x, y, v, h=1e-30):
-    """(Re grad, Im grad / h) of one complex pass at w + i h v."""
-    xp = type(params[0]).__module__.split(".")[0] == "cupy" and __import__("cupy") or numpy
+    """(Re grad, Im grad / h) of one complex pass at w + i h v (on the parameters' module)."""
     w = model.flatten(params)
     wc = w.astype(complex_dtype(w.dtype)) + (1j * h) * v.astype(complex_dtype(w.dtype))
     _, g = model.loss_and_grad(model.unflatten(wc), x, y)
@@ -36,94 +44,178 @@ def cs_pass(model, params, x, y, v, h=1e-30):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid"])
 def test_real_part_of_complex_gradient_is_the_gradient(xp, act, loss):
-    model = tiny(act, loss, weight_decay=1e-3)
-    params = model.init(seed=1, xp=xp)
-    x, y = batch(model, xp)
-    _, g = model.loss_and_grad(params, x, y)
-    g = model.flatten(g)
-    v = xp.asarray(numpy.random.default_rng(2).standard_normal(model.n_params))
-    re, _ = cs_pass(model, params, x, y, v)
-    assert float(xp.linalg.norm(re - g) / xp.linalg.norm(g)) <= 1e-15
+    def run(m):
+        model = tiny(act, loss, weight_decay=1e-3)
+        params = model.init(seed=1, xp=m)
+        x, y = batch(model, m)
+        _, g = model.loss_and_grad(params, x, y)
+        v = m.asarray(numpy.random.default_rng(2).standard_normal(model.n_params))
+        re, hv = cs_pass(model, params, x, y, v)
+        assert array_module(re, hv) is m
+        return model.flatten(g), re, hv
+
+    g, re, _ = numpy_twin(xp, run)
+    assert numpy.linalg.norm(re - g) / numpy.linalg.norm(g) <= 1e-15
+
+
+@lru_cache(maxsize=None)
+def _mp_gradient(act, loss):
+    model = tiny(act, loss, weight_decay=1e-2)
+    params = model.init(seed=3, xp=numpy)
+    x, y = batch(model, numpy, seed=4)
+    return mp_gradient(model, params, x, y)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("act", ["tanh", "relu"])
-def test_complex_step_hvp_matches_high_precision_dense_hessian(act, loss):
-    model = tiny(act, loss, weight_decay=1e-2)
-    params = model.init(seed=3)
-    x, y = batch(model, numpy, seed=4)
-    H = mp_dense_hessian(model, params, x, y)
-    rng = numpy.random.default_rng(5)
-    for _ in range(3):
-        v = rng.standard_normal(model.n_params)
-        _, hv = cs_pass(model, params, x, y, v)
+def test_complex_step_hvp_matches_high_precision_dense_hessian(xp, act, loss):
+    # the problem of tests/engine/curvature/common.setup, whose 40-digit Hessian is cached there
+    H = mp_hessian(act, loss)
+    gref = _mp_gradient(act, loss)
+    vs = numpy.random.default_rng(5).standard_normal((3, H.shape[0]))
+
+    def run(m):
+        model = tiny(act, loss, weight_decay=1e-2)
+        params = model.init(seed=3, xp=m)
+        x, y = batch(model, m, seed=4)
+        hvs = [cs_pass(model, params, x, y, m.asarray(v))[1] for v in vs]
+        _, g = model.loss_and_grad(params, x, y)
+        return hvs, model.flatten(g)
+
+    hvs, g = numpy_twin(xp, run)
+    for v, hv in zip(vs, hvs):
         ref = H @ v
         assert numpy.linalg.norm(hv - ref) / numpy.linalg.norm(ref) <= 1e-12
     # and the gradient against 40-digit central differences
-    _, g = model.loss_and_grad(params, x, y)
-    gref = mp_gradient(model, params, x, y)
-    assert numpy.linalg.norm(model.flatten(g) - gref) / numpy.linalg.norm(gref) <= 1e-13
+    assert numpy.linalg.norm(g - gref) / numpy.linalg.norm(gref) <= 1e-13
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_real_mode_has_no_complex_promotion(loss, dtype):
-    model = tiny("sigmoid", loss, weight_decay=1e-5)
-    params = model.init(seed=0, dtype=dtype)
-    x, y = batch(model, numpy)
-    x = x.astype(dtype)
-    if not model.loss_fn.classification:
-        y = y.astype(dtype)
-    value, grads, caps = model.loss_and_grad(params, x, y, capture=True)
-    assert value.dtype == dtype and all(g.dtype == dtype for g in grads)
-    assert all(c.a.dtype == dtype and c.g.dtype == dtype for c in caps)
-    # complex partner dtype stays at the matching precision
-    w = model.flatten(params)
-    wc = w.astype(complex_dtype(dtype)) + numpy.asarray(1j * 1e-3, dtype=complex_dtype(dtype)) * w
-    _, gc = model.loss_and_grad(model.unflatten(wc), x, y)
-    assert all(g.dtype == complex_dtype(dtype) for g in gc)
+def test_real_mode_has_no_complex_promotion(xp, loss, dtype):
+    def run(m):
+        model = tiny("sigmoid", loss, weight_decay=1e-5)
+        params = model.init(seed=0, dtype=dtype, xp=m)
+        x, y = batch(model, m)
+        x = x.astype(dtype)
+        if not model.loss_fn.classification:
+            y = y.astype(dtype)
+        value, grads, caps = model.loss_and_grad(params, x, y, capture=True)
+        assert value.dtype == dtype and all(g.dtype == dtype for g in grads)
+        assert all(c.a.dtype == dtype and c.g.dtype == dtype for c in caps)
+        # complex partner dtype stays at the matching precision
+        w = model.flatten(params)
+        wc = w.astype(complex_dtype(dtype)) + m.asarray(1j * 1e-3, dtype=complex_dtype(dtype)) * w
+        _, gc = model.loss_and_grad(model.unflatten(wc), x, y)
+        assert all(g.dtype == complex_dtype(dtype) for g in gc)
+        return value, model.flatten(grads), model.flatten(gc)
+
+    numpy_twin(xp, run, rtol=1e-13 if dtype == numpy.float64 else 1e-5)
 
 
-def test_captures_are_the_kronecker_rows():
-    model = tiny("tanh", "half_mse")
-    params = model.init(seed=0)
-    x, y = batch(model, numpy, n=5)
-    _, _, caps = model.loss_and_grad(params, x, y, capture=True)
-    assert [c.layer for c in caps] == model.kron_layers == [0, 2]
+def test_captures_are_the_kronecker_rows(xp):
+    def run(m):
+        model = tiny("tanh", "half_mse")
+        params = model.init(seed=0, xp=m)
+        x, y = batch(model, m, n=5)
+        _, _, caps = model.loss_and_grad(params, x, y, capture=True)
+        assert [c.layer for c in caps] == model.kron_layers == [0, 2]
+        out = model.predict(params, x)
+        return {"params": params, "x": x, "y": y, "out": out, "a": [c.a for c in caps], "z": [c.z for c in caps],
+                "g": [c.g for c in caps]}
+
+    r = numpy_twin(xp, run)
     # first layer: input is x, pre-activation is x W^T + b
-    w, b = params[0], params[1]
-    assert numpy.array_equal(caps[0].a, x)
-    assert numpy.allclose(caps[0].z, x @ w.T + b)
+    w, b = r["params"][0], r["params"][1]
+    assert numpy.array_equal(r["a"][0], r["x"])
+    assert numpy.allclose(r["z"][0], r["x"] @ w.T + b)
     # g = N * dL/dz: for the output layer of half-MSE that is the residual
-    out = model.predict(params, x)
-    assert numpy.allclose(caps[1].g, out - y)
+    assert numpy.allclose(r["g"][1], r["out"] - r["y"])
 
 
-def test_flat_views_share_memory():
+def test_flat_views_share_memory(xp):
     model = tiny("tanh", "half_mse")
-    params = model.init(seed=0)
+    params = model.init(seed=0, xp=xp)
     flat = model.flatten(params)
+    assert array_module(flat) is xp
     views = model.unflatten(flat)
     views[0][0, 0] = 123.0
-    assert flat[0] == 123.0
+    assert to_host(flat)[0] == 123.0
     with pytest.raises(ValueError, match="flat parameter vector"):
         model.unflatten(flat[:-1])
 
 
-def test_init_is_seeded_and_weight_decay_is_reported():
+def test_init_is_seeded_and_weight_decay_is_reported(xp):
     model = tiny("relu", "sigmoid_xent", weight_decay=1e-5)
-    a, b = model.init(seed=7), model.init(seed=7)
-    assert all(numpy.array_equal(p, q) for p, q in zip(a, b))
-    x, y = batch(model, numpy)
-    reg = model.loss(a, x, y)
-    bare = model.loss(a, x, y, regularized=False)
-    assert numpy.isclose(reg - bare, 0.5e-5 * sum((p * p).sum() for p in a), rtol=1e-12)
+    a, b = model.init(seed=7, xp=xp), model.init(seed=7, xp=xp)
+    assert all(array_module(p) is xp for p in a)
+    assert all(numpy.array_equal(to_host(p), to_host(q)) for p, q in zip(a, b))
+    # drawn on the host: the same numbers on every module
+    assert all(numpy.array_equal(to_host(p), q) for p, q in zip(a, model.init(seed=7, xp=numpy)))
+
+    def run(m):
+        params = model.init(seed=7, xp=m)
+        x, y = batch(model, m)
+        return model.loss(params, x, y), model.loss(params, x, y, regularized=False), model.sq_norm(params)
+
+    reg, bare, sq = numpy_twin(xp, run)
+    assert numpy.isclose(reg - bare, 0.5e-5 * sq, rtol=1e-12)
+    assert numpy.isclose(sq, sum((p * p).sum() for p in model.init(seed=7, xp=numpy)), rtol=1e-15)
 
 
-def test_input_shape_errors_are_clear():
+def test_input_shape_errors_are_clear(xp):
     model = tiny("relu", "half_mse")
-    params = model.init(seed=0)
+    params = model.init(seed=0, xp=xp)
     with pytest.raises(ValueError, match=r"expects inputs of shape \(N, 3\)"):
-        model.loss(params, numpy.zeros((2, 5)), numpy.zeros((2, 3)))
+        model.loss(params, xp.zeros((2, 5)), xp.zeros((2, 3)))
     with pytest.raises(ValueError, match="targets shaped like the output"):
-        model.loss(params, numpy.zeros((2, 3)), numpy.zeros((2, 4)))
+        model.loss(params, xp.zeros((2, 3)), xp.zeros((2, 4)))
+
+
+def test_a_batch_on_the_other_side_of_the_parameters_is_refused_clearly(cupy_only):
+    """Device parameters with a host batch (or the reverse) name the problem and the fix, instead
+    of the library's "Unsupported type" / "Implicit conversion" from deep inside a layer."""
+    cp = cupy_only
+    model = tiny("tanh", "half_mse")
+    x, y = batch(model, numpy)
+    device_params = model.init(seed=0, xp=cp)
+    with pytest.raises(TypeError, match="parameters are CuPy arrays but x is a NumPy array; move the batch with cupy.asarray"):
+        model.loss_and_grad(device_params, x, cp.asarray(y))
+    with pytest.raises(TypeError, match="parameters are CuPy arrays but y is a NumPy array"):
+        model.loss(device_params, cp.asarray(x), y)
+    with pytest.raises(TypeError, match="parameters are NumPy arrays but x is a CuPy array"):
+        model.predict(model.init(seed=0, xp=numpy), cp.asarray(x))
+
+
+def small_cnn():
+    """LeNet on 12x12 images: Unflatten, Conv2d, ReLU, MaxPool2d, Flatten and Dense layers."""
+    return lenet(image_shape=(1, 12, 12), channels=(2, 3), hidden=(5,), n_classes=3, weight_decay=1e-3)
+
+
+NETS = {
+    "mlp": lambda: mlp([6, 8, 5, 4], ["tanh", "relu", "linear"], "sigmoid_xent", weight_decay=1e-3),
+    "cnn": small_cnn,
+}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_passes_make_no_host_sync(xp, net):
+    """A forward/backward pass, with captures or at complex parameters (the complex-step pass),
+    asks nothing of the host: no sync, and no host array copied in."""
+    model = NETS[net]()
+    rng = numpy.random.default_rng(0)
+    params = model.init(seed=1, xp=xp)
+    n = 5
+    x = xp.asarray(rng.random((n, model.input_shape[0])))
+    d_out = model.output_shape[0]
+    y = xp.asarray(rng.integers(0, d_out, n) if model.loss_fn.classification else rng.random((n, d_out)))
+    w = model.flatten(params)
+    wc = w.astype(complex_dtype(w.dtype))
+    wc.imag = 1e-30 * xp.asarray(rng.standard_normal(model.n_params))
+    complex_params = model.unflatten(wc)
+    with device_work(xp, forbid_syncs=True) as work:
+        model.loss_and_grad(params, x, y)
+        model.loss_and_grad(params, x, y, capture=True)
+        model.loss_and_grad(complex_params, x, y)
+        model.loss(params, x, y)
+    assert work.n_syncs == 0 and work.h2d == 0, str(work)
