@@ -9,11 +9,13 @@ host and are compared after :func:`to_np`), and that it agrees with the NumPy ru
 
 from __future__ import annotations
 
+import functools
+
 import numpy
 
 from engine.backend import is_device_array, to_host
 
-__all__ = ["to_np", "host_float", "on", "copy_state", "twin", "assert_same_record", "Tol", "RTOL"]
+__all__ = ["to_np", "host_float", "on", "copy_state", "twin", "twinned", "assert_same_record", "Tol", "RTOL"]
 
 #: relative agreement asked of a CuPy run with the NumPy run of the same steps
 RTOL = {numpy.dtype(numpy.float64): 1e-12, numpy.dtype(numpy.complex128): 1e-12,
@@ -113,3 +115,15 @@ def twin(xp, body, *args, rtol: float | None = None, **kwargs):
         want = _host_record(body(numpy, *args, **kwargs))
         assert_same_record(got, want, getattr(body, "__name__", "run"), rtol)
     return got
+
+
+def twinned(body):
+    """Decorator: a test body ``body(xp, ...)`` that returns a record runs as :func:`twin` does.
+
+    The test keeps its signature (fixtures and parameters are resolved as usual); on the CuPy half
+    the body runs a second time under NumPy and the two records must agree.
+    """
+    @functools.wraps(body)
+    def test(xp, *args, **kwargs):
+        twin(xp, body, *args, **kwargs)
+    return test

@@ -1,11 +1,15 @@
 """K-FAC, Adam (paper and standard) and RMSprop against plain re-implementations of kbfgs.md
-section 6 (float64, explicit homogeneous inputs, numpy.linalg.inv, textbook update formulas)."""
+section 6 (float64, explicit homogeneous inputs, numpy.linalg.inv, textbook update formulas).
+
+The solvers run under the ``xp`` fixture, the references on the host; the device run is also
+compared with the NumPy run (tests/solvers/common.py)."""
 
 import numpy
 import pytest
 
 from nets import mlp
 from solvers import make_solver
+from tests.solvers.common import on, to_np, twin
 
 
 def tiny_model():
@@ -69,41 +73,47 @@ class ReferenceKFAC:
         return loss
 
 
-def test_kfac_matches_reference():
+def kfac_run(xp):
     model = tiny_model()
     data = batches()
     solver = make_solver("kfac", model, lr=0.5, damping=0.2, seed=123, inverse_freq=2)
-    params = model.init(seed=4)
-    ref_params = [p.copy() for p in params]
-    state = solver.warm_start(params, solver.init(params), data)
+    params = model.init(seed=4, xp=xp)
+    ref_params = model.init(seed=4, xp=numpy)
+    state = solver.warm_start(params, solver.init(params), on(xp, data))
     ref = ReferenceKFAC(model, 0.5, 0.2, 123, 2)
     ref.warm_start(ref_params, data)
-    refreshed = []
+    refreshed, trajectory = [], []
     for k in range(7):
         x, y = data[k % 3]
-        params, state, info = solver.step(params, state, x, y)
+        params, state, info = solver.step(params, state, xp.asarray(x), xp.asarray(y))
         ref.step(ref_params, x, y)
         refreshed.append(bool(info["inverses_refreshed"]))
         for p, q in zip(params, ref_params):
-            numpy.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
+            numpy.testing.assert_allclose(to_np(p), q, rtol=1e-9, atol=1e-12)
+        trajectory.append(model.flatten(params))
     # k % 2 == 0 or k <= 2
     assert refreshed == [True, True, True, False, True, False, True]
     for i in solver.kron:
-        numpy.testing.assert_allclose(state[f"layer{i}/G"], ref.G[i], rtol=1e-10)
+        numpy.testing.assert_allclose(to_np(state[f"layer{i}/G"]), ref.G[i], rtol=1e-10)
+    return {"params": trajectory, "G": [state[f"layer{i}/G"] for i in solver.kron], "rng": state["rng"]}
 
 
-@pytest.mark.parametrize("variant", ["paper", "standard"])
-def test_adam_matches_textbook(variant):
+def test_kfac_matches_reference(xp):
+    twin(xp, kfac_run)
+
+
+def adam_run(xp, variant):
     model = tiny_model()
     data = batches()
     solver = make_solver("adam", model, lr=0.01, variant=variant)
     beta2, eps = (0.9, 1e-4) if variant == "paper" else (0.999, 1e-8)
     assert (solver.beta2, solver.epsilon) == (beta2, eps)
-    params = model.init(seed=1)
-    theta = model.flatten(params).copy()
+    params = model.init(seed=1, xp=xp)
+    theta = to_np(model.flatten(params)).copy()
     state = solver.init(params)
     m = numpy.zeros_like(theta)
     v = numpy.zeros_like(theta)
+    trajectory = []
     for k in range(5):
         x, y = data[k % 3]
         g = flat(model, model.loss_and_grad(model.unflatten(theta), x, y)[1])
@@ -114,29 +124,44 @@ def test_adam_matches_textbook(variant):
         else:
             v = beta2 * v + (1 - beta2) * g ** 2
         theta = theta - 0.01 * m_hat / (numpy.sqrt(v / (1 - beta2 ** (k + 1))) + eps)
-        params, state, _ = solver.step(params, state, x, y)
-        numpy.testing.assert_allclose(model.flatten(params), theta, rtol=1e-11, atol=1e-14)
+        params, state, info = solver.step(params, state, xp.asarray(x), xp.asarray(y))
+        numpy.testing.assert_allclose(to_np(model.flatten(params)), theta, rtol=1e-11, atol=1e-14)
+        trajectory.append(model.flatten(params))
+    return {"params": trajectory, "m": state["m"], "v": state["v"], "info": info}
+
+
+@pytest.mark.parametrize("variant", ["paper", "standard"])
+def test_adam_matches_textbook(variant, xp):
+    twin(xp, adam_run, variant)
+    model = tiny_model()
     # explicit values override the variant's defaults
     assert make_solver("adam", model, variant="standard", beta2=0.99).beta2 == 0.99
     with pytest.raises(ValueError, match="'paper' or 'standard'"):
         make_solver("adam", model, variant="amsgrad")
 
 
-def test_rmsprop_matches_reference():
+def rmsprop_run(xp):
     model = tiny_model()
     data = batches()
     solver = make_solver("rmsprop", model, lr=0.01, epsilon=1e-4)
-    params = model.init(seed=2)
-    theta = model.flatten(params).copy()
-    state = solver.warm_start(params, solver.init(params), data)
+    params = model.init(seed=2, xp=xp)
+    theta = to_np(model.flatten(params)).copy()
+    state = solver.warm_start(params, solver.init(params), on(xp, data))
     v = sum(flat(model, model.loss_and_grad(model.unflatten(theta), x, y)[1]) ** 2 for x, y in data) / 3
-    numpy.testing.assert_allclose(state["v"], v, rtol=1e-12)
+    numpy.testing.assert_allclose(to_np(state["v"]), v, rtol=1e-12)
     m = numpy.zeros_like(theta)
+    trajectory = []
     for k in range(5):
         x, y = data[k % 3]
         g = flat(model, model.loss_and_grad(model.unflatten(theta), x, y)[1])
         m = 0.9 * m + 0.1 * g
         v = 0.9 * v + 0.1 * m ** 2
         theta = theta - 0.01 * m / (numpy.sqrt(v) + 1e-4)
-        params, state, _ = solver.step(params, state, x, y)
-        numpy.testing.assert_allclose(model.flatten(params), theta, rtol=1e-11, atol=1e-14)
+        params, state, info = solver.step(params, state, xp.asarray(x), xp.asarray(y))
+        numpy.testing.assert_allclose(to_np(model.flatten(params)), theta, rtol=1e-11, atol=1e-14)
+        trajectory.append(model.flatten(params))
+    return {"params": trajectory, "m": state["m"], "v": state["v"], "info": info}
+
+
+def test_rmsprop_matches_reference(xp):
+    twin(xp, rmsprop_run)

@@ -1,4 +1,7 @@
-"""solvers.hessian_free: Martens' HF checked rule by rule against dense references."""
+"""solvers.hessian_free: Martens' HF checked rule by rule against dense references.
+
+Each body runs under the ``xp`` fixture and returns a record; on the CuPy half it must agree with
+the NumPy run of the same body (``twinned``, tests/solvers/common.py)."""
 
 import h5py
 import numpy
@@ -11,6 +14,7 @@ from nets.mlp import autoencoder
 from solvers import make_solver
 from solvers.hessian_free import squared_gradient_diagonal
 from solvers.krylov import EXIT_REASONS, truncated_cg
+from tests.solvers.common import twinned
 
 
 def autoencoder_problem(xp, n=64, seed=0, weight_decay=1e-4):
@@ -28,6 +32,7 @@ def flat_host(model, params):
     return numpy.asarray(to_host(model.flatten(params)))
 
 
+@twinned
 def test_hf_decreases_the_loss_of_a_small_autoencoder(xp):
     """Martens' defaults (lambda0 = 45, ...) on a full batch: the excess loss over its lower bound,
     the entropy of the targets sum_j H(x_j) (sigmoid cross-entropy with soft targets), drops by 95%."""
@@ -49,8 +54,10 @@ def test_hf_decreases_the_loss_of_a_small_autoencoder(xp):
     assert all(b <= a for a, b in zip(losses + [final], (losses + [final])[1:]))
     assert final - entropy < 0.05 * (loss0 - entropy)
     assert state["damping"] < 45.0  # the LM rule brought lambda down from Martens' initial 45
+    return {"losses": losses, "final": final, "params": flat_host(model, params), "damping": state["damping"]}
 
 
+@twinned
 def test_squared_gradient_diagonal_matches_per_example_gradients(xp):
     model, x, y = autoencoder_problem(xp, n=10)
     params = model.init(seed=1, xp=xp)
@@ -63,8 +70,10 @@ def test_squared_gradient_diagonal_matches_per_example_gradients(xp):
         ref += gi * gi
     ref /= 10
     numpy.testing.assert_allclose(diag, ref, rtol=1e-12, atol=1e-300)
+    return {"diag": diag}
 
 
+@twinned
 def test_one_step_solves_the_damped_gauss_newton_system(xp):
     """No preconditioner, no warm start, no CG backtracking: p = -(G + lambda I)^{-1} g."""
     model, x, y = autoencoder_problem(xp, n=32)
@@ -90,8 +99,10 @@ def test_one_step_solves_the_damped_gauss_newton_system(xp):
     assert info["rho"] == pytest.approx(rho, rel=1e-6)
     expected = lam * 1.5 if rho < 0.25 else (lam * 2 / 3 if rho > 0.75 else lam)
     assert state["damping"] == pytest.approx(expected, rel=1e-15)
+    return {"info": info, "params": flat_host(model, params)}
 
 
+@twinned
 def test_cg_backtracking_keeps_the_best_stored_iterate(xp):
     model, x, y = autoencoder_problem(xp, n=32)
     params = model.init(seed=4, xp=xp)
@@ -116,8 +127,10 @@ def test_cg_backtracking_keeps_the_best_stored_iterate(xp):
     if info["accepted"]:
         step = flat_host(model, params) - w0
         numpy.testing.assert_allclose(step, info["alpha"] * numpy.asarray(to_host(cg.iterates[j].x)), rtol=1e-9, atol=1e-14)
+    return {"info": info, "params": flat_host(model, params), "losses": losses}
 
 
+@twinned
 def test_rejected_step_leaves_parameters_unchanged(xp):
     model, x, y = autoencoder_problem(xp, n=16)
     params = model.init(seed=5, xp=xp)
@@ -131,8 +144,10 @@ def test_rejected_step_leaves_parameters_unchanged(xp):
     assert numpy.array_equal(flat_host(model, params), w0)
     assert info["alpha"] == 0.0 and info["step_norm"] == 0.0
     assert state["damping"] == pytest.approx(1.5e-6, rel=1e-15)
+    return {"info": info}
 
 
+@twinned
 def test_warm_start_and_state_round_trip(xp, tmp_path):
     model, x, y = autoencoder_problem(xp, n=32)
     solver = make_solver("hessian_free", model, cg_max_iter=30, curvature_fraction=0.5)
@@ -154,3 +169,4 @@ def test_warm_start_and_state_round_trip(xp, tmp_path):
     p1, _, i1 = solver.step(p1, state, x, y)
     p2, _, i2 = solver.step(p2, loaded, x, y)
     assert i1 == i2 and numpy.array_equal(flat_host(model, p1), flat_host(model, p2))
+    return {"info0": info0, "info1": info1, "info": i1, "params": flat_host(model, p1)}

@@ -1,4 +1,7 @@
-"""solvers.krylov.truncated_cg against dense linear algebra (numpy.linalg on the host)."""
+"""solvers.krylov.truncated_cg against dense linear algebra (numpy.linalg on the host).
+
+Each body runs under the ``xp`` fixture and returns the CG results it got; on the CuPy half they
+must agree with the NumPy run of the same body (``twinned``, tests/solvers/common.py)."""
 
 import math
 
@@ -7,6 +10,7 @@ import pytest
 
 from engine.backend import to_host
 from solvers.krylov import EXIT_REASONS, exit_code, martens_schedule, truncated_cg
+from tests.solvers.common import Tol, twinned
 
 
 def spd_matrix(n, seed, cond=1e3):
@@ -14,6 +18,17 @@ def spd_matrix(n, seed, cond=1e3):
     q, _ = numpy.linalg.qr(rng.standard_normal((n, n)))
     eig = numpy.geomspace(1.0, cond, n)
     return (q * eig) @ q.T
+
+
+def record(*results, rtol=None):
+    """What the NumPy and device runs of a CG test must agree on."""
+    out = []
+    for res in results:
+        fields = {"x": res.x, "iterations": res.iterations, "exit": res.exit_reason, "n_matvec": res.n_matvec,
+                  "gTp": res.gTp, "pHp": res.pHp, "curvature": res.curvature, "model_value": res.model_value,
+                  "iterates": [it.x for it in res.iterates]}
+        out.append(Tol(fields, rtol) if rtol is not None else fields)
+    return out
 
 
 def counted(xp, A):
@@ -27,6 +42,7 @@ def counted(xp, A):
     return mv, calls
 
 
+@twinned
 def test_spd_system_solved_exactly_within_n_iterations(xp):
     n = 12
     # well conditioned so that n floating-point CG steps reach machine precision
@@ -46,8 +62,10 @@ def test_spd_system_solved_exactly_within_n_iterations(xp):
     assert res.curvature == pytest.approx(x @ A @ x, rel=1e-12)
     assert res.model_value == pytest.approx(0.5 * x @ A @ x + g @ x, rel=1e-12)
     assert res.step_sq_norm == pytest.approx(x @ x, rel=1e-12)
+    return record(res)
 
 
+@twinned
 def test_damping_is_added_to_the_operator(xp):
     n = 8
     A = spd_matrix(n, 2, cond=10.0) - 0.5 * numpy.eye(n)  # indefinite without damping
@@ -61,8 +79,10 @@ def test_damping_is_added_to_the_operator(xp):
     assert numpy.linalg.norm(x - exact) <= 1e-10 * numpy.linalg.norm(exact)
     assert res.pHp == pytest.approx(x @ (A + lam * numpy.eye(n)) @ x, rel=1e-11)
     assert res.curvature == pytest.approx(x @ A @ x, rel=1e-10)
+    return record(res)
 
 
+@twinned
 def test_warm_start_reaches_the_same_solution_and_tracks_curvature(xp):
     n = 10
     A = spd_matrix(n, 4, cond=100.0)
@@ -76,8 +96,10 @@ def test_warm_start_reaches_the_same_solution_and_tracks_curvature(xp):
     assert res.n_matvec == res.iterations + 1 == len(calls)
     assert res.curvature == pytest.approx(x @ A @ x, rel=1e-11)
     assert res.gTp == pytest.approx(g @ x, rel=1e-11)
+    return record(res)
 
 
+@twinned
 def test_preconditioned_cg_matches_the_exact_solution_in_fewer_iterations(xp):
     n = 30
     rng = numpy.random.default_rng(7)
@@ -97,6 +119,7 @@ def test_preconditioned_cg_matches_the_exact_solution_in_fewer_iterations(xp):
         assert numpy.linalg.norm(to_host(res.x) - exact) <= 1e-8 * numpy.linalg.norm(exact)
     assert pre.iterations <= n
     assert pre.iterations < plain.iterations
+    return record(pre) + record(plain, rtol=1e-9)  # unpreconditioned: cond 1e4, many iterations
 
 
 def indefinite(n, seed, negative):
@@ -128,9 +151,11 @@ def reference_cg_directions(A, b, max_iter):
     return curvs, xs
 
 
+@twinned
 def test_indefinite_matrix_exits_on_first_nonpositive_direction_with_descent_step(xp):
     n = 12
     found_later_exit = False
+    results = []
     for seed in range(20):
         A = indefinite(n, seed, negative=2)
         g = numpy.random.default_rng(100 + seed).standard_normal(n)
@@ -138,6 +163,7 @@ def test_indefinite_matrix_exits_on_first_nonpositive_direction_with_descent_ste
         first_bad = next(i for i, c in enumerate(curvs) if c <= 0)
         mv, _ = counted(xp, A)
         res = truncated_cg(mv, xp.asarray(-g), rtol=1e-14, adaptive_rtol=False, max_iter=3 * n)
+        results.append(res)
         assert res.exit_reason == "negative_curvature"
         assert res.iterations == first_bad
         assert res.n_matvec == first_bad + 1
@@ -149,8 +175,10 @@ def test_indefinite_matrix_exits_on_first_nonpositive_direction_with_descent_ste
             assert numpy.linalg.norm(x - xs[first_bad]) <= 1e-9 * numpy.linalg.norm(xs[first_bad])
             assert res.curvature == pytest.approx(x @ A @ x, rel=1e-9)
     assert found_later_exit, "no seed produced negative curvature after the first iteration"
+    return record(*results)
 
 
+@twinned
 def test_negative_curvature_at_first_direction_returns_scaled_steepest_descent(xp):
     n = 6
     A = -numpy.eye(n) * 2.0 + 0.1 * spd_matrix(n, 9, cond=2.0)
@@ -164,8 +192,10 @@ def test_negative_curvature_at_first_direction_returns_scaled_steepest_descent(x
     numpy.testing.assert_allclose(x, -(g @ g) / abs(curv) * g, rtol=1e-13)
     assert g @ x < 0
     assert res.curvature == pytest.approx(x @ A @ x, rel=1e-12)
+    return record(res)
 
 
+@twinned
 def test_curvature_threshold_is_relative_to_direction_norm(xp):
     n = 5
     A = numpy.diag([1e-3, 2e-3, 3e-3, 4e-3, 5e-3])
@@ -174,8 +204,10 @@ def test_curvature_threshold_is_relative_to_direction_norm(xp):
     assert truncated_cg(mv, xp.asarray(-g), rtol=1e-12, adaptive_rtol=False).exit_reason == "converged"
     res = truncated_cg(mv, xp.asarray(-g), curvature_threshold=1e-2)
     assert res.exit_reason == "negative_curvature" and res.iterations == 0
+    return record(res)
 
 
+@twinned
 def test_adaptive_residual_rule_and_iteration_cap(xp):
     n = 40
     A = spd_matrix(n, 11, cond=1e4)
@@ -189,8 +221,10 @@ def test_adaptive_residual_rule_and_iteration_cap(xp):
     assert true_r <= eta * numpy.linalg.norm(g) * (1 + 1e-8)
     capped = truncated_cg(mv, xp.asarray(-g), rtol=1e-15, adaptive_rtol=False, max_iter=3)
     assert capped.exit_reason == "max_iter" and capped.iterations == 3 and capped.n_matvec == 3
+    return record(res, capped)
 
 
+@twinned
 def test_martens_progress_rule_stops_before_the_cap(xp):
     # gradient weighted towards the large eigenvalues: CG gains most of the model decrease early
     # and then crawls through the small ones, which is what the rule detects
@@ -215,8 +249,10 @@ def test_martens_progress_rule_stops_before_the_cap(xp):
         if j > kj:
             assert not (phi[j] < 0 and (phi[j] - phi[j - kj]) / phi[j] < kj * 5e-4 * (1 - 1e-6))
     assert res.model_value == pytest.approx(phi[i], rel=1e-9)
+    return record(res, rtol=1e-9)  # condition number 1e8 and a hundred iterations: rounding grows
 
 
+@twinned
 def test_kept_iterates_follow_martens_schedule(xp):
     n = 60
     A = spd_matrix(n, 15, cond=1e3)
@@ -240,6 +276,7 @@ def test_kept_iterates_follow_martens_schedule(xp):
         numpy.testing.assert_allclose(x, xs[it.iteration], rtol=1e-8, atol=1e-10 * numpy.linalg.norm(xs[it.iteration]))
         assert float(to_host(it.gTp)) == pytest.approx(g @ x, rel=1e-10)
         assert float(to_host(it.curvature)) == pytest.approx(x @ A @ x, rel=1e-10)
+    return record(res)
 
 
 def test_exit_codes():
@@ -248,13 +285,16 @@ def test_exit_codes():
         exit_code("bogus")
 
 
+@twinned
 def test_zero_gradient_returns_zero_step(xp):
     mv, calls = counted(xp, numpy.eye(3))
     res = truncated_cg(mv, xp.zeros(3))
     assert res.exit_reason == "converged" and res.iterations == 0 and not calls
     assert float(to_host(abs(res.x).max())) == 0.0
+    return record(res)
 
 
+@twinned
 def test_nan_gradient_is_refused(xp):
     mv, _ = counted(xp, numpy.eye(3))
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -262,6 +302,7 @@ def test_nan_gradient_is_refused(xp):
 
 
 @pytest.mark.parametrize("seed", [3, 11, 21])
+@twinned
 def test_float32_residual_underflow_ends_as_converged(xp, seed):
     # Hessian-free's first steps: lambda = 45 dominates a small Gauss-Newton matrix, so each CG
     # iteration divides the (recurrence) residual by ~1e4, far below float32 rounding, until
@@ -286,3 +327,4 @@ def test_float32_residual_underflow_ends_as_converged(xp, seed):
     assert x.dtype == numpy.float32 and numpy.isfinite(x).all()
     exact = numpy.linalg.solve(A + lam * numpy.eye(n), b)
     assert numpy.linalg.norm(x - exact) <= 1e-6 * numpy.linalg.norm(exact)
+    return record(res)
