@@ -7,10 +7,13 @@ import numpy
 import pytest
 import scipy.sparse.linalg
 
-from engine.backend import to_host
-from engine.curvature import DEFAULT_CS_STEP, HessianCS, HessianFD, HessianRop
+import nets
+from engine.backend import array_module, to_host
+from engine.curvature import DEFAULT_CS_STEP, EmpiricalFisher, GaussNewton, HessianCS, HessianFD, HessianRop
 from engine.layers import Dense, Tanh
 from engine.model import Model
+from tests.device_counts import device_work
+from tests.reference import numpy_twin
 
 from .common import ACTS, LOSSES, mp_hessian, rel, setup
 
@@ -23,18 +26,24 @@ def directions(model, xp, k=3, seed=5):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("act", ACTS)
 def test_cs_and_rop_match_high_precision_hessian(xp, act, loss):
-    model, params, x, y = setup(act, loss, xp)
     H = mp_hessian(act, loss)
-    cs, rop = HessianCS(model, params, x, y), HessianRop(model, params, x, y)
-    for v in directions(model, xp):
-        ref = H @ to_host(v)
-        hv_cs, hv_rop = cs.matvec(v), rop.matvec(v)
+
+    def run(m):
+        model, params, x, y = setup(act, loss, m)
+        cs, rop = HessianCS(model, params, x, y), HessianRop(model, params, x, y)
+        assert cs.xp is rop.xp is m
+        products = [(cs.matvec(v), rop.matvec(v)) for v in directions(model, m)]
+        return [to_host(v) for v in directions(model, m)], products, cs.dense(), rop.dense()
+
+    vs, products, cs_dense, rop_dense = numpy_twin(xp, run)  # the CuPy run is the NumPy run
+    for v, (hv_cs, hv_rop) in zip(vs, products):
+        ref = H @ v
         assert hv_cs.dtype == hv_rop.dtype == numpy.float64
         assert rel(hv_cs, ref) <= 1e-12
         assert rel(hv_rop, ref) <= 1e-12
         assert rel(hv_cs, hv_rop) <= 1e-13
-    assert rel(rop.dense(), H) <= 1e-12
-    assert rel(cs.dense(), H) <= 1e-12
+    assert rel(rop_dense, H) <= 1e-12
+    assert rel(cs_dense, H) <= 1e-12
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -236,3 +245,72 @@ def test_convolutional_network_products_agree(xp):
         ref = rop.matvec(v)
         assert rel(HessianCS(model, params, x, y).matvec(v), ref) <= 1e-13
         assert rel(HessianFD(model, params, x, y).matvec(v), ref) <= 1e-8
+
+
+def test_readme_example_runs_where_the_parameters_are(xp):
+    """The README's example (HessianCS, HessianRop) with the model's parameters on ``xp``: the
+    operators compute on the parameters' module, taking the host batch and direction as they are
+    (copied to the device once); the raw complex pass gets device arrays. Same numbers as NumPy."""
+    def run(m):
+        model = nets.mlp([3, 8, 2], ["tanh", "linear"], "half_mse")
+        params = model.init(seed=0, xp=m)
+        rng = numpy.random.default_rng(0)
+        x, y = rng.standard_normal((16, 3)), rng.standard_normal((16, 2))
+        xd, yd = m.asarray(x), m.asarray(y)
+        loss, grads = model.loss_and_grad(params, xd, yd)  # real pass
+        v = rng.standard_normal(model.n_params)  # one complex pass: gradient and H v
+        w = model.flatten(params).astype(numpy.complex128) + 1e-30j * m.asarray(v)
+        _, g = model.loss_and_grad(model.unflatten(w), xd, yd)
+        g = model.flatten(g)
+        grad, hv = g.real, g.imag / 1e-30
+        H = HessianCS(model, params, x, y)  # the same through the operator interface
+        hv2, grad2 = H.matvec_and_grad(v)
+        exact = HessianRop(model, params, x, y).matvec(v)
+        assert H.xp is m and all(array_module(a) is m for a in (loss, hv, hv2, grad2, exact))
+        if m is numpy:
+            assert isinstance(H.to_scipy(), scipy.sparse.linalg.LinearOperator)
+        else:
+            import cupyx.scipy.sparse.linalg as cpl
+            assert isinstance(H.to_scipy(), cpl.LinearOperator)
+        return loss, model.flatten(grads), grad, hv, hv2, grad2, exact
+
+    loss, g_real, grad, hv, hv2, grad2, exact = numpy_twin(xp, run)
+    assert rel(hv, exact) <= 1e-13 and rel(hv2, exact) <= 1e-13
+    assert rel(grad, g_real) <= 1e-15 and rel(grad2, g_real) <= 1e-15
+
+
+def test_operators_refuse_device_data_with_host_parameters(cupy_only):
+    cp = cupy_only
+    model, params, x, y = setup("tanh", "half_mse", numpy)
+    with pytest.raises(TypeError, match="parameters are NumPy arrays but x is a CuPy array"):
+        HessianCS(model, params, cp.asarray(x), y)
+    with pytest.raises(TypeError, match="parameters are NumPy arrays but y is a CuPy array"):
+        HessianRop(model, model.flatten(params), x, cp.asarray(y))
+    op = HessianCS(model, params, x, y)
+    with pytest.raises(TypeError, match="computes with NumPy .* got a CuPy array"):
+        op.matvec(cp.zeros(model.n_params))
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_operator_products_make_no_host_sync(xp, net):
+    """Products (complex step, finite differences, R-operator, Gauss-Newton, empirical Fisher)
+    on device vectors neither synchronise with the host nor copy host data in."""
+    if net == "mlp":
+        model = nets.mlp([6, 8, 5, 4], ["tanh", "relu", "linear"], "sigmoid_xent", weight_decay=1e-3)
+    else:
+        model = nets.lenet(image_shape=(1, 12, 12), channels=(2, 3), hidden=(5,), n_classes=3, weight_decay=1e-3)
+    rng = numpy.random.default_rng(0)
+    params = model.init(seed=1, xp=xp)
+    n, d_out = 5, model.output_shape[0]
+    x = xp.asarray(rng.random((n, model.input_shape[0])))
+    y = xp.asarray(rng.integers(0, d_out, n) if model.loss_fn.classification else rng.random((n, d_out)))
+    v = xp.asarray(rng.standard_normal(model.n_params))
+    ops = [cls(model, params, x, y) for cls in (HessianCS, HessianRop, GaussNewton, EmpiricalFisher)]
+    ops.append(HessianFD(model, params, x, y, h=1e-5))
+    cs = ops[0]
+    with device_work(xp, forbid_syncs=True) as work:
+        for op in ops:
+            op.matvec(v)
+        cs.matvec_and_grad(v)
+        cs.matmat(xp.stack([v, 2 * v], axis=1))
+    assert work.n_syncs == 0 and work.h2d == 0, str(work)
