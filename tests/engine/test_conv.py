@@ -14,6 +14,7 @@ from engine.gradcheck import layer_directional_errors
 from engine.layers import Dense, ReLU, Tanh
 from engine.model import Model
 from tests.engine.conv_reference import conv2d_loop, mp_cnn_dense_hessian, patches_loop, pool_loop
+from tests.reference import numpy_twin
 
 CONV_CASES = [
     (Conv2d(2, 3, 3), (2, 2, 6, 5)),
@@ -264,10 +265,12 @@ def _mp_hessian(kind):
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_small_cnn_hessian_against_mpmath(xp, kind):
-    model, params, x, y = _small_problem(kind, xp)
+    def run(m):
+        model, params, x, y = _small_problem(kind, m)
+        return HessianCS(model, params, x, y).dense(), HessianRop(model, params, x, y).dense()
+
     H_ref = _mp_hessian(kind)
-    H_cs = to_host(HessianCS(model, params, x, y).dense())
-    H_rop = to_host(HessianRop(model, params, x, y).dense())
+    H_cs, H_rop = numpy_twin(xp, run)  # the CuPy run is also the NumPy run
     assert numpy.abs(H_ref).max() > 1e-3  # a non-trivial reference
     assert _relmax(H_cs, H_ref) <= 1e-12
     assert _relmax(H_rop, H_ref) <= 1e-12

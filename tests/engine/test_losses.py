@@ -3,8 +3,10 @@
 import numpy
 import pytest
 
+from engine.backend import to_host
 from engine.gradcheck import loss_directional_errors
 from engine.losses import HalfSquaredError, SigmoidCrossEntropy, SoftmaxCrossEntropy, get_loss
+from tests.reference import numpy_twin
 
 
 def _case(xp, loss, scale=1.0, seed=0):
@@ -59,25 +61,32 @@ def test_hessian_vp_against_complex_step_of_gradient(xp, loss):
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=repr)
-def test_sampled_targets_follow_the_predictive_distribution(loss):
-    rng = numpy.random.default_rng(0)
-    out = numpy.tile(numpy.array([[-1.0, 0.0, 0.5, 2.0, 1.0]]), (20000, 1))
-    t = loss.sample_targets(out, rng)
+def test_sampled_targets_follow_the_predictive_distribution(xp, loss):
+    """Targets drawn with a host generator on the outputs' module: the same draws on NumPy and
+    CuPy, with the predictive distribution's moments."""
+    def run(m):
+        out = m.asarray(numpy.tile(numpy.array([[-1.0, 0.0, 0.5, 2.0, 1.0]]), (20000, 1)))
+        t = loss.sample_targets(out, numpy.random.default_rng(0))
+        assert type(t) is type(out)
+        return t
+
+    t = numpy_twin(xp, run)
+    out = numpy.array([-1.0, 0.0, 0.5, 2.0, 1.0])
     if isinstance(loss, SigmoidCrossEntropy):
-        assert numpy.allclose(t.mean(axis=0), 1 / (1 + numpy.exp(-out[0])), atol=0.015)
+        assert numpy.allclose(t.mean(axis=0), 1 / (1 + numpy.exp(-out)), atol=0.015)
     elif isinstance(loss, HalfSquaredError):
-        assert numpy.allclose(t.mean(axis=0), out[0], atol=0.03) and numpy.allclose(t.std(axis=0), 1, atol=0.03)
+        assert numpy.allclose(t.mean(axis=0), out, atol=0.03) and numpy.allclose(t.std(axis=0), 1, atol=0.03)
     else:
-        p = numpy.exp(out[0]) / numpy.exp(out[0]).sum()
+        p = numpy.exp(out) / numpy.exp(out).sum()
         assert numpy.allclose(numpy.bincount(t, minlength=5) / len(t), p, atol=0.015)
 
 
-def test_softmax_accuracy_and_label_check():
+def test_softmax_accuracy_and_label_check(xp):
     loss = SoftmaxCrossEntropy()
-    out = numpy.array([[1.0, 2.0], [3.0, 0.0]])
-    assert float(loss.accuracy(out, numpy.array([1, 1]))) == 0.5
+    out = xp.asarray([[1.0, 2.0], [3.0, 0.0]])
+    assert float(to_host(loss.accuracy(out, xp.asarray([1, 1])))) == 0.5
     with pytest.raises(ValueError, match="integer labels"):
-        loss.check_target(out, numpy.zeros((2, 2)))
+        loss.check_target(out, xp.zeros((2, 2)))
 
 
 def test_get_loss_names():
