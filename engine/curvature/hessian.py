@@ -119,7 +119,7 @@ class HessianFD(ModelOperator):
         if h is None:
             eps = float(numpy.finfo(self.dtype).eps)
             _, wnorm = split_norm(self._w)
-            scale = eps * (1.0 + float(wnorm))
+            scale = eps * (1.0 + float(wnorm))  # the step is a host number: one sync, at construction only
             h = scale ** 0.5 if scheme == "forward" else scale ** (1.0 / 3.0)
         self.h = float(h)
         if not (self.h > 0 and numpy.isfinite(self.h)):
