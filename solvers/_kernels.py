@@ -3,7 +3,9 @@
 NumPy evaluates ``H += U @ V.T`` or ``A = decay A + w B`` as several passes over d x d arrays
 (temporaries, then adds); on the MNIST autoencoder those passes are ~10% of a K-BFGS iteration.
 On NumPy arrays these kernels do each update in one read-modify-write pass (numba, compiled once
-and cached); on CuPy arrays they fall back to the equivalent array expressions.
+and cached); on CuPy arrays they fall back to the equivalent array expressions. numba only ever
+sees host arrays: the kernel is taken only when *every* operand is a ``numpy.ndarray`` (a device
+array would otherwise be converted implicitly, which CuPy refuses).
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ if numba is not None:
                 A[i, j] = decay * A[i, j] + w * B[i, j]
 
 
+def _on_host(*arrays) -> bool:
+    """True when numba may take these operands: all NumPy arrays."""
+    return numba is not None and all(isinstance(a, numpy.ndarray) for a in arrays)
+
+
 def symmetric_rank2_update_(H, p, q):
     """H += p (p/2)^T - q (q/2)^T in place (exactly symmetric when H is); returns H."""
     xp = array_module(H, p, q)
-    if xp is numpy and numba is not None and H.flags.c_contiguous and H.dtype == p.dtype == q.dtype:
+    if _on_host(H, p, q) and H.flags.c_contiguous and H.dtype == p.dtype == q.dtype:
         _rank2_numba(H, p, q)
         return H
     U = xp.stack([p, q], axis=1)
@@ -54,8 +61,7 @@ def symmetric_rank2_update_(H, p, q):
 
 def scaled_ema_(A, B, decay: float, w: float):
     """A <- decay A + w B in place (A may be a view, e.g. a block of a larger matrix); returns A."""
-    xp = array_module(A, B)
-    if xp is numpy and numba is not None and A.dtype == B.dtype:
+    if _on_host(A, B) and A.dtype == B.dtype:
         _ema_numba(A, B, A.dtype.type(decay), A.dtype.type(w))
         return A
     A *= decay

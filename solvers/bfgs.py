@@ -54,9 +54,10 @@ def select(flag, a, b):
     """``a`` where the 0-d boolean ``flag`` holds, else ``b``.
 
     On the GPU a device-side ``where`` (no host synchronisation); on NumPy the flag already lives
-    on the host, so a Python branch avoids a full pass over the arrays.
+    on the host, so a Python branch avoids a full pass over the arrays. The flag counts as an
+    operand: a device flag is never read on the host, whatever ``a`` and ``b`` are.
     """
-    xp = array_module(a, b)
+    xp = array_module(flag, a, b)
     if xp is numpy:
         return a if bool(flag) else b
     return xp.where(flag, a, b)

@@ -94,7 +94,7 @@ def powell_lm_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
     Hy = H(y) if callable(H) else matvec(H, y)
     s_damped, powell_fired = powell_damping(s, y, Hy, mu1)
     y_damped = y + mu2 * s_damped
-    return s_damped, y_damped, powell_fired, xp.asarray(True)
+    return s_damped, y_damped, powell_fired, xp.ones((), dtype=bool)  # a device constant, no host copy
 
 
 def _kbfgs_hyperparameters() -> dict[str, Hyper]:

@@ -121,6 +121,8 @@ def test_a_step_makes_no_host_sync_mlp(name, cupy_only):
         if name == "kfac":
             assert not info["inverses_refreshed"], "the measured K-FAC steps must lie between refreshes"
         check_syncs(work, 0, f"{name} step {k} (MLP 8-6-3-6-8)")
+        if work.exact:  # nothing comes from the host but K-FAC's sampled-target draws (engine.losses)
+            assert work.h2d == (1 if name == "kfac" else 0), f"{name} step {k}: {work}"
     report(f"{name} step, MLP 8-6-3-6-8, batch 32", [f"k={k}: {w}" for k, (w, _) in enumerate(works, skip)])
 
 
@@ -133,6 +135,8 @@ def test_a_step_makes_no_host_sync_cnn(name, cupy_only):
     works = run_budgeted(name, cnn_start, cupy_only, steps=3)
     for k, (work, _) in enumerate(works):
         check_syncs(work, 0, f"{name} step {k} (tiny CNN)")
+        if work.exact:
+            assert work.h2d == 0, f"{name} step {k}: {work}"
     report(f"{name} step, tiny CNN, batch 16", [f"k={k}: {w}" for k, (w, _) in enumerate(works)])
 
 
@@ -250,3 +254,33 @@ def test_checker_flags_a_second_sync_per_cg_iteration(cupy_only):
     assert syncs == 2
     with pytest.raises(AssertionError, match="budget"):
         check_syncs(long, 12 + 4, "truncated_cg, 12 iterations")
+
+
+def test_shared_pieces_make_no_host_sync(cupy_only):
+    """The BFGS update (both forms, skip decided by ``select``/``where``), the dampings, the
+    Hessian-action update and an L-BFGS push with a device decision: no sync on the device."""
+    from solvers.bfgs import bfgs_inverse_update, select
+    from solvers.damping import double_damping
+    from solvers.hessian_action import hessian_action_update
+    from solvers.kbfgs import powell_lm_damping
+    from solvers.lbfgs import CompactLBFGS
+
+    xp = cupy_only
+    rng = numpy.random.default_rng(5)
+    d = 6
+    q = rng.standard_normal((d, d))
+    H = xp.asarray(q @ q.T / d + 0.5 * numpy.eye(d))
+    s, y, g = (xp.asarray(rng.standard_normal(d)) for _ in range(3))
+    op = CompactLBFGS.empty(d, 2, numpy.float64, xp)
+    with measured(xp) as work:
+        bfgs_inverse_update(H, s, y, g)
+        bfgs_inverse_update(H.copy(), s, -y, g, inplace=True)
+        select(s @ y > 0, H, 2 * H)
+        double_damping(s, y, H, 0.2, mu2=0.5)
+        powell_lm_damping(s, y, op, 0.2, mu2=0.5)
+        hessian_action_update(H.copy(), H, 0.5, s, inplace=True)
+        for sign in (1, -1, 1, 1):
+            op.push(s + 0.1 * y, sign * (s + 0.1 * g), s @ (sign * s) > 0)
+        op.apply(y)
+    check_syncs(work, 0, "BFGS pieces")
+    report("BFGS pieces", [str(work)])
