@@ -217,7 +217,7 @@ def _check_square(F, name):
     if F.dtype.kind != "f":
         raise TypeError(f"{name} must be a real float matrix, got {F.dtype}")
     if not F.size:
-        raise numpy.linalg.LinAlgError(f"{name} is empty and has no inverse")
+        raise numpy.linalg.LinAlgError(f"{name} is empty, so zero, and has no inverse; add damping")
 
 
 def factor_inverse(F, name: str = "factor"):
