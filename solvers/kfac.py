@@ -29,6 +29,13 @@ momentum of W reshaped to C_out x (C_in kh kw).
 State: ``k``, ``warm_started``, ``m``, ``rng`` (PCG64 words of the target-sampling generator,
 :func:`solvers.base.rng_state_array`) and per Kronecker layer i ``layer{i}/A``, ``layer{i}/G``,
 ``layer{i}/A_inv``, ``layer{i}/G_inv``. Info: ``inverses_refreshed``.
+
+Host synchronisation: none in a step between inverse refreshes. The sampled targets are drawn on
+the host from the PCG64 generator kept in the state (``rng``: the reference code's stream, the same
+draws on NumPy and on a GPU, exactly resumable) and copied to the parameters' device by the loss
+(``sample_targets``): one host-to-device copy per step, which does not wait for the device. A
+refresh inverts the damped factors with :func:`engine.curvature.kronecker.factor_inverse`, which
+checks them on the host.
 """
 
 from __future__ import annotations

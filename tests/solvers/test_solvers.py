@@ -9,9 +9,10 @@ import numpy
 import pytest
 
 from engine.backend import array_module, is_device_array, to_host
+from engine.runfile import read_record, write_record
 from nets import mlp
 from solvers import SOLVERS, make_solver
-from tests.solvers.common import copy_state, host_float, on, to_np, twin
+from tests.solvers.common import assert_same_record, copy_state, host_float, on, to_np, twin
 
 #: settings that train the tiny problem below in a few dozen steps
 HYPER = {
@@ -103,7 +104,6 @@ def test_decreases_the_loss(name, xp):
 def runfile_round_trip(state, path):
     """The same through the project's run-file records (engine.runfile): device arrays come back
     to the device, host-only fields (generator words) stay on the host."""
-    from engine.runfile import read_record, write_record
     xp = next((array_module(v) for v in state.values() if is_device_array(v)), numpy)
     with h5py.File(path, "w") as f:
         write_record(f.create_group("solver_state"), state)
@@ -175,3 +175,36 @@ def test_unknown_hyper_parameter_is_named():
     model, _ = problem()
     with pytest.raises(ValueError, match="no hyper-parameter 'alpha'"):
         make_solver("kbfgs", model, alpha=0.3)
+
+
+@pytest.mark.parametrize("name", solver_names())
+def test_state_moves_between_backends(name, cupy_only, tmp_path):
+    """A run file written on NumPy resumes on the device and one written on the device resumes on
+    NumPy (read with the other backend's fresh state as template); either continuation agrees
+    with the NumPy run that never moved."""
+    def two_steps(xp):
+        model, data, solver, params, state = start(name, xp=xp)
+        for k in range(2):
+            params, state, _ = solver.step(params, state, *data[k])
+        return model, data, solver, params, state
+
+    model, data, solver, params, state = two_steps(numpy)
+    stay_p, stay_s = model.unflatten(model.flatten(params)), copy_state(state)
+    stay_p, stay_s, stay_info = solver.step(stay_p, stay_s, *data[2])
+    for source, target in ((numpy, cupy_only), (cupy_only, numpy)):
+        model, data, solver, params, state = two_steps(source)
+        path = tmp_path / f"{source.__name__}.h5"
+        with h5py.File(path, "w") as f:
+            write_record(f.create_group("state"), state)
+            f.create_dataset("params", data=to_np(model.flatten(params)))
+        _, tdata, tsolver, tparams, template = start(name, xp=target)
+        with h5py.File(path, "r") as f:
+            moved = read_record(f["state"], array_module=target, template=template)
+            tparams = model.unflatten(target.asarray(f["params"][()]))
+        assert set(moved) == set(template)
+        for key, value in moved.items():
+            assert is_device_array(value) == is_device_array(template[key]), key
+        tparams, moved, info = tsolver.step(tparams, moved, *tdata[2])
+        got = {"params": to_np(model.flatten(tparams)), "loss": to_np(info["loss"])}
+        want = {"params": to_np(model.flatten(stay_p)), "loss": to_np(stay_info["loss"])}
+        assert_same_record(got, want, f"{name} {source.__name__} -> {target.__name__}")
