@@ -710,12 +710,27 @@ def _eigsh(a, k=6, *, which="LM", ncv=None, maxiter=None, tol=0, return_eigenvec
 
 
 def _solve_triangular(a, b, trans=0, lower=False, unit_diagonal=False, overwrite_b=False, check_finite=False):
-    """``cupyx.scipy.linalg.solve_triangular`` (cuBLAS trsm: no finiteness check, no raise)."""
+    """``cupyx.scipy.linalg.solve_triangular`` (cuBLAS trsm: no finiteness check, no raise; a zero
+    pivot gives inf/NaN, as the substitution itself does)."""
     import scipy.linalg  # noqa: PLC0415 (only when used)
     _launch("linalg.solve_triangular")
+    A, B = _unwrap(a), _unwrap(b)
     with numpy.errstate(all="ignore"):
-        return _wrap(scipy.linalg.solve_triangular(_unwrap(a), _unwrap(b), trans=trans, lower=lower,
-                                                   unit_diagonal=unit_diagonal, check_finite=False))
+        try:
+            return _wrap(scipy.linalg.solve_triangular(A, B, trans=trans, lower=lower, unit_diagonal=unit_diagonal,
+                                                       check_finite=False))
+        except numpy.linalg.LinAlgError:  # a zero pivot: substitute anyway, dividing by zero
+            T = A.T if trans in (1, "T", 2, "C") else A
+            low = lower != (T is not A)
+            X = numpy.array(B, dtype=numpy.result_type(A, B, numpy.float32), copy=True)
+            n = T.shape[0]
+            order = range(n) if low else range(n - 1, -1, -1)
+            for i in order:
+                rest = slice(0, i) if low else slice(i + 1, n)
+                X[i] = X[i] - T[i, rest] @ X[rest]
+                if not unit_diagonal:
+                    X[i] = X[i] / T[i, i]
+            return _wrap(X)
 
 
 def _cupyx_scipy():
