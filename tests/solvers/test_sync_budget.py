@@ -83,7 +83,7 @@ def on_standin(xp) -> bool:
     return bool(getattr(xp, "_standin", False))
 
 
-def DeviceSynchronized():
+def device_synchronized_error():
     import cupyx
     return cupyx.DeviceSynchronized
 
@@ -94,8 +94,7 @@ def report(what: str, counts) -> None:
 
 # --- the budgets --------------------------------------------------------------------------------
 def mlp_start(name, xp):
-    model, data, solver, params, state = mlp_case.start(name, xp=xp)
-    return model, data, solver, params, state
+    return mlp_case.start(name, xp=xp)
 
 
 def run_budgeted(name, start, xp, steps: int, skip: int = 0):
@@ -212,7 +211,7 @@ def test_checker_flags_a_float_on_a_device_scalar_inside_a_step(cupy_only, monke
 
     monkeypatch.setattr(kbfgs, "double_damping", logging_damping)
     if not on_standin(cupy_only):  # a real GPU: the sync raises inside the step
-        with pytest.raises(DeviceSynchronized()):
+        with pytest.raises(device_synchronized_error()):
             run_budgeted("kbfgs", mlp_start, cupy_only, steps=1, skip=1)
         return
     (work, _), = run_budgeted("kbfgs", mlp_start, cupy_only, steps=1, skip=1)
@@ -232,7 +231,7 @@ def test_checker_flags_a_host_side_store_decision(cupy_only, monkeypatch):
 
     monkeypatch.setattr(CompactLBFGS, "push", host_decided_push)
     if not on_standin(cupy_only):
-        with pytest.raises(DeviceSynchronized()):
+        with pytest.raises(device_synchronized_error()):
             run_budgeted("kbfgs_l", mlp_start, cupy_only, steps=1, skip=1)
         return
     (work, _), = run_budgeted("kbfgs_l", mlp_start, cupy_only, steps=1, skip=1)
