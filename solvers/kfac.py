@@ -34,8 +34,8 @@ Host synchronisation: none in a step between inverse refreshes. The sampled targ
 the host from the PCG64 generator kept in the state (``rng``: the reference code's stream, the same
 draws on NumPy and on a GPU, exactly resumable) and copied to the parameters' device by the loss
 (``sample_targets``): one host-to-device copy per step, which does not wait for the device. A
-refresh inverts the damped factors with :func:`engine.curvature.kronecker.factor_inverse`, which
-checks them on the host.
+refresh inverts the damped factors of all layers together with
+:func:`engine.curvature.kronecker.factor_inverses`, which checks them on the host in one sync.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import math
 import numpy
 
 from engine.backend import array_module
-from engine.curvature.kronecker import KroneckerBlockOperator, factor_inverse, kron_factors
+from engine.curvature.kronecker import KroneckerBlockOperator, factor_inverses, kron_factors
 
 from ._factors import check_real_params, ema_, flush_subnormals_, kron_layers
 from ._passes import backward_pass, forward_pass
@@ -159,18 +159,20 @@ class KFAC(Solver):
         g_factors = kron_factors(caps_sampled, which="G")
 
         refresh = k % self.inverse_freq == 0 or k <= self.inverse_freq
-        step_sq = 0
+        factors = []
         for fa, fg in zip(a_factors, g_factors):
             i = fa.layer
-            layer = model.layers[i]
             A = ema_(state[f"layer{i}/A"], fa.A, self.A_decay)
             G = ema_(state[f"layer{i}/G"], fg.G, self.G_decay)
             if self.flush_subnormals:
                 flush_subnormals_(A)
                 flush_subnormals_(G)
-            if refresh:
-                state[f"layer{i}/A_inv"] = self._damped_inverse(A, f"A of layer {i}")
-                state[f"layer{i}/G_inv"] = self._damped_inverse(G, f"G of layer {i}")
+            factors.append((i, A, G))
+        if refresh:
+            self._refresh_inverses(state, factors)
+        step_sq = 0
+        for i, _, _ in factors:
+            layer = model.layers[i]
             M = layer.to_matrix(model.layer_params(m_views, i))
             P = state[f"layer{i}/G_inv"] @ M @ state[f"layer{i}/A_inv"]
             Pf = P.reshape(-1)
@@ -188,10 +190,22 @@ class KFAC(Solver):
                 "inverses_refreshed": bool(refresh)}
         return params, state, info
 
-    def _damped_inverse(self, F, name):
-        """(F + sqrt(lambda) I)^{-1}, exactly symmetric."""
-        xp = array_module(F)
-        return symmetrize(factor_inverse(F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype), name))
+    def _refresh_inverses(self, state, factors):
+        """(F + sqrt(lambda) I)^{-1} of every layer's A and G, exactly symmetric.
+
+        All factors go through :func:`engine.curvature.kronecker.factor_inverses` together: one
+        host sync per refresh for the checks of all of them, not one per factor.
+        """
+        damped, names = [], []
+        for i, A, G in factors:
+            xp = array_module(A)
+            for name, F in (("A", A), ("G", G)):
+                damped.append(F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype))
+                names.append(f"{name} of layer {i}")
+        inverses = factor_inverses(damped, names)
+        for (i, _, _), A_inv, G_inv in zip(factors, inverses[0::2], inverses[1::2]):
+            state[f"layer{i}/A_inv"] = symmetrize(A_inv)
+            state[f"layer{i}/G_inv"] = symmetrize(G_inv)
 
     def curvature_operator(self, state):
         """The damped block Fisher (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) of the current state."""
