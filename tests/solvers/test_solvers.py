@@ -208,3 +208,24 @@ def test_state_moves_between_backends(name, cupy_only, tmp_path):
         got = {"params": to_np(model.flatten(tparams)), "loss": to_np(info["loss"])}
         want = {"params": to_np(model.flatten(stay_p)), "loss": to_np(stay_info["loss"])}
         assert_same_record(got, want, f"{name} {source.__name__} -> {target.__name__}")
+
+
+#: state fields that live on the host by design: K-FAC's PCG64 generator words (the target draws
+#: are made on the host so that NumPy and the device draw the same targets)
+HOST_FIELDS = {"rng"}
+
+
+@pytest.mark.parametrize("name", solver_names())
+def test_state_lives_with_the_parameters(name, xp):
+    """Every state array is an array of the parameters' module (after init, warm start and a step),
+    apart from the documented host fields; scalars are Python scalars."""
+    model, data, solver, params, state = start(name, xp=xp)
+    for when in ("start", "step"):
+        for key, value in state.items():
+            if key in HOST_FIELDS:
+                assert isinstance(value, numpy.ndarray), (when, key)
+            elif hasattr(value, "shape"):
+                assert array_module(value) is xp and isinstance(value, xp.ndarray), (when, key, type(value))
+            else:
+                assert isinstance(value, (bool, int, float)), (when, key, type(value))
+        params, state, _ = solver.step(params, state, *data[0])
