@@ -25,7 +25,8 @@ A-side updates. No model copy is made.
 State (flat, HDF5-friendly): ``k``, ``warm_started``, ``m`` (flat momentum) and per Kronecker layer
 i (index in ``model.layers``) ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``,
 ``layer{i}/y_ema`` and ``layer{i}/H_g`` (K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}``
-(K-BFGS(L); ``count`` is a 0-d integer array). Parameters that belong to no Kronecker layer get the plain momentum step -alpha m.
+(K-BFGS(L); ``count`` is a 0-d integer array). Parameters that belong to no Kronecker layer get
+the plain momentum step -alpha m.
 
 Convolutional layers (KF-QN-CNN: Ren, Bahamou, Goldfarb, "Kronecker-factored Quasi-Newton
 Methods for Deep Learning", arXiv:2102.06737). A Conv2d layer is handled like a Dense layer on its
