@@ -97,10 +97,14 @@ def _launch(name: str) -> None:
         counters.ops[name] += 1
 
 
+_BACKEND = os.path.join(_ROOT, "engine", "backend.py")
+
+
 def _call_site() -> str:
-    """'path:line' of the first frame outside this file (relative to the repository)."""
+    """'path:line' of the first frame outside this file and ``engine/backend.py`` (so a sync through
+    ``to_host`` is charged to its caller), relative to the repository."""
     f = sys._getframe(2)
-    while f is not None and os.path.abspath(f.f_code.co_filename) == _HERE:
+    while f is not None and os.path.abspath(f.f_code.co_filename) in (_HERE, _BACKEND):
         f = f.f_back
     if f is None:
         return "?"
