@@ -1,0 +1,149 @@
+"""Trajectories locked bit for bit: every solver's float64 minibatch losses on NumPy, recorded from
+the code before the structural redesign (one pass engine, Kronecker solvers on the block operator,
+the Newton-CG base). A refactor that changes any bit of any loss fails here.
+
+To re-record after a deliberate change of numerics: ``python -m tests.solvers.test_trajectories_locked``
+prints the table below; say why in the commit.
+"""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from engine.conv import Conv2d, Flatten, MaxPool2d, Unflatten
+from engine.layers import Dense, ReLU, Tanh
+from engine.model import Model
+from nets import mlp
+from solvers import make_solver
+
+STEPS = 12
+
+
+def _mlp_problem():
+    model = mlp([16, 10, 6, 10, 16], ["tanh", "relu", "tanh", "linear"], "sigmoid_xent", weight_decay=1e-4, name="lock-ae")
+    rng = numpy.random.default_rng(7)
+    x = rng.random((4, 40, 16))
+    return model, [(b, b) for b in x]
+
+
+def _cnn_problem():
+    layers = [Unflatten((1, 8, 8)), Conv2d(1, 3, 3, padding=1), ReLU(), MaxPool2d(2), Conv2d(3, 2, 3), Tanh(),
+              Flatten(), Dense(8, 3)]
+    model = Model(layers, "softmax_xent", weight_decay=1e-4, input_shape=(64,), name="lock-cnn")
+    rng = numpy.random.default_rng(8)
+    x = rng.standard_normal((3, 16, 64))
+    y = rng.integers(0, 3, size=(3, 16))
+    return model, list(zip(x, y))
+
+
+CASES = {
+    "kbfgs/mlp": ("kbfgs", _mlp_problem, {"lr": 0.3, "damping": 0.3}),
+    "kbfgs_l/mlp": ("kbfgs_l", _mlp_problem, {"lr": 0.3, "damping": 0.3, "memory": 5}),
+    "kfac/mlp": ("kfac", _mlp_problem, {"lr": 0.2, "damping": 0.3, "inverse_freq": 3}),
+    "adam/mlp": ("adam", _mlp_problem, {"lr": 1e-2}),
+    "newton_krylov/mlp": ("newton_krylov", _mlp_problem, {}),
+    "hessian_free/mlp": ("hessian_free", _mlp_problem, {}),
+    "kbfgs/cnn": ("kbfgs", _cnn_problem, {"lr": 1.0, "damping": 0.3}),
+    "kbfgs_l/cnn": ("kbfgs_l", _cnn_problem, {"lr": 1.0, "damping": 0.3, "memory": 4}),
+    "kfac/cnn": ("kfac", _cnn_problem, {"lr": 0.3, "damping": 0.1, "inverse_freq": 3}),
+}
+
+
+def trajectory(case: str) -> list[str]:
+    """The float64 losses (as exact hex) of STEPS steps from the default seed, warm start included."""
+    name, problem, hyper = CASES[case]
+    model, batches = problem()
+    params = model.init(dtype=numpy.float64, xp=numpy)
+    solver = make_solver(name, model, **hyper)
+    state = solver.init(params)
+    if solver.needs_warm_start:
+        state = solver.warm_start(params, state, iter(batches))
+    out = []
+    for k in range(STEPS):
+        x, y = batches[k % len(batches)]
+        params, state, info = solver.step(params, state, x, y)
+        out.append(float(info["loss"]).hex())
+    out.append(float(model.loss(params, *batches[0])).hex())  # where it ended
+    return out
+
+
+LOCKED = {
+    'adam/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.67a761b478cecp+3', '0x1.65f833b969e16p+3',
+        '0x1.6543f643875b6p+3', '0x1.670dbac02c60ep+3', '0x1.6406e874aed93p+3',
+        '0x1.62f0369ca4469p+3', '0x1.6273fd9d95129p+3', '0x1.633e2be71cc06p+3',
+        '0x1.626e53d9bff80p+3', '0x1.6197ef26ea770p+3', '0x1.610bb117c6214p+3',
+        '0x1.60ebda31ce969p+3',
+    ],
+    'hessian_free/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.68ad0b3046c44p+3', '0x1.67e74f6f1a291p+3',
+        '0x1.67ebc6bfc72afp+3', '0x1.6ba61dcc4361ap+3', '0x1.66f5f52b41771p+3',
+        '0x1.65c9abdfed5e8p+3', '0x1.65491f543ec98p+3', '0x1.6712daa611820p+3',
+        '0x1.63b1d63ca5892p+3', '0x1.62f86469b70eep+3', '0x1.629187b5986c7p+3',
+        '0x1.62e7bd7c95869p+3',
+    ],
+    'kbfgs/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.2638a3cfdf474p+0', '0x1.15acd5a371a62p+0',
+        '0x1.11c0059c44e31p+0', '0x1.1880620b66ff1p+0', '0x1.ee0f5ed02d914p-1',
+        '0x1.04976d9a54cb8p+0', '0x1.129cb9bbda744p+0', '0x1.bafb45ebb06dfp-1',
+        '0x1.ff9193de577dap-1', '0x1.121c1e28e9e49p+0', '0x1.9f33b1f598489p-1',
+        '0x1.dc8b50e2149acp-1',
+    ],
+    'kbfgs/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.68bbe8410871cp+3', '0x1.67c312f6cbec8p+3',
+        '0x1.67900d4673113p+3', '0x1.6ad568962c294p+3', '0x1.6685ca977a93dp+3',
+        '0x1.655dce67ab451p+3', '0x1.65059f93fc42cp+3', '0x1.66e9b064cb07ep+3',
+        '0x1.643150bde3167p+3', '0x1.634291deef590p+3', '0x1.631dad5365aa0p+3',
+        '0x1.63d281108fac4p+3',
+    ],
+    'kbfgs_l/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.2638a3cfdf474p+0', '0x1.15acd5a371a62p+0',
+        '0x1.11c0059c44e31p+0', '0x1.1880620b66ff1p+0', '0x1.ee0f5ed02d914p-1',
+        '0x1.04b1c1e0350f5p+0', '0x1.1094b834b6cdep+0', '0x1.b7ebb826ba043p-1',
+        '0x1.fcab6c9f9aef9p-1', '0x1.0a774de4d82a9p+0', '0x1.94bc93228c6a7p-1',
+        '0x1.c154c4ffc803ep-1',
+    ],
+    'kbfgs_l/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.68bbe8410871cp+3', '0x1.67c312f6cbec8p+3',
+        '0x1.67900d4673113p+3', '0x1.6ad568962c294p+3', '0x1.6685ca977a93dp+3',
+        '0x1.655dce67ab451p+3', '0x1.65053f6a87eeap+3', '0x1.66e8e12f505d8p+3',
+        '0x1.642ff570bcaf2p+3', '0x1.633fc7c76aca8p+3', '0x1.6318827f4ad7ep+3',
+        '0x1.63cca046775a7p+3',
+    ],
+    'kfac/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.2622d46ca287cp+0', '0x1.18cac15620fadp+0',
+        '0x1.171e4408c94ffp+0', '0x1.1e839ae0e872fp+0', '0x1.0b3a02aa44212p+0',
+        '0x1.0bf4018c8d2f8p+0', '0x1.1317e373f7103p+0', '0x1.eec56c1e4ff6dp-1',
+        '0x1.feb1b12e32906p-1', '0x1.057f157727e2ap+0', '0x1.c29865f594e47p-1',
+        '0x1.e35e5d43278ecp-1',
+    ],
+    'kfac/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.68c0a3398906bp+3', '0x1.67f9728c73379p+3',
+        '0x1.68048d5c633dep+3', '0x1.6be4b0b569779p+3', '0x1.677dbba8ec397p+3',
+        '0x1.668633b1ea38dp+3', '0x1.665f3a9b07479p+3', '0x1.69673a0754edep+3',
+        '0x1.65c4f380b1796p+3', '0x1.64d0803d910f1p+3', '0x1.64a168d951206p+3',
+        '0x1.66daefd796774p+3',
+    ],
+    'newton_krylov/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.64fd9a75902aep+3', '0x1.63b0aced7f57fp+3',
+        '0x1.630ec4c2c5a4cp+3', '0x1.63485aee6c567p+3', '0x1.6371468e7d132p+3',
+        '0x1.63d07f1cbaf51p+3', '0x1.67327f0be9d00p+3', '0x1.6537f8b93b329p+3',
+        '0x1.5d80d390877d6p+3', '0x1.5e6b2e41417fdp+3', '0x1.5cbd076b89dadp+3',
+        '0x1.5a75a6ad09d61p+3',
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trajectory_is_unchanged_bit_for_bit(case):
+    assert trajectory(case) == LOCKED[case]
+
+
+if __name__ == "__main__":  # pragma: no cover - re-recording
+    for case in sorted(CASES):
+        print(f"    {case!r}: [")
+        losses = trajectory(case)
+        for i in range(0, len(losses), 3):
+            print("        " + " ".join(f"{v!r}," for v in losses[i:i + 3]))
+        print("    ],")
