@@ -9,7 +9,7 @@ import pytest
 
 from engine.backend import to_host
 from engine.curvature import GaussNewton
-from engine.runfile import read_record, write_record
+from engine.app.runfile import read_record, write_record
 from nets.mlp import autoencoder
 from solvers import make_solver
 from solvers.hessian_free import squared_gradient_diagonal

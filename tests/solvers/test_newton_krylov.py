@@ -13,7 +13,7 @@ import pytest
 
 from engine.backend import to_host
 from engine.curvature import HessianRop
-from engine.runfile import read_record, write_record
+from engine.app.runfile import read_record, write_record
 from nets import mlp
 from solvers import make_solver
 from solvers.krylov import EXIT_REASONS
