@@ -12,7 +12,8 @@
 Files are looked for in ``data_dir`` (``--data-dir``), else ``CSTEP_DATA_DIR``, then in the user
 cache (``CSTEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/cstep`` or ``~/.cache/cstep``), which also
 receives downloads and generated sets. Every problem raises :class:`DataError` (a ValueError).
-This package imports only :mod:`engine.backend` from cstep.
+This package imports nothing else of cstep: it hands host arrays and batch indices to whoever
+trains (engine.app.train moves each batch to the device).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import inspect
 
 import numpy as np
 
-from .batches import BatchIterator, gather_batch
+from .batches import BatchIterator
 from .curves import load_curves
 from .dataset import DataError, Dataset
 from .faces import load_faces
 from .mnist import download_mnist, load_mnist, load_mnist_classify
 from .paths import resolve_cache_dir, resolve_data_dir
 
-__all__ = ["DATASETS", "DataError", "Dataset", "BatchIterator", "gather_batch", "load", "load_mnist",
+__all__ = ["DATASETS", "DataError", "Dataset", "BatchIterator", "load", "load_mnist",
            "load_mnist_classify", "load_curves", "load_faces", "download_mnist", "resolve_data_dir",
            "resolve_cache_dir"]
 

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backend import to_device
-
 from .dataset import DataError, check_seed
 
-__all__ = ["BatchIterator", "ORDERS", "gather_batch"]
+__all__ = ["BatchIterator", "ORDERS"]
 
 #: The sources of the batch order :class:`BatchIterator` accepts.
 ORDERS = ("pcg64", "reference")
@@ -196,11 +194,3 @@ class BatchIterator:
         return (f"BatchIterator(n_examples={self.n_examples}, batch_size={self.batch_size}, seed={self.seed}, "
                 f"shuffle={self.shuffle}, order={self.order!r}, epoch={self._epoch}, "
                 f"position={self._position}/{self.batches_per_epoch})")
-
-
-def gather_batch(idx: np.ndarray, x: np.ndarray, y: np.ndarray | None = None, xp=None, dtype=None):
-    """``(x[idx], y[idx])`` gathered on the host and moved to the backend ``xp`` (default: the
-    active one) in one transfer each, optionally cast to ``dtype`` (inputs only; labels keep
-    theirs). With ``y=None`` (autoencoder) the target is the same device array as the input."""
-    xb = to_device(x[idx], xp=xp, dtype=dtype)
-    return xb, (xb if y is None else to_device(y[idx], xp=xp))

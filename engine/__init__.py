@@ -1,5 +1,9 @@
-"""cstep's array engine: backend, complex-safe ops, layers, losses, model (and, on top, curvature
-operators, run files, the precision study and the command line)."""
+"""cstep's array engine.
+
+The core: backend, complex-safe ops, layers, losses, the model (the one forward/backward pass
+engine) and the curvature operators; it imports nothing of cstep outside ``engine``. On top, the
+application layer :mod:`engine.app` (command line, runs, training loop, run files, precision study,
+plots), which no core module imports."""
 
 __version__ = "0.1.0"
 

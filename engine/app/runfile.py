@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy
 
-from .backend import is_device_array, to_host
+from .. import __version__
+from ..backend import backend_name, get_xp, is_device_array, to_host
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "RunFileError", "RunRecord", "save_run", "load_run",
            "check_run_file", "write_record", "read_record", "environment_info"]
@@ -238,10 +239,7 @@ def _cpu_name() -> str:
 
 def environment_info() -> dict:
     """Where a run ran: versions, host, platform, backend and device (flat dict of strings/ints)."""
-    from . import __version__  # noqa: PLC0415
-    from .backend import backend_name, get_xp  # noqa: PLC0415
-
-    import h5py  # noqa: PLC0415
+    import h5py  # noqa: PLC0415 (third-party: loaded when a run file is written)
     import scipy  # noqa: PLC0415
 
     xp = get_xp()

@@ -24,12 +24,10 @@ The error is ``|approx - exact| / |exact|`` (vector 2-norms for H v). Results co
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -37,243 +35,16 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from . import __version__
-from .backend import array_module, backend_name, get_xp, to_host
-from .curvature import HessianRop
-from .layers import Dense, activation
-from .model import Model
+from .. import __version__
+from ..backend import backend_name, get_xp, to_host
+from .plots import plot_study
+from .report import write_text
+from .study_targets import (ACTIVATIONS, DEFAULT_SEED, METHODS, PRECISIONS, SCALAR_FUNCTIONS, TARGETS, X0, MLPSetup,
+                            _check_steps, _grad_flat, _loss_flat, _mpmath, default_steps, exact_hvp, kinks_crossed,
+                            mlp_setup, parse_steps, scalar_reference)
 
-__all__ = [
-    "METHODS",
-    "PRECISIONS",
-    "TARGETS",
-    "SCALAR_FUNCTIONS",
-    "default_steps",
-    "parse_steps",
-    "scalar_reference",
-    "mlp_setup",
-    "kinks_crossed",
-    "exact_hvp",
-    "Curve",
-    "Case",
-    "StudyResult",
-    "run_study",
-    "add_parser",
-    "cmd_study",
-]
-
-#: method key -> label used in tables, legends and CSV.
-METHODS = {"cs": "complex step", "forward": "forward FD", "central": "central FD"}
-#: precision -> (real dtype, complex dtype); the complex step of a float32 study runs in complex64.
-PRECISIONS = {"float64": ("float64", "complex128"), "float32": ("float32", "complex64")}
-#: names accepted by ``--target`` and ``run_study(targets=...)``.
-TARGETS = ("demo", "squire-trapp", "st-power", "st-exp", "mlp-hvp", "mlp-grad", "all")
-ACTIVATIONS = ("tanh", "relu")
-X0 = "1.5"  # the evaluation point of every scalar test function (exact in binary)
-#: Default MLP seed. A representative draw: no pre-activation closer than 1e-3 to a ReLU kink and
-#: <grad L, v> not unusually small against ||grad L||. (Seed 0 has a pre-activation 5.6e-6 from a
-#: kink, so ReLU finite differences fail up to h = 1e-4 there, and <grad L, v> 2000x below
-#: ||grad L||, which costs the directional derivative two digits in every method.)
-DEFAULT_SEED = 1
-
-
-# --- step grid ----------------------------------------------------------------------------------
-
-def default_steps() -> list[float]:
-    """1e-1 ... 1e-20 every decade, then 1e-30 ... 1e-100 every ten decades, 1e-150 ... 1e-300
-    every fifty, 1e-305 (just above the float64 normal range, 2.2e-308) and the subnormal 1e-310,
-    where the complex step finally loses digits (complex-step.md section 3)."""
-    exps = list(range(1, 21)) + list(range(30, 101, 10)) + [150, 200, 250, 300, 305, 310]
-    return [float(f"1e-{k}") for k in exps]
-
-
-def parse_steps(text: str) -> list[float]:
-    """Steps from ``"1e-1,1e-8,1e-30"``: positive finite numbers, returned unique and decreasing."""
-    steps = []
-    for item in text.replace(";", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            h = float(item)
-        except ValueError:
-            raise ValueError(f"--steps entry {item!r} is not a number; give a comma list such as 1e-1,1e-8,1e-30") from None
-        steps.append(h)
-    return _check_steps(steps)
-
-
-def _check_steps(steps) -> list[float]:
-    steps = [float(h) for h in steps]
-    if not steps:
-        raise ValueError("the step list is empty; give at least one step such as 1e-8")
-    bad = [h for h in steps if not (math.isfinite(h) and h > 0)]
-    if bad:
-        raise ValueError(f"steps must be positive finite numbers, got {bad[0]!r}; use e.g. 1e-1,1e-8,1e-30")
-    return sorted(set(steps), reverse=True)
-
-
-# --- scalar test functions (complex-step.md section 7.2) -----------------------------------------
-
-def _demo(x):
-    """e^x / sqrt(sin^3 x + cos^3 x): analytic near x = 1.5 (the root's argument is ~0.997 > 0)."""
-    xp = array_module(x)
-    return xp.exp(x) / xp.sqrt(xp.sin(x) ** 3 + xp.cos(x) ** 3)
-
-
-def _st_power(x):
-    """x^(9/2) written as x^4 sqrt(x): principal branch, analytic for Re x > 0, no complex pow."""
-    xp = array_module(x)
-    x2 = x * x
-    return x2 * x2 * xp.sqrt(x)
-
-
-def _st_exp(x):
-    """e^x / (sin^3 x + cos^3 x) (Squire & Trapp 1998, no square root)."""
-    xp = array_module(x)
-    return xp.exp(x) / (xp.sin(x) ** 3 + xp.cos(x) ** 3)
-
-
-def _demo_mp(x):
-    import mpmath
-    return mpmath.exp(x) / mpmath.sqrt(mpmath.sin(x) ** 3 + mpmath.cos(x) ** 3)
-
-
-def _st_power_mp(x):
-    import mpmath
-    return mpmath.power(x, mpmath.mpf(9) / 2)
-
-
-def _st_exp_mp(x):
-    import mpmath
-    return mpmath.exp(x) / (mpmath.sin(x) ** 3 + mpmath.cos(x) ** 3)
-
-
-#: name -> (array-module function, mpmath function, title for tables and plots)
-SCALAR_FUNCTIONS = {
-    "demo": (_demo, _demo_mp, "e^x/sqrt(sin^3 x + cos^3 x) at x = 1.5"),
-    "st-power": (_st_power, _st_power_mp, "Squire-Trapp x^(9/2) at x = 1.5"),
-    "st-exp": (_st_exp, _st_exp_mp, "Squire-Trapp e^x/(sin^3 x + cos^3 x) at x = 1.5"),
-}
-
-
-def _mpmath():
-    try:
-        import mpmath
-    except ImportError:  # pragma: no cover - mpmath ships with the project's dependencies
-        raise ValueError("the precision study needs mpmath for its 50-digit references; pip install mpmath") from None
-    return mpmath
-
-
-def scalar_reference(name: str, dps: int = 50):
-    """f'(1.5) of the scalar function ``name`` as an mpmath number with ``dps`` digits.
-
-    ``mpmath.diff`` differentiates at a raised working precision, so all ``dps`` digits are
-    correct; the test suite checks them against the literature values of complex-step.md 7.2.
-    """
-    mpmath = _mpmath()
-    f_mp = SCALAR_FUNCTIONS[name][1]
-    with mpmath.workdps(dps + 20):
-        d = mpmath.diff(f_mp, mpmath.mpf(X0))
-    with mpmath.workdps(dps):
-        return +d  # rounded to dps digits
-
-
-# --- MLP targets ----------------------------------------------------------------------------
-
-@dataclass
-class MLPSetup:
-    """The model, data, point and direction of the MLP targets (host float64 arrays)."""
-
-    model: Model
-    sizes: tuple[int, ...]
-    act: str
-    batch: int
-    seed: int
-    w: numpy.ndarray  # flat parameters
-    v: numpy.ndarray  # unit-norm direction
-    x: numpy.ndarray  # inputs, batch x sizes[0]
-    y: numpy.ndarray  # integer labels in [0, sizes[-1])
-
-
-def _check_mlp(sizes, act, batch, seed):
-    try:
-        sizes = tuple(int(s) for s in sizes)
-    except (TypeError, ValueError):
-        raise ValueError(f"MLP sizes must be integers such as 6,10,10,4, got {sizes!r}") from None
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise ValueError(f"MLP sizes need at least an input and an output width, all positive, got {','.join(map(str, sizes))}")
-    if sizes[-1] < 2:
-        raise ValueError(f"the MLP output width must be at least 2 classes for softmax cross-entropy, got {sizes[-1]}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown MLP activation {act!r}; choose tanh or relu")
-    if int(batch) < 1:
-        raise ValueError(f"the MLP batch size must be positive, got {batch}")
-    if int(seed) < 0:
-        raise ValueError(f"the seed must be a non-negative integer, got {seed}")
-    return sizes, int(batch), int(seed)
-
-
-def mlp_setup(sizes=(6, 10, 10, 4), act: str = "tanh", batch: int = 16, seed: int = DEFAULT_SEED) -> MLPSetup:
-    """A softmax cross-entropy MLP with hidden activation ``act`` and a linear output layer,
-    PyTorch-default initial weights from ``seed``, standard normal inputs, uniform random labels
-    and a unit-norm Gaussian direction v (complex-step.md section 7.3's setup)."""
-    sizes, batch, seed = _check_mlp(sizes, act, batch, seed)
-    layers = []
-    for k, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(Dense(d_in, d_out))
-        if k < len(sizes) - 2:
-            layers.append(activation(act))
-    model = Model(layers, "softmax_xent", input_shape=(sizes[0],), name=f"mlp {'-'.join(map(str, sizes))} {act}")
-    w = to_host(model.flatten(model.init(seed=seed, dtype=numpy.float64, xp=numpy)))
-    rng = numpy.random.default_rng([seed, 2009_07098])
-    x = rng.standard_normal((batch, sizes[0]))
-    y = rng.integers(0, sizes[-1], size=batch)
-    v = rng.standard_normal(model.n_params)
-    v /= numpy.linalg.norm(v)
-    return MLPSetup(model, sizes, act, batch, seed, w, v, x, y)
-
-
-def _grad_flat(model, flat, x, y):
-    """Flat gradient of the mean loss at the flat parameters ``flat`` (real or complex)."""
-    _, grads = model.loss_and_grad(model.unflatten(flat), x, y)
-    xp = array_module(flat)
-    return xp.concatenate([g.reshape(-1) for g in grads])
-
-
-def _loss_flat(model, flat, x, y):
-    return model.loss(model.unflatten(flat), x, y)
-
-
-def kinks_crossed(setup: MLPSetup, h: float) -> int:
-    """Number of ReLU pre-activations (over the batch) whose sign differs between w and w + h v
-    or w - h v: where a finite difference of a ReLU network steps across a kink and measures a
-    jump instead of a derivative (the complex step never moves the real point). 0 for tanh."""
-    model = setup.model
-    relu = [i for i, layer in enumerate(model.layers) if getattr(layer, "name", "") == "relu"]
-    if not relu:
-        return 0
-    xp = get_xp()
-    w, v, x = (xp.asarray(a) for a in (setup.w, setup.v, setup.x))
-
-    def masks(flat):
-        _, caches = model.forward(model.unflatten(flat), x)
-        return [caches[i] for i in relu]
-
-    base = masks(w)
-    plus, minus = masks(w + h * v), masks(w - h * v)
-    return int(sum(int(to_host(((b != p) | (b != m)).sum())) for b, p, m in zip(base, plus, minus)))
-
-
-def exact_hvp(setup: MLPSetup, w=None, v=None) -> numpy.ndarray:
-    """The exact H v (host float64) of the setup's loss at flat weights ``w`` along ``v``
-    (default: the setup's own), by Pearlmutter's R-operator (:class:`engine.curvature.HessianRop`),
-    which shares no code path with the complex step."""
-    w = setup.w if w is None else w
-    v = setup.v if v is None else v
-    xp = get_xp()
-    wd, vd, xd = (xp.asarray(a, dtype=numpy.float64) for a in (w, v, setup.x))
-    op = HessianRop(setup.model, setup.model.unflatten(wd), xd, xp.asarray(setup.y))
-    return to_host(op.matvec(vd))
+__all__ = ["METHODS", "PRECISIONS", "TARGETS", "SCALAR_FUNCTIONS", "default_steps", "parse_steps", "scalar_reference",
+           "mlp_setup", "kinks_crossed", "exact_hvp", "Curve", "Case", "StudyResult", "run_study", "write_text"]
 
 
 # --- results --------------------------------------------------------------------------------
@@ -377,7 +148,7 @@ class StudyResult:
         "h_at_min", ...}}}}}}``; non-finite errors are null."""
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         if path is not None:
-            _write_text(path, text + "\n")
+            write_text(path, text + "\n")
         return text
 
     def to_csv(self, path: str | None = None) -> str:
@@ -392,7 +163,7 @@ class StudyResult:
                     writer.writerow([c.name, cv.precision, cv.method, dtype, repr(h), repr(e)])
         text = buf.getvalue()
         if path is not None:
-            _write_text(path, text)
+            write_text(path, text)
         return text
 
     # --- terminal table -------------------------------------------------------------------
@@ -435,119 +206,9 @@ class StudyResult:
             out.append(f"{c.name}: " + "; ".join(parts))
         return "\n".join(out)
 
-    # --- plot -----------------------------------------------------------------------------
     def plot(self, path: str, dpi: int = 130) -> str:
-        """Log-log PNG: one panel per target, one curve per method (colour) and precision
-        (solid float64, dashed float32). Returns ``path``.
-
-        The h axis is logarithmic: one unit per decade down to 1e-20, then one unit per
-        :data:`_TAIL_DECADES` decades, so the finite-difference valleys (1e-1 ... 1e-16) stay
-        readable while the complex-step plateau is followed down to the subnormal 1e-310 (shaded).
-        Errors below 1e-18 (including an exact 0) are drawn on the 1e-18 floor.
-        """
-        import matplotlib  # noqa: PLC0415 (import cost only when plotting)
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-        from matplotlib.lines import Line2D  # noqa: PLC0415
-
-        floor = 1e-18
-        tiny64 = float(numpy.finfo(numpy.float64).tiny)
-        colors = {"cs": "#1f5fbf", "forward": "#d62728", "central": "#2a9d3a"}
-        styles = {"float64": dict(ls="-", marker="o", ms=3.0, lw=1.7),
-                  "float32": dict(ls="--", marker="s", ms=2.4, lw=1.1, alpha=0.7)}
-        n = len(self.cases)
-        ncols = 1 if n == 1 else 2 if n <= 4 else 3 if n <= 9 else 4
-        nrows = math.ceil(n / ncols)
-        spare = nrows * ncols - n
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.7 * nrows + (0.7 if not spare else 0.3)), squeeze=False)
-        all_steps = sorted({h for c in self.cases for cv in c.curves for h in cv.steps}, reverse=True)
-        t_max = max(_axis_pos(h) for h in all_steps)
-        t_min = min(_axis_pos(h) for h in all_steps)
-        deepest = -math.log10(all_steps[-1])
-        ticks = [k for k in (0, 4, 8, 12, 16, 20, 50, 100, 150, 200, 250, 300) if k <= deepest + 0.5]
-        if not ticks or deepest > 20 and _axis_pos(10.0 ** -ticks[-1]) < t_min:
-            ticks = sorted({round(-math.log10(h)) for h in all_steps})[:: max(1, len(all_steps) // 8)]
-        precisions_used = [p for p in PRECISIONS if any(cv.precision == p for c in self.cases for cv in c.curves)]
-        methods_used = [m for m in METHODS if any(cv.method == m for c in self.cases for cv in c.curves)]
-        for ax, c in zip(axes.flat, self.cases):
-            ax.axhspan(floor / 3, floor, color="0.94", lw=0)
-            for prec in precisions_used:
-                eps = float(numpy.finfo(numpy.dtype(prec)).eps)
-                ax.axhline(eps, color="0.6", ls=":", lw=0.9)
-                # float64 label on the left (the CS curve is still high there), float32 on the
-                # right (its curves have failed there): neither sits on a curve
-                right = prec == "float32" and t_max > t_min + 10
-                ax.text(t_max - 0.5 if right else t_min - 0.2, eps * 1.5, f"{prec} eps", fontsize=6.5, color="0.45",
-                        va="bottom", ha="right" if right else "left")
-            if deepest > 20 and t_min < 20:
-                ax.axvline(20, color="0.8", lw=0.8)
-            if all_steps[-1] < tiny64:
-                ax.axvspan(_axis_pos(tiny64), t_max + 2, color="#ffe9b3", lw=0)
-            for cv in c.curves:
-                xs = [_axis_pos(h) for h in cv.steps]
-                ys = [max(e, floor) if math.isfinite(e) else math.nan for e in cv.errors]
-                ax.plot(xs, ys, color=colors[cv.method], **styles[cv.precision])
-            ax.set_yscale("log")
-            ax.set_ylim(floor / 3, 3e2)
-            ax.set_xlim(t_min - 0.3, t_max + (0.8 if all_steps[-1] < tiny64 else 0.3))
-            ax.set_xticks([_axis_pos(10.0 ** -k) for k in ticks])
-            ax.set_xticklabels([f"$10^{{-{k}}}$" if k else "1" for k in ticks], fontsize=7.5)
-            ax.set_yticks([10.0 ** k for k in range(-18, 3, 3)])
-            ax.tick_params(axis="y", labelsize=7.5)
-            ax.grid(True, which="major", color="0.9", lw=0.6)
-            ax.set_title(f"{c.name}: {c.title}", fontsize=9.5)
-            ax.set_xlabel("step h" + (f"  (1 tick per decade to $10^{{-20}}$, compressed {_TAIL_DECADES}x beyond)" if deepest > 20 else ""), fontsize=7.5)
-            ax.set_ylabel("relative error", fontsize=8.5)
-        handles = [Line2D([], [], color=colors[m], lw=2.2, label=METHODS[m]) for m in methods_used]
-        if len(precisions_used) > 1:
-            handles += [Line2D([], [], color="0.3", label=f"{p}" + (" (CS in complex128)" if p == "float64" else " (CS in complex64)"),
-                               **{k: v for k, v in styles[p].items() if k != "alpha"}) for p in precisions_used]
-        notes = ["complex step: Im f(x + ihv)/h", "forward: (f(x + hv) - f(x))/h", "central: (f(x + hv) - f(x - hv))/(2h)",
-                 "error: |approx - exact| / |exact|", "exact 0 drawn at 1e-18"]
-        if all_steps[-1] < tiny64:
-            notes.append("shaded: h below 2.2e-308 (subnormal)")
-        if spare:
-            for ax in list(axes.flat)[n:]:
-                ax.axis("off")
-            lax = list(axes.flat)[n]
-            lax.legend(handles=handles, loc="upper left", frameon=False, fontsize=9.5)
-            lax.text(0.02, 0.40, "\n".join(notes), transform=lax.transAxes, fontsize=8.5, va="top", color="0.25", family="monospace")
-            bottom = 0.0
-        else:
-            fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
-            bottom = 0.06
-        mlp = self.setup.get("mlp")
-        sub = f"cstep {self.setup.get('cstep', __version__)}, {self.setup.get('backend', '?')}"
-        if mlp:
-            sub += f"; MLP softmax cross-entropy, seed {mlp['seed']}"
-        fig.suptitle(f"Complex step vs finite differences: relative error against step h   ({sub})", fontsize=11)
-        fig.tight_layout(rect=(0, bottom, 1, 0.97))
-        _ensure_parent(path)
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        return path
-
-
-_TAIL_DECADES = 10  # decades per plot unit beyond 1e-20
-
-
-def _axis_pos(h: float) -> float:
-    """Plot abscissa of step h: -log10 h, compressed :data:`_TAIL_DECADES`-fold beyond 20 decades."""
-    t = -math.log10(h)
-    return t if t <= 20 else 20 + (t - 20) / _TAIL_DECADES
-
-
-def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"cannot write {path}: directory {parent} does not exist; create it or choose another path")
-
-
-def _write_text(path: str, text: str) -> None:
-    _ensure_parent(path)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+        """Log-log PNG, one panel per target (:func:`engine.app.plots.plot_study`). Returns ``path``."""
+        return plot_study(self, path, dpi)
 
 
 # --- the study ------------------------------------------------------------------------------
@@ -787,70 +448,3 @@ def run_study(targets=("all",), methods=("cs", "forward", "central"), precisions
     return StudyResult(cases, setup)
 
 
-# --- command line ---------------------------------------------------------------------------
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``cstep study`` on an ``argparse`` subparsers object; returns the subparser."""
-    p = subparsers.add_parser(
-        "study",
-        help="precision study: complex step vs forward/central differences",
-        description="Relative error of the complex step, forward and central differences against step h, "
-                    "on scalar test functions (50-digit references) and on the gradient and Hessian-vector "
-                    "product of a small MLP (exact R-operator reference). Prints a table; writes JSON, CSV, PNG.",
-    )
-    p.add_argument("--target", action="append", metavar="NAME",
-                   help="demo, squire-trapp (st-power, st-exp), mlp-hvp, mlp-grad or all (default); repeat or comma-separate")
-    p.add_argument("--method", action="append", metavar="NAME",
-                   help="cs, forward, central (default: all three); repeat or comma-separate")
-    p.add_argument("--act", default="tanh,relu", metavar="ACT",
-                   help="MLP hidden activation: tanh, relu, or both (default: tanh,relu)")
-    p.add_argument("--sizes", default="6,10,10,4", metavar="W0,W1,...", help="MLP layer widths (default 6,10,10,4)")
-    p.add_argument("--batch", type=int, default=16, help="MLP batch size (default 16)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the MLP weights, data and direction (default {DEFAULT_SEED})")
-    p.add_argument("--precision", default="both", metavar="P", help="float64, float32 or both (default both)")
-    p.add_argument("--steps", metavar="H,H,...", help="custom comma list of steps, e.g. 1e-1,1e-8,1e-30 (default 1e-1 ... 1e-310)")
-    p.add_argument("--json", metavar="PATH", help="write the curves, minima and setup as JSON")
-    p.add_argument("--csv", metavar="PATH", help="write the curves as long-format CSV")
-    p.add_argument("--plot", metavar="PATH", help="write a log-log PNG, one panel per target")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no table (only the files written)")
-    p.set_defaults(func=cmd_study)
-    return p
-
-
-def cmd_study(args) -> int:
-    """Run the study from parsed arguments; user errors raise ValueError (one line, exit 2)."""
-    try:
-        sizes = tuple(int(s) for s in str(args.sizes).replace(" ", "").split(",") if s)
-    except ValueError:
-        raise ValueError(f"--sizes must be comma-separated integers such as 6,10,10,4, got {args.sizes!r}") from None
-    for path in (args.json, args.csv, args.plot):
-        if path:
-            _ensure_parent(path)
-    if args.plot and not str(args.plot).lower().endswith(".png"):
-        raise ValueError(f"--plot writes a PNG; give a path ending in .png, got {args.plot!r}")
-    result = run_study(
-        targets=args.target or ["all"],
-        methods=args.method or list(METHODS),
-        precisions=args.precision,
-        steps=parse_steps(args.steps) if args.steps else None,
-        mlp={"sizes": sizes, "batch": args.batch, "seed": args.seed},
-        acts=args.act,
-        progress=not args.quiet,
-    )
-    if not args.quiet:
-        print(result.table())
-        print()
-        print(result.summary())
-    written = []
-    if args.json:
-        result.to_json(args.json)
-        written.append(args.json)
-    if args.csv:
-        result.to_csv(args.csv)
-        written.append(args.csv)
-    if args.plot:
-        result.plot(args.plot)
-        written.append(args.plot)
-    for path in written:
-        print(f"wrote {path}")
-    return 0

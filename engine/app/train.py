@@ -1,6 +1,6 @@
 """The training loop shared by the command line and the benchmarks.
 
-It follows the K-BFGS reference protocol (kbfgs.md sections 3.4-3.5):
+It follows the K-BFGS reference protocol (docs/kbfgs.md sections 3.4-3.5):
 
 * minibatches are sequential slices of a per-epoch permutation (``data.BatchIterator``),
   remainder dropped; a solver with a warm start consumes one epoch of the iterator first, so it
@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy
 
-from .backend import array_module, get_xp, is_device_array, to_device, to_host
+from ..backend import array_module, get_xp, is_device_array, to_device, to_host
 
 __all__ = ["Trainer", "History", "evaluate", "host_scalars", "TrainingDiverged"]
 
@@ -125,31 +125,28 @@ class Trainer:
     """One training run: model + solver + dataset + batch iterator + history.
 
     ``dataset`` is a ``data.Dataset`` (host arrays; ``y_train is None`` for autoencoders, whose
-    target is the input). Parameters live in one flat device buffer whose views the solver
-    updates in place. ``seed`` seeds the initial weights (drawn by ``init``: "numpy" or
-    "torch", see :meth:`engine.model.Model.init`) and the batch order (``order``: "pcg64", or
-    "reference" for the reference code's exact batches, see :class:`data.BatchIterator`).
+    target is the input). ``batches`` is the batch iterator over its training examples
+    (``next_indices()``, ``batches_per_epoch``, ``batch_size``, ``n_examples``, ``state_dict()``,
+    ``load_state_dict()``: a ``data.BatchIterator``, built by the caller, e.g.
+    :func:`engine.app.runs.make_trainer`). Parameters live in one flat device buffer whose views
+    the solver updates in place; ``seed`` seeds the initial weights (drawn by ``init``: "numpy" or
+    "torch", see :meth:`engine.model.Model.init`). Each batch is gathered on the host and copied
+    to the parameters' module once.
     """
 
-    def __init__(self, model, solver, dataset, batch_size: int = 1000, seed: int = 9999,
-                 dtype=numpy.float32, eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy",
-                 order: str = "pcg64", xp=None):
-        from data import BatchIterator, gather_batch  # the CLI layer may import data; keep the engine core free of it
-
-        self._gather = gather_batch
-
+    def __init__(self, model, solver, dataset, batches, seed: int = 9999, dtype=numpy.float32,
+                 eval_chunk: int = 1000, init: str = "numpy", xp=None):
         self.model, self.solver, self.dataset = model, solver, dataset
         self.dtype = numpy.dtype(dtype)
-        self.batch_size = int(batch_size)
-        self.eval_chunk = int(eval_chunk)
         n = dataset.x_train.shape[0]
-        if self.batch_size < 1 or self.batch_size > n:
-            raise ValueError(f"batch size must be between 1 and the {n} training examples, got {batch_size}")
+        if batches.n_examples != n:
+            raise ValueError(f"the batch iterator covers {batches.n_examples} examples but the training set has {n}")
+        self.iterator = batches
+        self.batch_size = int(batches.batch_size)
+        self.eval_chunk = int(eval_chunk)
         self.xp = xp or get_xp()
         self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp, init=init)
         self.solver_state = solver.init(self.params)
-        draws = solver.reference_draws_per_batch if order == "reference" else 0
-        self.iterator = BatchIterator(n, self.batch_size, seed=seed, shuffle=shuffle, order=order, draws_per_batch=draws)
         self.history = History()
         self.iteration = 0
         self.epoch = 0
@@ -217,7 +214,11 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------
     def _batch(self, idx):
-        return self._gather(idx, self.dataset.x_train, self.dataset.y_train, xp=self.xp, dtype=self.dtype)
+        """``(x[idx], y[idx])`` gathered on the host and copied to the device once each (inputs cast
+        to the run's dtype, labels keep theirs); an autoencoder's target is the same array as its input."""
+        xb = to_device(self.dataset.x_train[idx], self.xp, dtype=self.dtype)
+        y = self.dataset.y_train
+        return xb, (xb if y is None else to_device(y[idx], self.xp))
 
     def _warm_start_batches(self):
         for _ in range(self.iterator.batches_per_epoch):

@@ -5,8 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data import BatchIterator, DataError, gather_batch
-from engine.backend import get_xp, to_host
+from data import BatchIterator, DataError
 
 
 def take(it, n):
@@ -104,24 +103,6 @@ def test_bad_state_or_settings_raise():
         BatchIterator(3, 4)
     with pytest.raises(DataError, match="positive integer"):
         BatchIterator(10, 0)
-
-
-def test_gather_batch_moves_one_batch_to_the_backend(xp):
-    x = np.arange(40, dtype=np.float32).reshape(10, 4)
-    y = np.arange(10, dtype=np.int64)
-    idx = np.array([7, 2, 5])
-    xb, yb = gather_batch(idx, x, y, xp=xp, dtype=np.float64)
-    assert isinstance(xb, xp.ndarray) and isinstance(yb, xp.ndarray)
-    np.testing.assert_array_equal(to_host(xb), x[idx])
-    np.testing.assert_array_equal(to_host(yb), y[idx])
-    assert xb.dtype == np.float64 and yb.dtype == np.int64 and xb.flags.c_contiguous
-    xa, ya = gather_batch(idx, x, xp=xp)  # autoencoder: the target is the input itself
-    assert ya is xa and xa.dtype == np.float32
-
-
-def test_gather_batch_defaults_to_the_active_backend():
-    xb, _ = gather_batch(np.array([1, 0]), np.ones((3, 2), np.float32))
-    assert isinstance(xb, get_xp().ndarray)
 
 
 # --- the reference code's order -------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 from engine.backend import array_module, is_device_array, to_host
-from engine.runfile import read_record, write_record
+from engine.app.runfile import read_record, write_record
 from nets import mlp
 from solvers import SOLVERS, make_solver
 from tests.solvers.common import assert_same_record, copy_state, host_float, on, to_np, twin

@@ -1,4 +1,4 @@
-"""The ``cstep`` command line (engine/cli.py): exact resume for every registered solver, crash
+"""The ``cstep`` command line (engine/app): exact resume for every registered solver, crash
 safety under SIGKILL, one-line errors with exit status 2, progress output, info, plot, compare."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pytest
 import data
 import nets
 import solvers
-from engine import cli
+from engine.app import cli, options, progress
 from engine.backend import backend_name
-from engine.runfile import load_run
+from engine.app.runfile import load_run
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY, WIDE, CURVES_TINY = "test-tiny-ae", "test-tiny-ae-wide", "test-curves-ae"
 TOY = "test-toy"
 #: 600 toy examples of 16 features, batch 100: 6 iterations per epoch; every solver's factors are tiny
@@ -77,7 +77,7 @@ CHILD = textwrap.dedent("""
     exec({registry!r})
     presets.PRESETS.update(TEST_PRESETS)
     data.DATASETS.update(TEST_DATASETS)
-    import engine.runfile as runfile
+    import engine.app.runfile as runfile
     real_save, count = runfile.save_run, [0]
     kill_in_write = int(os.environ.get("CSTEP_TEST_KILL_IN_WRITE", "0"))
     def save_run(path, record):
@@ -88,7 +88,7 @@ CHILD = textwrap.dedent("""
         print("saved", record.state["progress"]["iteration"], flush=True)
         return out
     runfile.save_run = save_run
-    from engine.cli import main
+    from engine.app.cli import main
     sys.exit(main(sys.argv[1:]))
 """).format(repo=str(REPO), registry=TEST_REGISTRY)
 
@@ -141,7 +141,7 @@ def _assert_same_run(a_path, b_path):
 @pytest.mark.parametrize("solver", solvers.solver_names())
 def test_resume_is_bitwise_exact(solver, tmp_path, capsys, monkeypatch):
     """4 epochs straight == 2 epochs + resume to 4 == resume from a mid-epoch checkpoint."""
-    import engine.runfile as runfile
+    import engine.app.runfile as runfile
 
     full, split, mid = tmp_path / "full.h5", tmp_path / "split.h5", tmp_path / "mid.h5"
     rc, _, err = _cstep(capsys, "train", *SMALL, "--solver", solver, "--epochs", 4, "--out", full, "--quiet")
@@ -428,7 +428,7 @@ class _Terminal(io.StringIO):
 def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    monkeypatch.setattr(cli.Progress, "refresh_interval", 0.0)  # redraw at every step, however fast
+    monkeypatch.setattr(progress.Progress, "refresh_interval", 0.0)  # redraw at every step, however fast
     rc = cli.main(["train", *SMALL, "--solver", "sgd", "--epochs", "2", "--out", str(tmp_path / "a.h5")])
     assert rc == 0
     text = term.getvalue()
@@ -510,10 +510,7 @@ def test_help_lists_every_command_option_solver_and_preset(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     top = capsys.readouterr().out
-    import importlib.util
-    commands = ["train", "resume", "info", "plot", "compare"]
-    if importlib.util.find_spec("engine.study") is not None:
-        commands.append("study")
+    commands = ["train", "resume", "info", "plot", "compare", "study"]
     for command in commands:
         assert command in top
         with pytest.raises(SystemExit) as exc:
@@ -527,15 +524,15 @@ def test_help_lists_every_command_option_solver_and_preset(capsys):
         assert name in text
     for solver in solvers.solver_names():
         for key in solvers.get_solver(solver).hyperparameters:
-            assert cli._hyper_flag(key) in text
+            assert options.hyper_flag(key) in text
 
 
 def test_train_defaults_are_the_readme_main_job():
     args = cli.build_parser().parse_args(["train"])
     assert (args.net, args.solver, args.dtype, args.seed, args.init, args.order) == \
         ("curves-ae", "kbfgs", "float32", 9999, "torch", "reference")
-    assert args.batch_size is None and "curves-ae" not in cli.PRESET_BATCH_SIZES  # -> DEFAULT_BATCH_SIZE
-    assert cli.DEFAULT_BATCH_SIZE == 1000 and cli.PRESET_BATCH_SIZES["mnist-cnn"] == 128
+    assert args.batch_size is None and "curves-ae" not in options.PRESET_BATCH_SIZES  # -> DEFAULT_BATCH_SIZE
+    assert options.DEFAULT_BATCH_SIZE == 1000 and options.PRESET_BATCH_SIZES["mnist-cnn"] == 128
     assert args.epochs is None and args.max_time is None  # -> DEFAULT_EPOCHS
     assert nets.PRESETS["curves-ae"][1] == "curves"
 
@@ -553,7 +550,7 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, capsys):
 
 
 def test_tuned_defaults_apply_unless_overridden(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(cli.TUNED_HYPERPARAMETERS, (TINY, "sgd"), {"lr": 0.07})
+    monkeypatch.setitem(options.TUNED_HYPERPARAMETERS, (TINY, "sgd"), {"lr": 0.07})
     rc, _, err = _cstep(capsys, "train", *SMALL, "--solver", "sgd", "--epochs", 1, "--out", tmp_path / "a.h5", "--quiet")
     assert rc == 0, err
     assert load_run(tmp_path / "a.h5").hyperparameters == {"lr": 0.07, "momentum": 0.9, "heavy_ball": False}
@@ -561,7 +558,7 @@ def test_tuned_defaults_apply_unless_overridden(tmp_path, capsys, monkeypatch):
                         "--quiet")
     assert rc == 0, err
     assert load_run(tmp_path / "b.h5").hyperparameters["lr"] == 0.02
-    assert cli.TUNED_HYPERPARAMETERS[("curves-ae", "kbfgs")]["damping"] > 0
+    assert options.TUNED_HYPERPARAMETERS[("curves-ae", "kbfgs")]["damping"] > 0
 
 
 def test_init_option_starts_from_pytorch_weights_and_is_recorded(tmp_path, capsys):
@@ -617,7 +614,7 @@ def test_run_files_from_before_init_and_order_resume_as_numpy_and_pcg64(tmp_path
 
 
 def test_preset_batch_size_applies_unless_given(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(cli.PRESET_BATCH_SIZES, TINY, 50)
+    monkeypatch.setitem(options.PRESET_BATCH_SIZES, TINY, 50)
     base = ["--net", TINY, "--n-train", "600", "--n-test", "200", "--solver", "sgd", "--epochs", 1, "--quiet"]
     for extra, expected in (((), 50), (("--batch-size", 120), 120)):
         path = tmp_path / f"b{expected}.h5"

@@ -1,4 +1,4 @@
-"""HDF5 run files (engine/runfile.py): lossless records, layout readable with plain h5py, atomic
+"""HDF5 run files (engine/app/runfile.py): lossless records, layout readable with plain h5py, atomic
 writes, clear rejection of foreign and damaged files."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import h5py
 import numpy
 import pytest
 
-from engine import runfile
+from engine.app import runfile
 from engine.backend import to_host
-from engine.runfile import (FORMAT_VERSION, MAGIC, RunFileError, RunRecord, check_run_file, load_run, read_record,
+from engine.app.runfile import (FORMAT_VERSION, MAGIC, RunFileError, RunRecord, check_run_file, load_run, read_record,
                             save_run, write_record)
 
 

@@ -1,4 +1,4 @@
-"""Tests for engine/study.py: the precision study must show the classical shape of the error
+"""Tests for engine/app/study.py: the precision study must show the classical shape of the error
 curves (complex-step.md section 7), against references that share no code with the study:
 literature values of the scalar derivatives, a 40-digit mpmath dense Hessian and gradient of the
 MLP (tests/reference.py), and a NumPy re-implementation of the MLP's pre-activations for the
@@ -16,7 +16,7 @@ import mpmath
 import numpy
 import pytest
 
-from engine import study
+from engine.app import cli, study
 from engine.layers import Dense
 from tests.reference import mp_dense_hessian, mp_gradient
 
@@ -35,7 +35,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _parser():
     parser = argparse.ArgumentParser(prog="cstep")
     sub = parser.add_subparsers(dest="command")
-    study.add_parser(sub)
+    cli._add_study_parser(sub)
     return parser
 
 
@@ -306,8 +306,7 @@ def test_user_errors_are_one_sentence_value_errors(argv, words):
 
 
 def test_cli_main_runs_study(tmp_path, capsys):
-    """``cstep study`` through the project's command line (engine.cli wires study.add_parser)."""
-    from engine import cli
+    """``cstep study`` through the project's command line."""
 
     path = tmp_path / "cli.json"
     assert cli.main(["study", "--target", "demo", "--steps", "1e-5,1e-30", "--json", str(path), "--quiet"]) == 0

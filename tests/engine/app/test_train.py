@@ -1,4 +1,4 @@
-"""The training loop (engine/train.py): reference protocol (batch order, evaluation), exact
+"""The training loop (engine/app/train.py): reference protocol (batch order, evaluation), exact
 continuation through state_dict / run files, stopping rules."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pytest
 
 import data
 from engine.backend import array_module, to_host
-from engine.runfile import RunRecord, load_run, save_run
-from engine.train import Trainer, TrainingDiverged, evaluate, host_scalars
+from engine.app.runfile import RunRecord, load_run, save_run
+from engine.app.runs import make_trainer
+from engine.app.train import Trainer, TrainingDiverged, evaluate, host_scalars
 from nets import mlp
 from solvers.base import Hyper, Solver, positive, rng_from_state_array, rng_state_array
 from solvers.sgd import SGD
@@ -86,7 +87,7 @@ def test_sgd_run_matches_an_independent_reference_loop(xp):
     and the per-epoch chunked evaluation, recomputed by hand (on the host, whatever ``xp``)."""
     ds, model = _dataset(), _model()
     lr, rho, seed, batch, chunk = 0.3, 0.9, 7, 10, 20
-    tr = Trainer(model, SGD(model, lr=lr, momentum=rho), ds, batch_size=batch, seed=seed,
+    tr = make_trainer(model, SGD(model, lr=lr, momentum=rho), ds, batch_size=batch, seed=seed,
                  dtype=numpy.float64, eval_chunk=chunk, xp=xp)
     assert array_module(*tr.params) is xp
     tr.run(epochs=3)
@@ -131,7 +132,7 @@ def test_state_dict_continues_bitwise(tmp_path, stop_at, dtype, xp):
     ds, model = _dataset(), _model()
 
     def make():
-        return Trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20, xp=xp)
+        return make_trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20, xp=xp)
 
     full = make()
     full.run(epochs=4)
@@ -165,19 +166,19 @@ def test_state_dict_continues_bitwise(tmp_path, stop_at, dtype, xp):
 
 def test_load_state_dict_rejects_another_network_or_dtype():
     ds, model = _dataset(), _model()
-    tr = Trainer(model, SGD(model), ds, batch_size=10, dtype=numpy.float32)
+    tr = make_trainer(model, SGD(model), ds, batch_size=10, dtype=numpy.float32)
     other = mlp([8, 6, 8], ["tanh", "linear"], "sigmoid_xent", name="wider")
-    wrong = Trainer(other, SGD(other), ds, batch_size=10, dtype=numpy.float32)
+    wrong = make_trainer(other, SGD(other), ds, batch_size=10, dtype=numpy.float32)
     with pytest.raises(ValueError, match="different network"):
         tr.load_state_dict(wrong.state_dict())
-    as64 = Trainer(model, SGD(model), ds, batch_size=10, dtype=numpy.float64)
+    as64 = make_trainer(model, SGD(model), ds, batch_size=10, dtype=numpy.float64)
     with pytest.raises(ValueError, match="float64"):
         tr.load_state_dict(as64.state_dict())
 
 
 def test_time_budget_is_checked_at_epoch_ends():
     ds, model = _dataset(), _model()
-    tr = Trainer(model, SGD(model), ds, batch_size=10)
+    tr = make_trainer(model, SGD(model), ds, batch_size=10)
     tr.run(max_time=1e-12)  # already exceeded after the first step, but the epoch is finished
     assert tr.epoch == 1 and tr.iteration == 5
     tr.run(epochs=3)
@@ -193,7 +194,7 @@ def test_divergence_stops_with_a_clear_error():
             params, state, info = super().step(params, state, x, y)
             return params, state, {**info, "loss": math.inf if state["k"] == 3 else info["loss"]}
 
-    tr = Trainer(model, Exploding(model), ds, batch_size=10)
+    tr = make_trainer(model, Exploding(model), ds, batch_size=10)
     with pytest.raises(TrainingDiverged, match="iteration 3.*learning rate"):
         tr.run(epochs=2)
 
@@ -201,7 +202,7 @@ def test_divergence_stops_with_a_clear_error():
 def test_bad_batch_size_is_refused():
     ds, model = _dataset(), _model()
     with pytest.raises(ValueError, match="batch size"):
-        Trainer(model, SGD(model), ds, batch_size=51)
+        make_trainer(model, SGD(model), ds, batch_size=51)
 
 
 def test_reference_order_replays_the_solvers_own_generator_draws():
@@ -211,11 +212,11 @@ def test_reference_order_replays_the_solvers_own_generator_draws():
     for name, draws in (("kbfgs", 1), ("kbfgs_l", 1), ("kfac", 1), ("sgd", 0), ("rmsprop", 0), ("adam", 0)):
         solver = make_solver(name, _model())
         assert solver.reference_draws_per_batch == draws
-        tr = Trainer(_model(), solver, ds, batch_size=10, seed=3, dtype=numpy.float64, order="reference")
+        tr = make_trainer(_model(), solver, ds, batch_size=10, seed=3, dtype=numpy.float64, order="reference")
         assert (tr.iterator.order, tr.iterator.draws_per_batch) == ("reference", draws)
-        assert Trainer(_model(), solver, ds, batch_size=10, seed=3).iterator.draws_per_batch == 0
+        assert make_trainer(_model(), solver, ds, batch_size=10, seed=3).iterator.draws_per_batch == 0
     # the same draws as the reference loop: after the warm-start epoch, one permutation(10) per batch
-    tr = Trainer(_model(), make_solver("kbfgs", _model()), ds, batch_size=10, seed=3, order="reference")
+    tr = make_trainer(_model(), make_solver("kbfgs", _model()), ds, batch_size=10, seed=3, order="reference")
     tr.run(epochs=2)
     legacy = numpy.random.RandomState(3)
     order = numpy.arange(50)
@@ -234,7 +235,7 @@ def test_reference_order_replays_the_solvers_own_generator_draws():
 def test_device_run_is_the_host_run(xp, dtype):
     """The trainer on CuPy gives the NumPy run's history: every step loss and epoch evaluation."""
     ds, model = _dataset(), _model()
-    runs = [Trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20, xp=m)
+    runs = [make_trainer(model, NoisyWarmSolver(model), ds, batch_size=10, seed=3, dtype=dtype, eval_chunk=20, xp=m)
             for m in (numpy, xp)]
     for tr in runs:
         tr.run(epochs=2)
@@ -251,7 +252,7 @@ def test_trainer_makes_one_host_sync_per_iteration(xp):
     from tests.device_counts import device_work
 
     ds, model = _dataset(), _model()
-    tr = Trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    tr = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
     marks = []
     with device_work(xp, forbid_syncs=False) as work:
         def on_step(trainer, row):
@@ -277,3 +278,29 @@ def test_host_scalars_is_one_transfer_and_keeps_types(xp):
             assert work.n_syncs == 1, str(work)
     assert row == {"loss": 1.5, "n": 3, "flag": True, "z": 2.0, "host": 7, "hf": 0.25}
     assert [type(v) for v in row.values()] == [float, int, bool, float, int, float]
+
+
+def test_a_batch_moves_to_the_parameters_module_once(xp):
+    """Inputs are cast to the run's dtype, labels keep theirs, an autoencoder's target is its input."""
+    rng = numpy.random.default_rng(0)
+    labelled = data.Dataset("toy-labels", rng.random((10, 8)), rng.random((4, 8)), y_train=numpy.arange(10) % 3,
+                            y_test=numpy.arange(4) % 3, n_classes=3, description="labelled toy data")
+    model = mlp([8, 3], ["linear"], "softmax_xent", name="toy-clf")
+    tr = make_trainer(model, SGD(model), labelled, batch_size=5, dtype=numpy.float64, xp=xp)
+    idx = numpy.array([7, 2, 5])
+    xb, yb = tr._batch(idx)
+    assert array_module(xb, yb) is xp and xb.dtype == numpy.float64 and yb.dtype == labelled.y_train.dtype
+    numpy.testing.assert_array_equal(to_host(xb), labelled.x_train[idx])
+    numpy.testing.assert_array_equal(to_host(yb), labelled.y_train[idx])
+    ae = make_trainer(_model(), SGD(_model()), _dataset(), batch_size=5, dtype=numpy.float32, xp=xp)
+    xa, ya = ae._batch(idx)
+    assert ya is xa and xa.dtype == numpy.float32
+
+
+def test_the_trainer_takes_its_batches_from_the_caller():
+    ds, model = _dataset(), _model()
+    with pytest.raises(ValueError, match="covers 40 examples but the training set has 50"):
+        Trainer(model, SGD(model), ds, data.BatchIterator(40, 10))
+    tr = Trainer(model, SGD(model), ds, data.BatchIterator(50, 25, seed=1), seed=1)
+    tr.run(epochs=1)
+    assert tr.iteration == 2 and tr.batch_size == 25

@@ -1,0 +1,96 @@
+"""What the command line prints: run summaries, ``cstep info``'s text and JSON, the compare table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def print_summary(summary: dict, args) -> None:
+    if args.json:
+        print(json.dumps(summary, indent=2, allow_nan=True))
+    elif not args.quiet:
+        tr = summary["train_loss"][-1] if summary["train_loss"] else float("nan")
+        te = summary["test_loss"][-1] if summary["test_loss"] else float("nan")
+        print(f"{summary['status']}: {summary['solver']} on {summary['net']}/{summary['dataset']}, "
+              f"{summary['epochs']} epochs ({summary['iterations']} iterations), train loss {tr:.6g}, test loss {te:.6g}, "
+              f"{summary['training_cpu_seconds']:.1f} s training CPU, {summary['elapsed_seconds']:.1f} s elapsed")
+        print(f"run file: {summary['run']}")
+
+
+def info_record(rec) -> dict:
+    """``cstep info --json``: everything a run file holds except the arrays."""
+    ep = rec.history["epochs"]
+    steps = rec.history["steps"]
+    return {"run": str(rec.path), "format_version": rec.meta.get("format_version"),
+            "created": rec.meta.get("created"), "updated": rec.meta.get("updated"),
+            "config": rec.config, "hyperparameters": rec.hyperparameters,
+            "progress": rec.progress, "final": final_row(rec), "epochs": ep,
+            "steps_recorded": len(next(iter(steps.values()))) if steps else 0,
+            "step_columns": list(steps), "environment": rec.environment}
+
+
+def final_row(rec) -> dict:
+    ep = rec.history["epochs"]
+    return {k: v[-1] for k, v in ep.items()} if ep and any(ep.values()) else {}
+
+
+def info_lines(rec) -> list[str]:
+    """``cstep info``: one line per aspect of the run."""
+    final = final_row(rec)
+    c, p, e = rec.config, rec.progress, rec.environment
+    sub = " (substitute: not comparable with published numbers)" if c.get("dataset_substitute") else ""
+    hyper = ", ".join(f"{k}={fmt_value(v)}" for k, v in rec.hyperparameters.items())
+    target = c.get("epochs")
+    lines = [
+        f"run file     {rec.path}  (format {rec.meta.get('format_version')}, created {rec.meta.get('created')}, updated {rec.meta.get('updated')})",
+        f"network      {c['net']}: {c.get('net_description', '')}; {c.get('n_params', 0):,} parameters",
+        f"data         {c['dataset']}: {c.get('n_train_used')} train / {c.get('n_test_used')} test{sub}",
+        f"solver       {c['solver']}  {hyper}",
+        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']} ({c.get('init', 'numpy')} init, {c.get('order', 'pcg64')} order), epochs {target}, "
+        f"max time {str(c['max_time']) + ' s' if c.get('max_time') else 'none'}, "
+        f"checkpoint every {str(c['checkpoint_every']) + ' iterations and every epoch' if c.get('checkpoint_every') else 'epoch'}",
+        f"progress     {p.get('status', '?')}: epoch {p['epoch']}{'/' + str(target) if target else ''}, iteration {p['iteration']}, "
+        f"{p['cpu_time']:.2f} s training CPU, {p['wall_time']:.2f} s wall, {p.get('checkpoints', '?')} checkpoints "
+        f"(last {p.get('checkpoint_time', '?')})",
+    ]
+    if final:
+        losses = ", ".join(f"{k.replace('_', ' ')} {fmt_value(final[k])}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy") if k in final)
+        lines.append(f"final        {losses}")
+    else:
+        lines.append("final        no epoch completed yet")
+    lines.append(f"environment  cstep {e.get('cstep_version')}, Python {e.get('python')}, NumPy {e.get('numpy')}, "
+                 f"SciPy {e.get('scipy')}, h5py {e.get('h5py')}, CuPy {e.get('cupy') or 'none'}; backend {e.get('backend')} "
+                 f"on {e.get('device')}; host {e.get('host')} ({e.get('platform')})")
+    return lines
+
+
+def compare_table(results: list[dict], plot_path) -> str:
+    """``cstep compare``'s table: one row per solver."""
+    header = f"{'solver':<12} {'status':<9} {'epochs':>6} {'iters':>6} {'train loss':>12} {'test loss':>12} {'CPU s':>8}  run file"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        tr = r["train_loss"][-1] if r["train_loss"] else float("nan")
+        te = r["test_loss"][-1] if r["test_loss"] else float("nan")
+        rows.append(f"{r['solver']:<12} {r['status']:<9} {r['epochs']:>6} {r['iterations']:>6} {tr:>12.6g} {te:>12.6g} "
+                    f"{r['training_cpu_seconds']:>8.1f}  {r['run']}")
+    rows.append(f"plot: {plot_path}")
+    return "\n".join(rows)
+
+
+def ensure_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write {path}: directory {parent} does not exist; create it or choose another path")
+
+
+def write_text(path: str, text: str) -> None:
+    ensure_parent(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

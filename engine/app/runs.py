@@ -1,0 +1,264 @@
+"""Runs: building a training run from its options, continuing one from its run file, checkpoints,
+and driving the trainer to its target (``cstep train``, ``resume`` and ``compare`` share these)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy
+
+import data
+import nets
+
+from .. import __version__
+from ..backend import get_xp, to_device
+from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, UsageError, build_solver, check_data_dir,
+                      check_dtype, check_net, check_solver)
+from .progress import Progress
+from . import runfile
+from .train import Trainer, TrainingDiverged
+
+def make_trainer(model, solver, dataset, batch_size: int = 1000, seed: int = 9999, dtype=numpy.float32,
+                 eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy", order: str = "pcg64", xp=None) -> Trainer:
+    """A :class:`Trainer` with its batch iterator: ``seed`` seeds the initial weights and the batch
+    order (``order``: "pcg64", or "reference" for the reference code's exact batches, replaying the
+    solver's own generator draws, :class:`data.BatchIterator`)."""
+    n = dataset.x_train.shape[0]
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"batch size must be between 1 and the {n} training examples, got {batch_size}")
+    draws = solver.reference_draws_per_batch if order == "reference" else 0
+    batches = data.BatchIterator(n, int(batch_size), seed=seed, shuffle=shuffle, order=order, draws_per_batch=draws)
+    return Trainer(model, solver, dataset, batches, seed=seed, dtype=dtype, eval_chunk=eval_chunk, init=init, xp=xp)
+
+
+def data_fingerprint(ds) -> str:
+    """SHA-256 over shapes, dtypes and bytes of the four arrays: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for a in (ds.x_train, ds.x_test, ds.y_train, ds.y_test):
+        if a is None:
+            h.update(b"none")
+            continue
+        a = numpy.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def load_dataset(name: str, data_dir: str | None, dtype, n_train: int | None, n_test: int | None):
+    kwargs = {}
+    if n_train is not None:
+        kwargs["n_train"] = n_train
+    if n_test is not None:
+        kwargs["n_test"] = n_test
+    try:
+        return data.load(name, data_dir=data_dir, dtype=dtype, **kwargs)
+    except TypeError as exc:  # a loader without size options
+        raise UsageError(f"data set {name!r} cannot be loaded with these options ({exc})") from None
+
+
+def check_fit(model, ds) -> None:
+    """Fail before any work if the network does not fit the data set (one forward pass of one row)."""
+    xp = get_xp()
+    params = model.init(seed=0, dtype=numpy.float64, xp=xp)
+    x = to_device(ds.x_train[:1], xp, dtype=numpy.float64)
+    y = x if ds.y_train is None else to_device(ds.y_train[:1], xp)
+    try:
+        model.loss(params, x, y)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"network {model.name} does not fit data set {ds.name} "
+                         f"(examples of shape {ds.feature_shape}): {exc}") from None
+
+
+class Run:
+    """A run being built or continued: config, model, data set, solver, trainer, run file path."""
+
+    def __init__(self, config: dict, hyper: dict, dataset=None):
+        self.config = config
+        self.dtype = check_dtype(config["dtype"])
+        check_net(config["net"])
+        check_solver(config["solver"])
+        self.model = nets.build(config["net"])
+        if dataset is None:
+            dataset = load_dataset(config["dataset"], config.get("data_dir"), self.dtype,
+                                    config.get("n_train"), config.get("n_test"))
+        self.dataset = dataset
+        check_fit(self.model, dataset)
+        self.solver = build_solver(config["solver"], self.model, hyper)
+        self.hyper = dict(self.solver.hyper)
+        try:
+            self.trainer = make_trainer(self.model, self.solver, dataset, batch_size=config["batch_size"],
+                                        seed=config["seed"], dtype=self.dtype, eval_chunk=config.get("eval_chunk", 1000),
+                                        shuffle=config.get("shuffle", True), init=config.get("init", "numpy"),
+                                        order=config.get("order", "pcg64"))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.path: Path | None = None
+        self.environment: dict = {}
+        self.meta: dict = {}
+        self.checkpoints = 0
+        self.status = "running"
+
+    @classmethod
+    def new(cls, args, net: str, solver: str, hyper: dict, dataset=None) -> "Run":
+        """A fresh run from the common training options of ``train`` / ``compare``."""
+        check_net(net)
+        check_solver(solver)
+        dtype = check_dtype(args.dtype)
+        data_dir = check_data_dir(args.data_dir)
+        ds_name = args.data or nets.PRESETS[net][1]
+        if dataset is None:
+            dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
+        epochs = args.epochs
+        if epochs is None and args.max_time is None:
+            epochs = DEFAULT_EPOCHS
+        model_desc = nets.PRESETS[net][2]
+        config = {
+            "net": net, "net_description": model_desc, "solver": solver,
+            "dataset": ds_name, "dataset_description": dataset.description,
+            "dataset_substitute": bool(dataset.substitute), "dataset_source": getattr(dataset, "source", ""),
+            "n_train": args.n_train, "n_test": args.n_test,
+            "n_train_used": int(dataset.x_train.shape[0]), "n_test_used": int(dataset.x_test.shape[0]),
+            "data_dir": data_dir, "data_fingerprint": data_fingerprint(dataset),
+            "dtype": str(dtype), "seed": args.seed, "init": args.init, "order": args.order,
+            "batch_size": args.batch_size or PRESET_BATCH_SIZES.get(net, DEFAULT_BATCH_SIZE),
+            "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
+            "eval_chunk": 1000, "shuffle": True,
+        }
+        run = cls(config, hyper, dataset)
+        config["n_params"] = run.model.n_params
+        config["param_shapes"] = [list(s) for s in run.model.shapes]
+        config["weight_decay"] = run.model.weight_decay
+        run.environment = runfile.environment_info()
+        config["backend"] = run.environment["backend"]
+        config["cstep_version"] = __version__
+        config["command"] = " ".join(["cstep"] + list(getattr(args, "argv", []) or []))
+        return run
+
+    @classmethod
+    def resume(cls, path, data_dir: str | None = None) -> "Run":
+        """The run stored in ``path``, restored to its last checkpoint."""
+        header = runfile.load_run(path)
+        config = dict(header.config)
+        if data_dir is not None:
+            config["data_dir"] = check_data_dir(data_dir)
+        elif config.get("data_dir") and not Path(config["data_dir"]).is_dir():
+            raise UsageError(f"the run's data directory {config['data_dir']} does not exist here; "
+                             "point --data-dir at the data")
+        saved_shapes = [list(numpy.shape(p)) for p in header.state["params"]]
+        check_net(config["net"])
+        model = nets.build(config["net"])
+        if saved_shapes != [list(s) for s in model.shapes]:
+            raise UsageError(f"run file {path} was written for a network with {len(saved_shapes)} parameter arrays "
+                             f"({sum(int(numpy.prod(s)) for s in saved_shapes)} values) but network {config['net']} has "
+                             f"{len(model.shapes)} ({model.n_params} values); it comes from an incompatible network definition")
+        run = cls(config, header.hyperparameters)
+        fingerprint = data_fingerprint(run.dataset)
+        if config.get("data_fingerprint") and fingerprint != config["data_fingerprint"]:
+            raise UsageError(f"data set {config['dataset']} differs from the one run {path} started on; "
+                             "resume with the same data (same --data-dir and data files)")
+        record = runfile.load_run(path, array_module=get_xp(), solver_template=run.trainer.solver_state)
+        try:
+            run.trainer.load_state_dict(record.state)
+        except ValueError as exc:
+            raise UsageError(f"run file {path} does not fit: {exc}") from None
+        run.path = Path(path)
+        run.meta = dict(record.meta)
+        run.checkpoints = int(record.progress.get("checkpoints", 0))
+        run.environment = runfile.environment_info()
+        if run.environment["backend"] != header.environment.get("backend", run.environment["backend"]):
+            print(f"cstep resume: note: the run was made on the {header.environment.get('backend')} backend and continues "
+                  f"on {run.environment['backend']}; it will not be bit-for-bit what the original backend gives", file=sys.stderr)
+        return run
+
+    def checkpoint(self, status: str | None = None) -> None:
+        """Write the whole run atomically to its run file."""
+        if status is not None:
+            self.status = status
+        self.checkpoints += 1
+        state = self.trainer.state_dict()
+        state["progress"].update({
+            "status": self.status, "checkpoints": self.checkpoints,
+            "target_epochs": self.config.get("epochs"),
+            "checkpoint_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        meta = dict(self.meta)
+        meta["param_layers"] = [(i, type(layer).__name__) for i, layer in enumerate(self.model.layers)
+                                for _ in layer.param_shapes()]
+        record = runfile.RunRecord(config=self.config, hyperparameters=self.hyper, state=state,
+                           environment=self.environment, meta=meta)
+        runfile.save_run(self.path, record)
+        self.meta["created"] = record.meta["created"]
+
+
+def drive(run: Run, epochs, max_time, checkpoint_every, quiet: bool, label: str = "") -> str:
+    """Train ``run`` to its target, checkpointing every ``checkpoint_every`` iterations and at every
+    epoch end; returns the final status ('complete', 'diverged')."""
+    progress = Progress(quiet, label)
+    trainer = run.trainer
+
+    def on_step(tr, row):
+        progress.step(tr, row, epochs)
+        if checkpoint_every and tr.iteration % checkpoint_every == 0:
+            run.checkpoint()
+
+    def on_epoch(tr, row):
+        progress.epoch(tr, row, epochs)
+        run.checkpoint()
+
+    done = (epochs is not None and trainer.epoch >= epochs) or (max_time is not None and trainer.cpu_time >= max_time)
+    if not done:
+        if not trainer.warm_started:
+            progress.message(f"warm start: one pass over {trainer.dataset.x_train.shape[0]} training examples")
+        try:
+            # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as NumPy warnings
+            with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                trainer.run(epochs=epochs, max_time=max_time, on_step=on_step, on_epoch=on_epoch)
+        except TrainingDiverged as exc:
+            progress.close()
+            # the run file keeps the last finite checkpoint; only its status changes
+            record = runfile.load_run(run.path, array_module=get_xp(), solver_template=run.trainer.solver_state)
+            run.trainer.load_state_dict(record.state)
+            run.checkpoint("diverged")
+            print(f"cstep: {label}{exc}; the run file keeps the last finite checkpoint", file=sys.stderr)
+            return "diverged"
+        finally:
+            progress.close()
+    run.checkpoint("complete")
+    return "complete"
+
+
+def summary(run: Run, status: str, elapsed: float) -> dict:
+    ep = run.trainer.history.epochs
+    return {
+        "run": str(run.path), "status": status,
+        "net": run.config["net"], "solver": run.config["solver"], "dataset": run.config["dataset"],
+        "hyperparameters": run.hyper,
+        "epochs": run.trainer.epoch, "iterations": run.trainer.iteration,
+        "train_loss": ep.get("train_loss", []), "test_loss": ep.get("test_loss", []),
+        "cpu_time": ep.get("cpu_time", []), "wall_time": ep.get("wall_time", []),
+        "training_cpu_seconds": run.trainer.cpu_time, "training_wall_seconds": run.trainer.wall_time,
+        "elapsed_seconds": elapsed,
+        "backend": run.environment.get("backend"), "dtype": run.config["dtype"],
+    }
+
+
+def default_run_path(out_dir: Path, net: str, solver: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"{net}-{solver}-{stamp}.h5"
+    k = 2
+    while path.exists():
+        path = out_dir / f"{net}-{solver}-{stamp}-{k}.h5"
+        k += 1
+    return path
+
+
+def claim_path(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise UsageError(f"run file {path} already exists; continue it with 'cstep resume {path}', "
+                         "choose another --out, or pass --overwrite")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name for --out")
+    return path
