@@ -3,7 +3,7 @@
 The question (Shen et al. 2020, abstract): does truncated Newton-CG on complex-step Hessian-vector
 products "converge one order faster"? On the CURVES-like and MNIST deep autoencoders
 (``nets.build("curves-ae")``, ``nets.build("mnist-ae")``; ReLU, sigmoid cross-entropy summed over
-the 784 pixels, tau = 1e-5) every solver runs through :class:`engine.train.Trainer` with the same
+the 784 pixels, tau = 1e-5) every solver runs through :class:`engine.app.train.Trainer` (built by :func:`engine.app.runs.make_trainer`) with the same
 data order, batch size and float32 arithmetic, and the script reports the training loss against
 
 * epochs (passes over the training set),
@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import nets  # noqa: E402
-from engine.train import Trainer  # noqa: E402
+from engine.app.runs import make_trainer  # noqa: E402
 from solvers import make_solver  # noqa: E402
 from solvers.krylov import EXIT_REASONS, curvature_operator, truncated_cg  # noqa: E402
 from solvers.newton_krylov import kfac_preconditioner  # noqa: E402
@@ -113,7 +113,7 @@ def run_one(net: str, label: str, dataset, args, hyper_override=None, log=print)
     hyper = {**hyper, **(hyper_override or {})}
     model = nets.build(preset)
     solver = make_solver(solver_name, model, **hyper)
-    trainer = Trainer(model, solver, dataset, batch_size=args.batch_size, seed=args.seed, dtype=numpy.dtype(args.dtype))
+    trainer = make_trainer(model, solver, dataset, batch_size=args.batch_size, seed=args.seed, dtype=numpy.dtype(args.dtype))
     trainer.warm_start()
     init = trainer.evaluate()
     epochs = {"epoch": [0], "train_loss": [init["train_loss"]], "test_loss": [init.get("test_loss", math.nan)],
@@ -253,7 +253,7 @@ def precond_study(net: str, args, log=print) -> dict:
     model = nets.build(preset)
     solver_name, hyper = SETTINGS["nk-cs"]
     solver = make_solver(solver_name, model, **hyper)
-    trainer = Trainer(model, solver, dataset, batch_size=args.batch_size, seed=args.seed, dtype=numpy.dtype(args.dtype))
+    trainer = make_trainer(model, solver, dataset, batch_size=args.batch_size, seed=args.seed, dtype=numpy.dtype(args.dtype))
     rows = []
 
     def on_step(tr, row):

@@ -4,7 +4,7 @@ Goldfarb, Ren, Bahamou, "Practical Quasi-Newton Methods for Training Deep Neural
 (NeurIPS 2020), official ``Demo.ipynb`` (kbfgs.md section 7): MNIST autoencoder
 784-1000-500-250-30 (mirrored, ReLU, sigmoid cross-entropy), batch 1000, float32,
 weight decay tau = 1e-5, seed 9999; K-BFGS and K-BFGS(L) with alpha = 0.3, lambda = 0.3, K-FAC
-with alpha = 1, lambda = 3. The training loop is :class:`engine.train.Trainer` (the reference
+with alpha = 1, lambda = 3. The training loop is :class:`engine.app.train.Trainer` (built by :func:`engine.app.runs.make_trainer`) (the reference
 protocol: warm-start methods consume one epoch of the batch iterator first; per epoch the loss
 with 0.5 tau ||theta||^2 on the full training and test sets in chunks of 1000).
 
@@ -52,7 +52,8 @@ import data
 import nets
 from data.batches import ORDERS
 from engine.init import INIT_SCHEMES
-from engine.train import Trainer, TrainingDiverged
+from engine.app.runs import make_trainer
+from engine.app.train import TrainingDiverged
 from solvers import make_solver
 
 #: Demo.ipynb at HEAD (Hessian-action V2, K-FAC with fixed 0.9 EMA): epoch -> (train, test).
@@ -87,7 +88,7 @@ def run_solver(name: str, dataset, epochs: int, extra: dict, log, log_every: int
                init: str = "torch", order: str = "reference") -> list[dict]:
     model = nets.build("mnist-ae")  # tau = 1e-5 on all parameters
     solver = make_solver(name, model, **{**HYPER.get(name, {}), **extra})
-    trainer = Trainer(model, solver, dataset, batch_size=1000, seed=seed, dtype=numpy.float32, init=init,
+    trainer = make_trainer(model, solver, dataset, batch_size=1000, seed=seed, dtype=numpy.float32, init=init,
                       order=order)
     log(f"\n=== {name}: {solver!r}")
     c0, w0 = time.process_time(), time.perf_counter()
