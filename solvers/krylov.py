@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engine.backend import array_module, to_host
+from engine.curvature import GaussNewton, HessianCS, HessianFD, HessianRop
 
 __all__ = ["CGResult", "CGIterate", "truncated_cg", "EXIT_REASONS", "exit_code", "martens_schedule"]
 
@@ -118,6 +119,153 @@ def martens_schedule(start: float = 5.0, ratio: float = 1.3):
         nxt *= ratio
 
 
+def _residual_target(b, max_iter: int, damping: float, rtol: float, adaptive_rtol: bool):
+    """Check the system; (||b||, (eta ||b||)^2) with the forcing term eta (one host sync).
+
+    eta = min(rtol, sqrt(||b||)) (Nocedal & Wright 2006, eq. 7.3 with the choice of Alg. 7.1) or
+    eta = rtol; ||b|| sets the residual target for the whole solve.
+    """
+    xp = array_module(b)
+    if b.ndim != 1:
+        raise ValueError(f"truncated_cg needs a 1-d right-hand side, got shape {tuple(b.shape)}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if damping < 0 or not math.isfinite(damping):
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    b_norm = float(to_host(xp.sqrt(b @ b)))
+    if not math.isfinite(b_norm):
+        raise ValueError("the right-hand side (the gradient) contains NaN or Inf; check the loss and the step size")
+    eta = min(rtol, math.sqrt(b_norm)) if adaptive_rtol else rtol
+    return b_norm, (eta * b_norm) ** 2
+
+
+@dataclass
+class _Trial:
+    """CG iteration i along d, computed before the exit decisions and committed only if the
+    curvature test passes (module docstring): device arrays, then the host floats of its one sync."""
+
+    Hd: object
+    Ad: object
+    x: object
+    Hx: object
+    r: object
+    z: object
+    rz: object
+    curv_h: float
+    dd_h: float
+    rr_h: float
+    phi_h: float
+    rz_h: float
+
+
+class _Recurrence:
+    """The CG recurrences on A = H + damping I: the iterate x, H x (undamped, carried next to x
+    so that g^T p and p^T H p need no extra product) and the residual r = b - A x."""
+
+    def __init__(self, matvec: Callable, b, x0, damping: float):
+        xp = array_module(b)
+        self.matvec, self.b, self.damping, self.xp = matvec, b, damping, xp
+        self.n_matvec = 0
+        if x0 is None:
+            self.x = xp.zeros_like(b)
+            self.Hx = xp.zeros_like(b)
+            self.r = b.copy()
+            return
+        if x0.shape != b.shape:
+            raise ValueError(f"warm start x0 has shape {tuple(x0.shape)}, the system has {tuple(b.shape)}")
+        self.x = xp.asarray(x0, dtype=b.dtype).copy()
+        self.Hx = self.product(self.x)
+        self.r = b - self.Hx
+        if damping:
+            self.r -= damping * self.x
+
+    def product(self, v):
+        """H v (undamped), counted."""
+        self.n_matvec += 1
+        return self.matvec(v)
+
+    def phi(self, x, r):
+        """phi(x) = 1/2 x^T A x - b^T x; with A x = b - r this is -1/2 (b + r)^T x (no product)."""
+        return -0.5 * ((self.b + r) @ x)
+
+    def trial(self, d, rz, preconditioner: Callable | None, model_check: bool) -> _Trial:
+        """The update along d with alpha = r^T z / d^T A d, and one transfer of (curv, ||d||^2,
+        ||r||^2, phi, r^T M^{-1} r) for all of the iteration's exit decisions."""
+        xp, damping = self.xp, self.damping
+        Hd = self.product(d)
+        Ad = Hd + damping * d if damping else Hd
+        curv = d @ Ad
+        dd = d @ d
+        alpha = rz / xp.where(curv > 0, curv, 1)
+        x = self.x + alpha * d
+        Hx = self.Hx + alpha * Hd
+        r = self.r - alpha * Ad
+        z = preconditioner(r) if preconditioner is not None else r
+        rz_new = r @ z
+        rr = r @ r if preconditioner is not None else rz_new
+        phi = self.phi(x, r) if model_check else rr
+        host = (float(s) for s in to_host(xp.stack([curv, dd, rr, phi, rz_new])))
+        return _Trial(Hd, Ad, x, Hx, r, z, rz_new, *host)
+
+    def commit(self, t: _Trial):
+        self.x, self.Hx, self.r = t.x, t.Hx, t.r
+
+    def steepest_descent(self, t: _Trial, d, rz):
+        """SciPy Newton-CG's fallback at the first iteration: x + (r^T z / |curv|) d. A direction of
+        exactly zero curvature gets no scale from it; it keeps the unit step."""
+        scale = rz / abs(t.curv_h) if t.curv_h != 0 else 1.0
+        self.x = self.x + scale * d
+        self.Hx = self.Hx + scale * t.Hd
+        self.r = self.r - scale * t.Ad
+
+    def result(self, reason: str, iterations: int, store: _IterateStore | None) -> CGResult:
+        """The :class:`CGResult` of the current x (one host sync)."""
+        b, x = self.b, self.x
+        bx = b @ x
+        xHx = x @ self.Hx
+        xx = x @ x
+        rr = self.r @ self.r
+        bx_h, xHx_h, xx_h, rr_h = (float(s) for s in to_host(self.xp.stack([bx, xHx, xx, rr])))
+        pHp = xHx_h + self.damping * xx_h
+        iterates = store.close(iterations, self, bx, xHx) if store is not None else []
+        return CGResult(x=x, model_value=0.5 * pHp - bx_h, pHp=pHp, curvature=xHx_h, gTp=-bx_h,
+                        step_sq_norm=xx_h, iterations=iterations, exit_reason=reason, n_matvec=self.n_matvec,
+                        residual_norm=math.sqrt(max(rr_h, 0.0)), iterates=iterates)
+
+
+class _IterateStore:
+    """Copies of x at Martens' schedule (:func:`martens_schedule`) and at exit, as 0-d device
+    scalars (no host sync), for Hessian-free's CG backtracking (Martens 2010 section 4.6)."""
+
+    def __init__(self, start: float, ratio: float):
+        self.iterates: list = []
+        self._schedule = martens_schedule(start, ratio)
+        self._next = next(self._schedule)
+
+    def offer(self, done: int, run: _Recurrence):
+        """Store x after ``done`` updates if the schedule asks for it."""
+        if done != self._next:
+            return
+        x = run.x
+        self.iterates.append(CGIterate(done, x.copy(), -(run.b @ x), x @ run.Hx, run.phi(x, run.r)))
+        while self._next <= done:
+            self._next = next(self._schedule)
+
+    def close(self, iterations: int, run: _Recurrence, bx, xHx) -> list:
+        """Store the returned x (b^T x and x^T H x given) unless it is stored already; the list."""
+        if not self.iterates or self.iterates[-1].iteration != iterations:
+            self.iterates.append(CGIterate(iterations, run.x.copy(), -bx, xHx, run.phi(run.x, run.r)))
+        return self.iterates
+
+
+def _stalled(phis: list, phi: float, done: int, min_iter: int, eps: float, k_min: int, k_frac: float) -> bool:
+    """Martens' relative-progress rule (Martens 2010 section 4.4) after ``done`` updates:
+    i > k, phi_i < 0 and (phi_i - phi_{i-k}) / phi_i < k eps, k = max(k_min, ceil(k_frac i))."""
+    phis.append(phi)
+    k = max(k_min, math.ceil(k_frac * done))
+    return done >= min_iter and done > k and phi < 0 and (phi - phis[done - k]) / phi < k * eps
+
+
 def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter: int = 250, min_iter: int = 1,
                  rtol: float = 0.5, adaptive_rtol: bool = True, curvature_threshold: float = 0.0,
                  model_decrease_check: bool = False, model_eps: float = 5e-4, model_k_min: int = 10,
@@ -136,119 +284,44 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
     ``keep_iterates``: store copies of x at Martens' schedule (``iterate_start``,
     ``iterate_ratio``; see :func:`martens_schedule`) and at exit.
     """
-    xp = array_module(b)
-    if b.ndim != 1:
-        raise ValueError(f"truncated_cg needs a 1-d right-hand side, got shape {tuple(b.shape)}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if damping < 0 or not math.isfinite(damping):
-        raise ValueError(f"damping must be finite and >= 0, got {damping}")
-    dtype = b.dtype
-    n_matvec = 0
-
-    # ||b|| once, on the host: it sets the residual target for the whole solve.
-    b_norm = float(to_host(xp.sqrt(b @ b)))
-    if not math.isfinite(b_norm):
-        raise ValueError("the right-hand side (the gradient) contains NaN or Inf; check the loss and the step size")
-    eta = min(rtol, math.sqrt(b_norm)) if adaptive_rtol else rtol
-    r_target_sq = (eta * b_norm) ** 2
-
-    if x0 is None:
-        x = xp.zeros_like(b)
-        Hx = xp.zeros_like(b)
-        r = b.copy()
-    else:
-        if x0.shape != b.shape:
-            raise ValueError(f"warm start x0 has shape {tuple(x0.shape)}, the system has {tuple(b.shape)}")
-        x = xp.asarray(x0, dtype=dtype).copy()
-        Hx = matvec(x)
-        n_matvec += 1
-        r = b - Hx
-        if damping:
-            r -= damping * x
-
-    def phi(x_, r_):
-        # phi(x) = 1/2 x^T A x - b^T x and A x = b - r  =>  phi = -1/2 (b + r)^T x
-        return -0.5 * ((b + r_) @ x_)
-
-    def finish(reason, iterations, iterates):
-        bx = b @ x
-        xHx = x @ Hx
-        xx = x @ x
-        rr = r @ r
-        scalars = to_host(xp.stack([bx, xHx, xx, rr]))  # one sync at exit
-        bx_h, xHx_h, xx_h, rr_h = (float(s) for s in scalars)
-        pHp = xHx_h + damping * xx_h
-        if keep_iterates and (not iterates or iterates[-1].iteration != iterations):
-            iterates.append(CGIterate(iterations, x.copy(), -bx, xHx, phi(x, r)))
-        return CGResult(x=x, model_value=0.5 * pHp - bx_h, pHp=pHp, curvature=xHx_h, gTp=-bx_h,
-                        step_sq_norm=xx_h, iterations=iterations, exit_reason=reason, n_matvec=n_matvec,
-                        residual_norm=math.sqrt(max(rr_h, 0.0)), iterates=iterates)
-
-    iterates: list = []
-    schedule = martens_schedule(iterate_start, iterate_ratio) if keep_iterates else None
-    next_store = next(schedule) if keep_iterates else None
-
-    z = preconditioner(r) if preconditioner is not None else r
-    rz = r @ z
-    d = z.copy() if preconditioner is not None else r.copy()
-    rr0 = float(to_host(r @ r))
+    b_norm, r_target_sq = _residual_target(b, max_iter, damping, rtol, adaptive_rtol)
+    run = _Recurrence(matvec, b, x0, damping)
+    store = _IterateStore(iterate_start, iterate_ratio) if keep_iterates else None
+    z = preconditioner(run.r) if preconditioner is not None else run.r
+    rz = run.r @ z
+    d = z.copy() if preconditioner is not None else run.r.copy()
+    rr0 = float(to_host(run.r @ run.r))
     if b_norm == 0.0 or (rr0 <= r_target_sq and min_iter <= 0) or rr0 == 0.0:
-        return finish("converged", 0, iterates)
-    phis = [float(to_host(phi(x, r)))] if model_decrease_check else None
+        return run.result("converged", 0, store)
+    phis = [float(to_host(run.phi(run.x, run.r)))] if model_decrease_check else None
 
     for i in range(max_iter):
-        Hd = matvec(d)
-        n_matvec += 1
-        Ad = Hd + damping * d if damping else Hd
-        curv = d @ Ad
-        dd = d @ d
-        # Tentative update, committed only if the curvature test passes (see module docstring).
-        alpha = rz / xp.where(curv > 0, curv, 1)
-        x_new = x + alpha * d
-        Hx_new = Hx + alpha * Hd
-        r_new = r - alpha * Ad
-        z_new = preconditioner(r_new) if preconditioner is not None else r_new
-        rz_new = r_new @ z_new
-        rr_new = r_new @ r_new if preconditioner is not None else rz_new
-        phi_new = phi(x_new, r_new) if model_decrease_check else rr_new
-        curv_h, dd_h, rr_h, phi_h, rz_h = (float(s) for s in to_host(xp.stack([curv, dd, rr_new, phi_new, rz_new])))
-        if not math.isfinite(curv_h):
+        t = run.trial(d, rz, preconditioner, model_decrease_check)
+        if not math.isfinite(t.curv_h):
             raise FloatingPointError(f"the curvature product returned NaN/Inf at CG iteration {i}; check the operator and its step size h")
-        if curv_h <= curvature_threshold * dd_h:
+        if t.curv_h <= curvature_threshold * t.dd_h:
             if i == 0:
-                # SciPy Newton-CG fallback: steepest (preconditioned) descent scaled by r^T z / |curv|.
-                # A direction of exactly zero curvature gets no scale from it; keep the unit step.
-                scale = rz / abs(curv_h) if curv_h != 0 else 1.0
-                x = x + scale * d
-                Hx = Hx + scale * Hd
-                r = r - scale * Ad
-                return finish("negative_curvature", 0, iterates)
-            return finish("negative_curvature", i, iterates)
-        x, Hx, r = x_new, Hx_new, r_new
+                run.steepest_descent(t, d, rz)
+            return run.result("negative_curvature", i, store)
+        run.commit(t)
         done = i + 1
-        if keep_iterates and done == next_store:
-            iterates.append(CGIterate(done, x.copy(), -(b @ x), x @ Hx, phi(x, r)))
-            while next_store <= done:
-                next_store = next(schedule)
-        if done >= min_iter and rr_h <= r_target_sq:
-            return finish("converged", done, iterates)
-        if not rz_h > 0.0:
+        if store is not None:
+            store.offer(done, run)
+        if done >= min_iter and t.rr_h <= r_target_sq:
+            return run.result("converged", done, store)
+        if not t.rz_h > 0.0:
             # r^T M^{-1} r vanished in the working precision (it underflows in float32 when a heavily
             # damped system converges fast): the residual is at rounding level, and one more step
             # would divide 0 by 0
-            return finish("converged", done, iterates)
-        if model_decrease_check:
-            phis.append(phi_h)
-            k = max(model_k_min, math.ceil(model_k_frac * done))
-            if done >= min_iter and done > k and phi_h < 0 and (phi_h - phis[done - k]) / phi_h < k * model_eps:
-                return finish("model_stalled", done, iterates)
+            return run.result("converged", done, store)
+        if phis is not None and _stalled(phis, t.phi_h, done, min_iter, model_eps, model_k_min, model_k_frac):
+            return run.result("model_stalled", done, store)
         if done == max_iter:
             break
-        beta = rz_new / rz
-        d = z_new + beta * d
-        rz = rz_new
-    return finish("max_iter", max_iter, iterates)
+        beta = t.rz / rz
+        d = t.z + beta * d
+        rz = t.rz
+    return run.result("max_iter", max_iter, store)
 
 
 # --- pieces shared by the Newton-Krylov solvers ---------------------------------------------
@@ -280,8 +353,6 @@ def curvature_operator(curvature: str, model, params, x, y, h: float = 0.0):
     "gn": :class:`engine.curvature.GaussNewton`. ``h`` (CS and FD only; 0 = the operator's
     default step) is rejected for the others.
     """
-    from engine.curvature import GaussNewton, HessianCS, HessianFD, HessianRop  # noqa: PLC0415
-
     step = None if not h else float(h)
     if curvature == "cs":
         return HessianCS(model, params, x, y, h=step)
