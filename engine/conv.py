@@ -1,7 +1,8 @@
-"""Convolutional layers on NCHW arrays: Conv2d, MaxPool2d, AvgPool2d, Upsample2d, Flatten, Unflatten.
+"""The convolutional layer on NCHW arrays, Conv2d (the pooling and reshaping layers are in :mod:`engine.spatial`
+and re-exported here).
 
-Same pure-layer interface as :mod:`engine.layers` (forward/backward, the R-operator rules
-``jvp``/``backward_rop``, and for :class:`Conv2d` the Kronecker view). Everything is written on
+The pure-layer contract of :mod:`engine.layers` (forward/backward, the R-operator rules
+``jvp``/``backward_rop``) with the Kronecker view of a :class:`engine.layers.KroneckerLayer`. Everything is written on
 the array module of the operands, so one code path runs on NumPy and on CuPy (CuPy 14 has no
 cuDNN, and cuDNN has no complex support anyway: complex-step.md section 10).
 
@@ -18,48 +19,20 @@ backward pass (and in ``jvp``/``backward_rop``/``kron_rows``), each freed as soo
 is done. The input gradient is formed by col2im as ``kh * kw`` strided scatter-adds over kernel
 offsets (one per (i, j), each covering every example, channel and location at once).
 
-Complex-analytic: plain transposes everywhere, no conjugation; max-pooling chooses the arg-max on
-real parts and carries the whole complex value (complex-step.md section 4.3).
+Complex-analytic: plain transposes everywhere, no conjugation.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy
-
 from .backend import array_module
 from .init import fan_in_uniform
-from .layers import Layer
+from .layers import KroneckerLayer
+from .spatial import (AvgPool2d, Flatten, MaxPool2d, Unflatten, Upsample2d, check_nchw, conv_output_size, offset_slices,
+                      pad_nchw, pair)
 
 __all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "Upsample2d", "Flatten", "Unflatten", "conv_output_size"]
-
-
-def _pair(v, what: str) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{what} must be an int or a pair of ints, got {v!r}")
-        a, b = int(v[0]), int(v[1])
-    else:
-        a = b = int(v)
-    return a, b
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """floor((size + 2 padding - kernel) / stride) + 1 (PyTorch's formula, dilation 1)."""
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def _pad(x, padding: tuple[int, int], value=0.0):
-    """Zero-pad (or ``value``-pad) the two spatial axes of an NCHW array; no copy when padding is 0."""
-    ph, pw = padding
-    if ph == 0 and pw == 0:
-        return x
-    xp = array_module(x)
-    n, c, h, w = x.shape
-    out = xp.full((n, c, h + 2 * ph, w + 2 * pw), value, dtype=x.dtype)  # faster than xp.pad's generic path
-    out[:, :, ph:ph + h, pw:pw + w] = x
-    return out
 
 
 def _windows(xpad, kernel: tuple[int, int], stride: tuple[int, int]):
@@ -72,21 +45,7 @@ def _windows(xpad, kernel: tuple[int, int], stride: tuple[int, int]):
     return v
 
 
-def _offset_slices(kernel, stride, out_hw):
-    """For each kernel offset (i, j): the strided slice of the padded input it touches."""
-    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
-    for i in range(kh):
-        for j in range(kw):
-            yield i, j, (slice(None), slice(None), slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
-
-
-def _check_nchw(layer, x):
-    if x.ndim != 4:
-        raise ValueError(f"{layer!r} expects NCHW inputs of shape (N, C, H, W), got an array of shape {tuple(x.shape)}; "
-                         "put an Unflatten((C, H, W)) layer before it for flat inputs")
-
-
-class Conv2d(Layer):
+class Conv2d(KroneckerLayer):
     """2-D convolution (cross-correlation, as torch.nn.Conv2d) on NCHW inputs, dilation 1.
 
     ``y[n, o, h, w] = b[o] + sum_{c, i, j} W[o, c, i, j] x_pad[n, c, s_h h + i, s_w w + j]``
@@ -118,15 +77,15 @@ class Conv2d(Layer):
     convention, :meth:`locations` gives L from a capture).
     """
 
-    kronecker = True
+    spatial = True
     #: How ``kron_rows`` scales the pre-activation-gradient rows: by sqrt(number of locations).
     kron_g_scale = "sqrt_locations"
 
     def __init__(self, c_in: int, c_out: int, kernel_size, stride=1, padding=0):
         self.c_in, self.c_out = int(c_in), int(c_out)
-        self.kernel = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
+        self.kernel = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.padding = pair(padding, "padding")
         if self.c_in < 1 or self.c_out < 1:
             raise ValueError(f"Conv2d needs positive channel counts, got c_in={c_in}, c_out={c_out}")
         if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
@@ -187,10 +146,10 @@ class Conv2d(Layer):
         return v.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * ho * wo)
 
     def _padded(self, x):
-        _check_nchw(self, x)
+        check_nchw(self, x)
         if x.shape[1] != self.c_in:
             raise ValueError(f"{self!r} expects {self.c_in} input channels, got an input of shape {tuple(x.shape)}")
-        return _pad(x, self.padding)
+        return pad_nchw(x, self.padding)
 
     def _geometry(self, xpad):
         n, _, hp, wp = xpad.shape
@@ -221,7 +180,7 @@ class Conv2d(Layer):
         d6 = dcols.reshape(self.c_in, kh, kw, n, ho, wo)
         dxpad = xp.zeros(xpad_shape, dtype=dcols.dtype)
         dxpad_cn = dxpad.transpose(1, 0, 2, 3)  # (C, N, Hp, Wp) view, to match d6's block layout
-        for i, j, sl in _offset_slices(self.kernel, self.stride, (ho, wo)):
+        for i, j, sl in offset_slices(self.kernel, self.stride, (ho, wo)):
             dxpad_cn[sl] += d6[:, i, j]
         ph, pw = self.padding
         if ph or pw:
@@ -259,13 +218,6 @@ class Conv2d(Layer):
         db = dy_cols.sum(axis=1)
         dx = self._col2im(self._wmat(w).T @ dy_cols, xpad.shape, n, ho, wo) if need_dx else None
         return dx, [dw, db]
-
-    @staticmethod
-    def locations(rows: int, batch_size: int) -> int:
-        """L = H_out W_out, the number of output locations, from a capture's row count N L."""
-        if batch_size < 1 or rows % batch_size:
-            raise ValueError(f"a Conv2d capture has N * L rows; {rows} rows is not a multiple of the batch size {batch_size}")
-        return rows // batch_size
 
     def input_gradient(self, params, cache, dy):
         """dL/dx alone (col2im of dY W_m): no im2col and no weight-gradient GEMM.
@@ -335,247 +287,3 @@ class Conv2d(Layer):
     def from_matrix(self, m):
         """Split a homogeneous (C_out x (K + 1)) matrix back into [W, b] (views of ``m``)."""
         return [m[:, : self.fan_in].reshape(self.c_out, self.c_in, *self.kernel), m[:, self.fan_in]]
-
-
-class _Pool2d(Layer):
-    """Shared geometry of the pooling layers (square or rectangular windows, dilation 1)."""
-
-    def __init__(self, kernel_size, stride=None, padding=0):
-        self.kernel = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride") if stride is not None else self.kernel
-        self.padding = _pair(padding, "padding")
-        if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"{type(self).__name__} needs kernel_size >= 1, stride >= 1 and padding >= 0, "
-                             f"got kernel_size={kernel_size}, stride={stride}, padding={padding}")
-        if self.padding[0] > self.kernel[0] // 2 or self.padding[1] > self.kernel[1] // 2:
-            raise ValueError(f"{type(self).__name__}: padding {self.padding} must be at most half the kernel "
-                             f"{self.kernel} (as in PyTorch), so that every window holds an input pixel")
-
-    def __repr__(self) -> str:
-        extra = "" if self.stride == self.kernel else f", stride={self.stride}"
-        extra += "" if self.padding == (0, 0) else f", padding={self.padding}"
-        return f"{type(self).__name__}(kernel_size={self.kernel}{extra})"
-
-    def _out_hw(self, h, w):
-        return (conv_output_size(h, self.kernel[0], self.stride[0], self.padding[0]),
-                conv_output_size(w, self.kernel[1], self.stride[1], self.padding[1]))
-
-    def output_shape(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(f"{self!r} expects inputs of shape (N, C, H, W), got (N, {', '.join(map(str, input_shape))})")
-        ho, wo = self._out_hw(*input_shape[1:])
-        if ho < 1 or wo < 1:
-            raise ValueError(f"{self!r} cannot pool a {input_shape[1]}x{input_shape[2]} input; use a smaller window")
-        return (input_shape[0], ho, wo)
-
-    def _geometry(self, x):
-        _check_nchw(self, x)
-        ho, wo = self._out_hw(x.shape[2], x.shape[3])
-        if ho < 1 or wo < 1:
-            raise ValueError(f"{self!r} cannot pool a {x.shape[2]}x{x.shape[3]} input; use a smaller window")
-        return ho, wo
-
-    def _padded_shape(self, shape):
-        n, c, h, w = shape
-        return (n, c, h + 2 * self.padding[0], w + 2 * self.padding[1])
-
-    def _crop(self, xpad):
-        ph, pw = self.padding
-        if ph or pw:
-            return xpad[:, :, ph:xpad.shape[2] - ph, pw:xpad.shape[3] - pw]
-        return xpad
-
-
-class MaxPool2d(_Pool2d):
-    """Max pooling with the arg-max chosen on REAL parts, the whole complex value carried through.
-
-    ``y[n, c, h, w] = x_pad[n, c, s h + i*, s w + j*]`` with ``(i*, j*) = argmax_{i,j} Re x_pad[...]``
-    (first maximum on ties; padding is -inf, PyTorch's convention). The index is fixed by the real
-    point, so the complex step and the R-operator differentiate the current linear piece
-    (complex-step.md section 4.3). Computed by kh kw passes over strided views (no window copy);
-    cache: the arg-max offset per output (int8) and the input shape.
-    """
-
-    def _index_dtype(self):
-        return numpy.int8 if self.kernel[0] * self.kernel[1] <= 127 else numpy.int32
-
-    def forward(self, params, x):
-        # One pass per kernel offset over strided views (no window copy): keep the candidate
-        # whose real part is strictly larger, so ties go to the first offset, as argmax does.
-        xp = array_module(x)
-        ho, wo = self._geometry(x)
-        xpad = _pad(x, self.padding, -numpy.inf)
-        best, idx = None, None
-        for k, (_, _, sl) in enumerate(_offset_slices(self.kernel, self.stride, (ho, wo))):
-            cand = xpad[sl]
-            if best is None:
-                best = cand.copy()
-                idx = xp.zeros(best.shape, dtype=self._index_dtype())
-                continue
-            better = cand.real > best.real
-            xp.copyto(best, cand, where=better)
-            idx = xp.where(better, idx.dtype.type(k), idx)  # not idx[better] = k: a boolean mask syncs on CuPy
-        return best, (idx, x.shape)
-
-    def _scatter(self, dy, cache):
-        """Route each output gradient to its arg-max pixel (overlapping windows add up)."""
-        xp = array_module(dy)
-        idx, shape = cache
-        ho, wo = dy.shape[2], dy.shape[3]
-        dxpad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
-        for k, (_, _, sl) in enumerate(_offset_slices(self.kernel, self.stride, (ho, wo))):
-            dxpad[sl] += xp.where(idx == k, dy, 0)
-        return self._crop(dxpad)
-
-    def backward(self, params, cache, dy, need_dx=True):
-        return self._scatter(dy, cache), []
-
-    def jvp(self, params, cache, rx, rparams):
-        xp = array_module(rx)
-        idx, _ = cache
-        rxpad = _pad(rx, self.padding)
-        ry = None
-        for k, (_, _, sl) in enumerate(_offset_slices(self.kernel, self.stride, idx.shape[2:])):
-            if ry is None:
-                ry = rxpad[sl].copy()
-            else:
-                xp.copyto(ry, rxpad[sl], where=idx == k)
-        return ry
-
-    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
-        return self._scatter(rdy, cache), []  # piecewise linear: no second-order term
-
-
-class AvgPool2d(_Pool2d):
-    """Average pooling, zero padding counted in the mean (PyTorch's count_include_pad=True).
-
-    ``y[n, c, h, w] = (1 / (kh kw)) sum_{i,j} x_pad[n, c, s h + i, s w + j]``: a linear map, so
-    ``jvp`` is the forward map of R{x} and ``backward_rop`` the backward map of R{dy}.
-    """
-
-    def _apply(self, x):
-        xp = array_module(x)
-        ho, wo = self._geometry(x)
-        xpad = _pad(x, self.padding)
-        y = xp.zeros((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype)
-        for _, _, sl in _offset_slices(self.kernel, self.stride, (ho, wo)):
-            y += xpad[sl]
-        y /= self.kernel[0] * self.kernel[1]
-        return y
-
-    def _adjoint(self, dy, shape):
-        xp = array_module(dy)
-        dxpad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
-        share = dy / (self.kernel[0] * self.kernel[1])
-        for _, _, sl in _offset_slices(self.kernel, self.stride, (dy.shape[2], dy.shape[3])):
-            dxpad[sl] += share
-        return self._crop(dxpad)
-
-    def forward(self, params, x):
-        return self._apply(x), x.shape
-
-    def backward(self, params, cache, dy, need_dx=True):
-        return self._adjoint(dy, cache), []
-
-    def jvp(self, params, cache, rx, rparams):
-        return self._apply(rx)
-
-    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
-        return self._adjoint(rdy, cache), []
-
-
-class Upsample2d(Layer):
-    """Nearest-neighbour upsampling by an integer factor (torch.nn.Upsample(mode="nearest")).
-
-    ``y[n, c, h, w] = x[n, c, h // s_h, w // s_w]``: a linear map whose adjoint sums each
-    s_h x s_w block. It lets an all-convolutional decoder grow the image back.
-    """
-
-    def __init__(self, scale_factor):
-        self.scale = _pair(scale_factor, "scale_factor")
-        if min(self.scale) < 1:
-            raise ValueError(f"Upsample2d needs a scale factor >= 1, got {scale_factor!r}")
-
-    def __repr__(self) -> str:
-        return f"Upsample2d(scale_factor={self.scale})"
-
-    def output_shape(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(f"{self!r} expects inputs of shape (N, C, H, W), got (N, {', '.join(map(str, input_shape))})")
-        return (input_shape[0], input_shape[1] * self.scale[0], input_shape[2] * self.scale[1])
-
-    def _apply(self, x):
-        _check_nchw(self, x)
-        sh, sw = self.scale
-        n, c, h, w = x.shape
-        xp = array_module(x)
-        y = xp.broadcast_to(x[:, :, :, None, :, None], (n, c, h, sh, w, sw))
-        return y.reshape(n, c, h * sh, w * sw)
-
-    def _adjoint(self, dy):
-        sh, sw = self.scale
-        n, c, hh, ww = dy.shape
-        return dy.reshape(n, c, hh // sh, sh, ww // sw, sw).sum(axis=(3, 5))
-
-    def forward(self, params, x):
-        return self._apply(x), None
-
-    def backward(self, params, cache, dy, need_dx=True):
-        return self._adjoint(dy), []
-
-    def jvp(self, params, cache, rx, rparams):
-        return self._apply(rx)
-
-    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
-        return self._adjoint(rdy), []
-
-
-class Flatten(Layer):
-    """(N, C, H, W) (or any (N, ...)) -> (N, C H W), row-major as torch.nn.Flatten."""
-
-    def output_shape(self, input_shape):
-        return (math.prod(input_shape),)
-
-    def forward(self, params, x):
-        return x.reshape(x.shape[0], -1), x.shape[1:]
-
-    def backward(self, params, cache, dy, need_dx=True):
-        return dy.reshape(dy.shape[0], *cache), []
-
-    def jvp(self, params, cache, rx, rparams):
-        return rx.reshape(rx.shape[0], -1)
-
-    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
-        return rdy.reshape(rdy.shape[0], *cache), []
-
-
-class Unflatten(Layer):
-    """(N, prod(shape)) -> (N, *shape), e.g. flat 784-pixel MNIST rows to (N, 1, 28, 28) images."""
-
-    def __init__(self, shape):
-        self.shape = tuple(int(s) for s in shape)
-        if not self.shape or min(self.shape) < 1:
-            raise ValueError(f"Unflatten needs a non-empty shape of positive sizes, got {shape!r}")
-        self.size = math.prod(self.shape)
-
-    def __repr__(self) -> str:
-        return f"Unflatten({self.shape})"
-
-    def output_shape(self, input_shape):
-        if math.prod(input_shape) != self.size:
-            raise ValueError(f"{self!r} expects {self.size} values per example, got shape (N, {', '.join(map(str, input_shape))})")
-        return self.shape
-
-    def forward(self, params, x):
-        if math.prod(x.shape[1:]) != self.size:
-            raise ValueError(f"{self!r} expects {self.size} values per example, got an input of shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], *self.shape), x.shape[1:]
-
-    def backward(self, params, cache, dy, need_dx=True):
-        return dy.reshape(dy.shape[0], *cache), []
-
-    def jvp(self, params, cache, rx, rparams):
-        return rx.reshape(rx.shape[0], *self.shape)
-
-    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
-        return rdy.reshape(rdy.shape[0], *cache), []

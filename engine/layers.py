@@ -1,22 +1,18 @@
 """Pure layers: a layer holds shapes and hyper-parameters, never weights (DESIGN.md convention 3).
 
-Each layer implements
-
-* ``forward(params, x) -> (y, cache)`` and ``backward(params, cache, dy, need_dx=True) ->
-  (dx, dparams)``: the ordinary pass and its hand-written, complex-analytic adjoint (plain
-  transposes, no conjugation), so the same call with complex parameters is the complex-step
-  pass;
-* ``jvp(params, cache, rx, rparams) -> ry`` and ``backward_rop(params, cache, dy, rdy, rx,
-  rparams, need_dx=True) -> (rdx, rdparams)``: Pearlmutter's R-operator (1994) applied to the
-  forward and to the backward equations, written separately from the complex step so that
-  :class:`engine.curvature.HessianRop` is an independent reference.
-
-Layers whose weights multiply a homogeneous input (``kronecker = True``) also say how to read
-their Kronecker-factor rows (layer input, pre-activation, pre-activation gradient) and how to
-convert their parameter gradient to and from the homogeneous matrix ``[W | b]``.
+The contract is :class:`Layer` (an abstract base): ``forward``, ``backward``, the R-operator rules
+``jvp`` and ``backward_rop``, and the shape methods ``param_shapes``, ``init``, ``output_shape``.
+Layers whose weights multiply a homogeneous input derive from :class:`KroneckerLayer`, which adds
+the Kronecker view the K-FAC / K-BFGS statistics read: ``kron_rows``, ``to_matrix`` /
+``from_matrix`` (the ``[W | b]`` matrix), ``d_in`` / ``d_out``, ``locations`` and ``spatial``.
+:class:`engine.model.Model` owns the only forward and reverse sweeps over the layers; nothing else
+walks them or asks which kind of layer it holds.
 """
 
 from __future__ import annotations
+
+import abc
+from typing import ClassVar
 
 import numpy
 
@@ -24,13 +20,50 @@ from . import ops
 from .backend import array_module
 from .init import fan_in_uniform
 
-__all__ = ["Layer", "Dense", "Activation", "ReLU", "Sigmoid", "Tanh", "Identity", "activation"]
+__all__ = ["Layer", "KroneckerLayer", "Dense", "Activation", "ReLU", "Sigmoid", "Tanh", "Identity", "activation"]
 
 
-class Layer:
-    """Base class: a parameter-free layer unless it overrides :meth:`param_shapes`."""
+class Layer(abc.ABC):
+    """The layer contract. A parameter-free, shape-preserving layer unless it overrides the shape methods.
 
-    kronecker = False
+    * ``forward(params, x) -> (y, cache)`` and ``backward(params, cache, dy, need_dx=True) ->
+      (dx, dparams)``: the ordinary pass and its hand-written, complex-analytic adjoint (plain
+      transposes, no conjugation), so the same call with complex parameters is the complex-step
+      pass; ``dx`` is ``None`` when ``need_dx`` is false, ``dparams`` a list (empty without
+      parameters).
+    * ``jvp(params, cache, rx, rparams) -> ry`` and ``backward_rop(params, cache, dy, rdy, rx,
+      rparams, need_dx=True) -> (rdx, rdparams)``: Pearlmutter's R-operator (1994) applied to the
+      forward and to the backward equations, written separately from the complex step so that
+      :class:`engine.curvature.HessianRop` is an independent reference. ``rx`` is ``None`` for a
+      layer whose input does not depend on the parameters (R{x} = 0).
+    * ``input_gradient(params, cache, dy) -> dx``: ``backward``'s dx alone; layers with weights
+      override it to skip the weight-gradient products (the sweeps that need no parameter gradient).
+    * ``param_shapes()``, ``init(rng, dtype)``, ``output_shape(input_shape)``: shapes, initial
+      values, shape checks.
+    """
+
+    #: True for a :class:`KroneckerLayer` (it has the Kronecker view)
+    kronecker: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def forward(self, params, x):
+        """(y, cache): the layer output and what ``backward`` / ``jvp`` / ``backward_rop`` need."""
+
+    @abc.abstractmethod
+    def backward(self, params, cache, dy, need_dx=True):
+        """(dL/dx or None, [dL/dp for each parameter]) from dy = dL/dy."""
+
+    @abc.abstractmethod
+    def jvp(self, params, cache, rx, rparams):
+        """R{y} = dy/dx R{x} + dy/dp R{p} (``rx`` None means R{x} = 0)."""
+
+    @abc.abstractmethod
+    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+        """(R{dx} or None, [R{dp}]): the R-operator applied to ``backward``'s equations."""
+
+    def input_gradient(self, params, cache, dy):
+        """dL/dx alone (the same values as ``backward``'s dx)."""
+        return self.backward(params, cache, dy, need_dx=True)[0]
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         return []
@@ -48,15 +81,53 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
-class Dense(Layer):
+class KroneckerLayer(Layer):
+    """A layer whose parameters are a homogeneous matrix [W | b] (d_out x (d_in + 1)) acting on rows a~ = [a, 1].
+
+    The Kronecker view (K-FAC, Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016):
+
+    * ``d_in``, ``d_out``: the widths of the input rows a and of the pre-activation rows z;
+    * ``kron_rows(cache, y, dy) -> (a, z, g)``: row matrices of the layer input, the pre-activation
+      (the layer output ``y``) and the pre-activation gradient (``dy``; ``None`` passes through
+      for forward-only passes). The model scales g to per-example size (N dL/dz);
+    * ``to_matrix(params)`` / ``from_matrix(m)``: the [W | b] matrix of a parameter-shaped pair and back;
+    * ``spatial``: whether the rows are (example, location) pairs of a weight shared over
+      locations (N L rows, Conv2d) rather than one row per example (N rows, Dense);
+    * ``locations(rows, batch_size)``: L, the rows per example of a capture.
+    """
+
+    kronecker: ClassVar[bool] = True
+    #: the rows are (example, location) pairs of a weight shared over the locations
+    spatial: ClassVar[bool] = False
+    d_in: int
+    d_out: int
+
+    @abc.abstractmethod
+    def kron_rows(self, cache, y, dy):
+        """(a, z, g) as row matrices (see the class docstring)."""
+
+    @abc.abstractmethod
+    def to_matrix(self, params):
+        """The homogeneous matrix [W | b] (d_out x (d_in + 1)) of a parameter-shaped pair."""
+
+    @abc.abstractmethod
+    def from_matrix(self, m):
+        """Split a homogeneous (d_out x (d_in + 1)) matrix back into the parameter shapes (views of ``m``)."""
+
+    def locations(self, rows: int, batch_size: int) -> int:
+        """L, the number of rows per example in a capture of ``rows`` rows (1 unless ``spatial``)."""
+        if batch_size < 1 or rows % batch_size or (not self.spatial and rows != batch_size):
+            raise ValueError(f"{self!r}: a capture of {rows} rows does not fit the batch size {batch_size}")
+        return rows // batch_size
+
+
+class Dense(KroneckerLayer):
     """Fully connected layer ``y = x W^T + b`` with W of shape (d_out, d_in), as torch.nn.Linear.
 
     Initialisation is PyTorch's Linear default, W, b ~ U(-1/sqrt(d_in), +1/sqrt(d_in)), which the
     K-BFGS reference code uses (kbfgs.md section 3.3). The Kronecker view is the homogeneous
     weight matrix [W | b] of shape (d_out, d_in + 1) acting on the homogeneous input [x, 1].
     """
-
-    kronecker = True
 
     def __init__(self, d_in: int, d_out: int):
         if d_in < 1 or d_out < 1:
@@ -90,6 +161,9 @@ class Dense(Layer):
         db = dy.sum(axis=0)
         dx = dy @ w if need_dx else None
         return dx, [dw, db]
+
+    def input_gradient(self, params, cache, dy):
+        return dy @ params[0]
 
     def jvp(self, params, cache, rx, rparams):
         w, _ = params

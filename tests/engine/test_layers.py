@@ -3,6 +3,7 @@
 import numpy
 import pytest
 
+from engine.backend import to_host
 from engine.gradcheck import layer_directional_errors
 from engine.layers import Dense, Identity, ReLU, Sigmoid, Tanh, activation
 
@@ -85,3 +86,33 @@ def test_real_mode_dtype_preserved(dtype):
         y, cache = layer.forward(params, x)
         dx, dp = layer.backward(params, cache, y)
         assert y.dtype == dtype and dx.dtype == dtype and all(d.dtype == dtype for d in dp)
+
+
+def test_the_layer_contract_is_an_abstract_base():
+    """Layer declares forward/backward/jvp/backward_rop; a layer missing one cannot be built."""
+    from engine.conv import Conv2d
+    from engine.layers import KroneckerLayer, Layer
+
+    class ForwardOnly(Layer):
+        def forward(self, params, x):
+            return x, None
+
+    with pytest.raises(TypeError, match="abstract"):
+        ForwardOnly()
+    for layer in (Dense(4, 3), Conv2d(1, 2, 3)):
+        assert isinstance(layer, KroneckerLayer) and layer.kronecker
+    assert not Dense(4, 3).spatial and Conv2d(1, 2, 3).spatial
+    assert not any(isinstance(layer, KroneckerLayer) or layer.kronecker for layer in (ReLU(), Identity()))
+    assert Dense(4, 3).locations(6, 6) == 1 and Conv2d(1, 2, 3).locations(6 * 9, 6) == 9
+    with pytest.raises(ValueError, match="does not fit the batch size"):
+        Dense(4, 3).locations(12, 6)
+
+
+@pytest.mark.parametrize("layer", _layer_cases(), ids=repr)
+def test_input_gradient_is_backward_dx(xp, layer):
+    rng = numpy.random.default_rng(4)
+    params = [xp.asarray(p) for p in layer.init(rng, numpy.float64)]
+    y, cache = layer.forward(params, xp.asarray(rng.standard_normal((4, 5))))
+    dy = xp.asarray(rng.standard_normal(y.shape))
+    dx, _ = layer.backward(params, cache, dy)
+    assert numpy.array_equal(to_host(layer.input_gradient(params, cache, dy)), to_host(dx))

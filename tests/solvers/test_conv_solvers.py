@@ -371,6 +371,15 @@ def test_unsupported_kronecker_layer_is_named():
         def forward(self, params, x):
             return x, None
 
+        def backward(self, params, cache, dy, need_dx=True):
+            return dy, []
+
+        def jvp(self, params, cache, rx, rparams):
+            return rx
+
+        def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+            return rdy, []
+
     model = Model([Bilinear()], "half_mse")
     for name in NAMES:
         with pytest.raises(ValueError, match=r"Dense and Conv2d layers only; layer 0 \(Bilinear\(\)\)"):
