@@ -1,16 +1,32 @@
-"""A model is a sequence of pure layers plus a loss (DESIGN.md convention 3).
+"""A model is a sequence of pure layers plus a loss, and the one pass engine (DESIGN.md convention 3).
 
 Parameters are a list of arrays, one per layer parameter, in layer order. A flat vector view is
 available for curvature operators: :meth:`Model.unflatten` returns views into the flat vector
 (no copies), so a solver can keep one flat buffer and hand its views to the layers. Every call
 takes complex parameters as readily as real ones; nothing here converts complex to real, so the
 same ``loss_and_grad`` at ``w + i h v`` is the complex-step pass.
+
+The passes. The model owns the only sweeps over its layers; the curvature operators and the
+solvers call them instead of walking the layers:
+
+* :meth:`Model.forward_pass` -> :class:`ForwardPass`: the output and every layer's cache (and,
+  on request, the Kronecker layers' pre-activations, which the captures read);
+* :meth:`Model.backward`: THE reverse sweep. From dL/d(output) it returns a :class:`BackwardPass`
+  with, as asked, the parameter gradients (or only the back-propagated signal, skipping the
+  weight-gradient products), the Kronecker rows of every Kronecker layer as :class:`Capture`
+  records (collected, or handed to a callback as the sweep passes the layer), and the signal
+  arriving at every layer (what the R-operator's backward needs); it stops at the first layer
+  with parameters, or earlier at a given ``stop`` layer;
+* :meth:`Model.r_forward` and :meth:`Model.backward_rop`: Pearlmutter's R-operator on the
+  forward and on the backward equations (the latter runs on the same reverse sweep);
+* :meth:`Model.loss_and_grad` and :meth:`Model.loss`: the compositions everybody uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import Callable
 
 import numpy
 
@@ -19,7 +35,7 @@ from .init import make_generator
 from .layers import Layer
 from .losses import Loss, get_loss
 
-__all__ = ["Model", "Capture"]
+__all__ = ["Model", "Capture", "ForwardPass", "BackwardPass"]
 
 
 @dataclass
@@ -37,6 +53,35 @@ class Capture:
     a: object
     z: object
     g: object
+
+
+@dataclass
+class ForwardPass:
+    """What one forward sweep keeps (:meth:`Model.forward_pass`).
+
+    ``out``: the network output; ``caches[i]``: layer i's cache; ``outputs[i]``: layer i's output
+    for the Kronecker layers when the pass was asked to keep them (their pre-activations z, which
+    the captures read), else ``None``; ``batch_size``: N, the rows of the input.
+    """
+
+    out: object
+    caches: list
+    outputs: list
+    batch_size: int
+
+
+@dataclass
+class BackwardPass:
+    """What one reverse sweep returns (:meth:`Model.backward`); unrequested fields are ``None``.
+
+    ``grads``: the parameter-gradient list (entries of layers below ``stop`` stay ``None``);
+    ``captures``: the :class:`Capture` of every Kronecker layer the sweep passed, in layer order;
+    ``deltas[i]``: dL/d(output of layer i) for the layers the sweep passed.
+    """
+
+    grads: list | None = None
+    captures: list | None = None
+    deltas: list | None = None
 
 
 class Model:
@@ -74,6 +119,7 @@ class Model:
         self.n_params = self.offsets[-1]
         #: backward passes stop at the first layer with parameters: nobody needs dL/dx below it
         self.first_param_layer = next((i for i, layer in enumerate(self.layers) if layer.param_shapes()), len(self.layers))
+        self._kron_layers = tuple(i for i, layer in enumerate(self.layers) if layer.kronecker)
 
     def __repr__(self) -> str:
         body = ", ".join(map(repr, self.layers))
@@ -87,8 +133,8 @@ class Model:
 
     @property
     def kron_layers(self) -> list[int]:
-        """Indices of layers with a Kronecker view (Dense, Conv2d)."""
-        return [i for i, layer in enumerate(self.layers) if layer.kronecker]
+        """Indices of layers with a Kronecker view (:class:`engine.layers.KroneckerLayer`: Dense, Conv2d)."""
+        return list(self._kron_layers)
 
     def init(self, seed: int = 9999, dtype=numpy.float64, xp=None, init: str = "numpy") -> list:
         """Initial parameters, layer by layer (W then b, U(+-1/sqrt(fan_in))), on ``xp``.
@@ -126,7 +172,9 @@ class Model:
         return sum((p * p).sum() for p in params)
 
     # --- passes -------------------------------------------------------------------------
-    def _check_input(self, x, params=None, y=None):
+    def check_batch(self, x, params=None, y=None):
+        """Refuse an input of the wrong per-example shape, or a batch on the other side (host or
+        device) from the parameters, with one sentence naming the fix. No host sync."""
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         # Data and parameters must live on the same side: the library's own error for a host
@@ -139,18 +187,125 @@ class Model:
                     raise TypeError(f"{self.name}: the parameters are {where} arrays but {what} is a {other} array; "
                                     f"move the batch with {'cupy.asarray' if on_device else 'engine.backend.to_host'} once, before the passes")
 
+    def forward_pass(self, params, x, y=None, kron_outputs: bool = False) -> ForwardPass:
+        """THE forward sweep: output and caches (and the Kronecker layers' outputs with ``kron_outputs``).
+
+        ``y``, when given, is only checked (same side as the parameters)."""
+        self.check_batch(x, params, y)
+        caches, outputs = [], []
+        h = x
+        for i, layer in enumerate(self.layers):
+            h, cache = layer.forward(self.layer_params(params, i), h)
+            caches.append(cache)
+            outputs.append(h if kron_outputs and layer.kronecker else None)
+        return ForwardPass(h, caches, outputs, x.shape[0])
+
     def forward(self, params, x):
         """(network output, list of per-layer caches)."""
-        self._check_input(x, params)
-        caches = []
-        for i, layer in enumerate(self.layers):
-            x, cache = layer.forward(self.layer_params(params, i), x)
-            caches.append(cache)
-        return x, caches
+        fwd = self.forward_pass(params, x)
+        return fwd.out, fwd.caches
 
     def predict(self, params, x):
         """The network output only."""
-        return self.forward(params, x)[0]
+        return self.forward_pass(params, x).out
+
+    def _capture(self, i, fwd: ForwardPass, dy, per_example: bool) -> Capture:
+        """Layer i's Kronecker rows; g = N dL/dz (``per_example``) or the layer's unscaled rows."""
+        a, z, g = self.layers[i].kron_rows(fwd.caches[i], fwd.outputs[i], dy)
+        if per_example and g is not None:
+            g = g * fwd.batch_size
+        return Capture(i, self.layer_param_index[i], a, z, g)
+
+    def forward_captures(self, fwd: ForwardPass) -> list[Capture]:
+        """The Kronecker rows a and z of a forward pass kept with ``kron_outputs`` (g = None), in
+        layer order: what a forward-only statistic (the warm start of A) reads."""
+        return [self._capture(i, fwd, None, False) for i in self.kron_layers]
+
+    def _reverse_sweep(self, params, signal, stop: int, rule) -> list:
+        """THE reverse walk over the layers, from the top down to layer ``stop``.
+
+        ``rule(i, layer params, signal, need_dx) -> (signal below, parameter results or None)``
+        is applied at every layer; the parameter results are gathered into a parameter-shaped list.
+        """
+        results = [None] * len(params)
+        for i in range(len(self.layers) - 1, stop - 1, -1):
+            signal, per_param = rule(i, self.layer_params(params, i), signal, i > stop)
+            if per_param:
+                start = self.layer_param_index[i]
+                results[start:start + len(per_param)] = per_param
+        return results
+
+    def backward(self, params, fwd: ForwardPass, dout, *, param_grads: bool = True,
+                 capture: bool | Callable[[Capture], None] = False, per_example: bool = True,
+                 stop: int | None = None, keep_deltas: bool = False) -> BackwardPass:
+        """Back-propagate ``dout`` = dL/d(output) through the forward pass ``fwd``.
+
+        * ``param_grads``: compute the parameter gradients (``layer.backward``); without them only
+          the signal goes down (``layer.input_gradient``: no weight-gradient products).
+        * ``capture``: True collects the :class:`Capture` of every Kronecker layer passed (the
+          forward pass must keep ``kron_outputs``); a callable receives each one instead, as the
+          sweep passes the layer (top first), and nothing is collected. ``per_example``: g = N dL/dz
+          (pitfall 3), else the layer's unscaled rows (dL/dz for Dense, sqrt(L) dL/dz for Conv2d)
+          for a caller that only needs their mean.
+        * ``stop``: the lowest layer the sweep reaches (its dx is not formed). Default: the first
+          layer with parameters (nothing below it needs dL/dx), or, without parameter gradients
+          but with captures, the first Kronecker layer (the K-BFGS second pass: about 2/3 of a
+          full backward, kbfgs.md section 4.3).
+        * ``keep_deltas``: keep dL/d(output of layer i) for every layer passed (``deltas``).
+        """
+        if stop is None:
+            kron = self._kron_layers
+            stop = kron[0] if capture and not param_grads and kron else self.first_param_layer
+        captures = [] if capture is True else None
+        deltas = [None] * len(self.layers) if keep_deltas else None
+
+        def rule(i, lp, dy, need_dx):
+            layer = self.layers[i]
+            if keep_deltas:
+                deltas[i] = dy
+            if capture and layer.kronecker:
+                c = self._capture(i, fwd, dy, per_example)
+                if captures is None:
+                    capture(c)
+                else:
+                    captures.append(c)
+            if param_grads:
+                return layer.backward(lp, fwd.caches[i], dy, need_dx=need_dx)
+            return (layer.input_gradient(lp, fwd.caches[i], dy) if need_dx else None), None
+
+        grads = self._reverse_sweep(params, dout, stop, rule)
+        if captures is not None:
+            captures.reverse()
+        return BackwardPass(grads if param_grads else None, captures, deltas)
+
+    def r_forward(self, params, fwd: ForwardPass, rparams):
+        """(R{input} of every layer, R{out}) for the parameter direction ``rparams`` (Pearlmutter
+        1994, R-forward, through the layers' ``jvp``).
+
+        R{x} = 0 for the data; parameter-free layers before the first weight layer keep it 0
+        (recorded as ``None``, which the layers' ``jvp`` accept for the first weight layer).
+        """
+        r = None
+        r_inputs = []
+        for i, layer in enumerate(self.layers):
+            r_inputs.append(r)
+            lp = self.layer_params(params, i)
+            if r is None and not lp:
+                continue
+            r = layer.jvp(lp, fwd.caches[i], r, self.layer_params(rparams, i))
+        if r is None:
+            r = array_module(fwd.out).zeros_like(fwd.out)
+        return r_inputs, r
+
+    def backward_rop(self, params, fwd: ForwardPass, deltas, rdout, r_inputs, rparams) -> list:
+        """R{gradient}: the R-operator on the backward equations (``layer.backward_rop``), on the
+        reverse sweep. ``deltas`` from :meth:`backward` with ``keep_deltas``, ``r_inputs`` from
+        :meth:`r_forward`, ``rdout`` = R{dL/d(output)}."""
+        def rule(i, lp, rdy, need_dx):
+            return self.layers[i].backward_rop(lp, fwd.caches[i], deltas[i], rdy, r_inputs[i],
+                                               self.layer_params(rparams, i), need_dx=need_dx)
+
+        return self._reverse_sweep(params, rdout, self.first_param_layer, rule)
 
     def regularizer(self, params):
         """0.5 tau ||theta||^2 (0 when tau = 0)."""
@@ -158,44 +313,30 @@ class Model:
 
     def loss(self, params, x, y, regularized: bool = True):
         """Mean loss on the batch (plus 0.5 tau ||theta||^2 when ``regularized``); a 0-d array."""
-        self._check_input(x, params, y)
-        out, _ = self.forward(params, x)
+        out = self.forward_pass(params, x, y).out
         self.loss_fn.check_target(out, y)
         value = self.loss_fn.value(out, y)
         return value + self.regularizer(params) if regularized and self.weight_decay else value
 
-    def loss_and_grad(self, params, x, y, regularized: bool = True, capture: bool = False):
+    def loss_and_grad(self, params, x, y, regularized: bool = True, capture: bool = False, forward: ForwardPass | None = None):
         """(loss, gradient list) or, with ``capture``, (loss, gradients, list of :class:`Capture`).
 
         One forward and one backward pass. With complex parameters this is the complex-step
         pass: Re of the result is the gradient, Im/h the Hessian-vector product. No host sync.
+        ``forward``: a forward pass of ``x`` already made at ``params`` (kept with ``kron_outputs``
+        for ``capture``), reused instead of a new one.
         """
-        self._check_input(x, params, y)
-        caches, outputs = [], []
-        h = x
-        for i, layer in enumerate(self.layers):
-            h, cache = layer.forward(self.layer_params(params, i), h)
-            caches.append(cache)
-            outputs.append(h if capture and layer.kronecker else None)
-        self.loss_fn.check_target(h, y)
-        value, dy = self.loss_fn.value_and_grad(h, y)
-        grads: list = [None] * len(params)
-        captures = []
-        n = x.shape[0]
-        first = self.first_param_layer
-        for i in range(len(self.layers) - 1, first - 1, -1):
-            layer = self.layers[i]
-            if capture and layer.kronecker:
-                a, z, g = layer.kron_rows(caches[i], outputs[i], dy)
-                captures.append(Capture(i, self.layer_param_index[i], a, z, g * n))
-            dy, dparams = layer.backward(self.layer_params(params, i), caches[i], dy, need_dx=i > first)
-            start = self.layer_param_index[i]
-            grads[start:start + len(dparams)] = dparams
+        fwd = forward if forward is not None else self.forward_pass(params, x, y, kron_outputs=capture)
+        if forward is not None:
+            self.check_batch(x, params, y)
+        self.loss_fn.check_target(fwd.out, y)
+        value, dy = self.loss_fn.value_and_grad(fwd.out, y)
+        back = self.backward(params, fwd, dy, capture=capture)
+        grads = back.grads
         if regularized and self.weight_decay:
             value = value + self.regularizer(params)
             for g, p in zip(grads, params):
                 g += self.weight_decay * p
         if capture:
-            captures.reverse()
-            return value, grads, captures
+            return value, grads, back.captures
         return value, grads

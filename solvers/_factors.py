@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy
 
 from engine.backend import array_module
+from engine.layers import KroneckerLayer
 
 from ._kernels import scaled_ema_
 
-__all__ = ["ema_", "ema_homogeneous_second_moment_", "flush_subnormals_", "check_real_params", "kron_layers", "conv_layers"]
+__all__ = ["ema_", "ema_homogeneous_second_moment_", "flush_subnormals_", "check_real_params", "kron_layers", "spatial_layers"]
 
 
 def ema_(target, new, decay: float):
@@ -60,28 +61,24 @@ def check_real_params(name: str, params) -> None:
 
 
 def kron_layers(name: str, model) -> list[int]:
-    """Indices of the model's Kronecker layers, each a Dense or a Conv2d layer.
+    """Indices of the model's Kronecker layers, each a :class:`engine.layers.KroneckerLayer` (Dense, Conv2d).
 
-    Both expose the same Kronecker view (``d_in``, ``d_out``, ``kron_rows``, ``to_matrix``,
-    ``from_matrix``), so factors are sized (d_in + 1)^2 and d_out^2 for either: for Conv2d
-    d_in = C_in kh kw (a patch) and d_out = C_out, with one row per (example, location) (KFC,
-    Grosse & Martens 2016; :class:`engine.conv.Conv2d`).
+    Every such layer exposes the same Kronecker view (``d_in``, ``d_out``, ``kron_rows``,
+    ``to_matrix``, ``from_matrix``), so factors are sized (d_in + 1)^2 and d_out^2 for any: for
+    Conv2d d_in = C_in kh kw (a patch) and d_out = C_out, with one row per (example, location)
+    (KFC, Grosse & Martens 2016; :class:`engine.conv.Conv2d`).
     """
-    from engine.conv import Conv2d  # noqa: PLC0415
-    from engine.layers import Dense  # noqa: PLC0415
-
     layers = model.kron_layers
     if not layers:
         raise ValueError(f"{name} needs a model with Dense layers or Conv2d layers; {model.name} has none")
-    other = [i for i in layers if not isinstance(model.layers[i], (Dense, Conv2d))]
+    other = [i for i in layers if not isinstance(model.layers[i], KroneckerLayer)]
     if other:
-        raise ValueError(f"{name} has Kronecker factors for Dense and Conv2d layers only; layer {other[0]} "
-                         f"({model.layers[other[0]]!r}) is neither; use a solver without Kronecker factors for it")
+        raise ValueError(f"{name} has Kronecker factors for KroneckerLayer kinds, i.e. Dense and Conv2d layers only; layer {other[0]} "
+                         f"({model.layers[other[0]]!r}) claims a Kronecker view without that contract; use a solver without "
+                         "Kronecker factors for it")
     return layers
 
 
-def conv_layers(model, layers) -> set[int]:
-    """The indices among ``layers`` that are Conv2d layers (their pre-activation side has L rows per example)."""
-    from engine.conv import Conv2d  # noqa: PLC0415
-
-    return {i for i in layers if isinstance(model.layers[i], Conv2d)}
+def spatial_layers(model, layers) -> set[int]:
+    """The indices among ``layers`` whose rows are (example, location) pairs (``KroneckerLayer.spatial``: Conv2d)."""
+    return {i for i in layers if model.layers[i].spatial}

@@ -64,10 +64,8 @@ import math
 
 from engine.backend import array_module
 from engine.curvature.kronecker import KroneckerBlockOperator, kron_factors
-from engine.model import Capture
 
-from ._factors import check_real_params, conv_layers, ema_, ema_homogeneous_second_moment_, flush_subnormals_, kron_layers
-from ._passes import backward_pass, forward_pass
+from ._factors import check_real_params, ema_, ema_homogeneous_second_moment_, flush_subnormals_, kron_layers, spatial_layers
 from .base import Hyper, Solver, positive, register, unit_interval
 from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
 from .damping import double_damping, powell_damping
@@ -122,7 +120,7 @@ class _KroneckerQuasiNewton(Solver):
     def __init__(self, model, **hyper):
         super().__init__(model, **hyper)
         self.kron = kron_layers(self.name, model)
-        self.conv = conv_layers(model, self.kron)
+        self.conv = spatial_layers(model, self.kron)
         self.sqrt_damping = math.sqrt(self.damping)
         kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
         self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
@@ -171,9 +169,7 @@ class _KroneckerQuasiNewton(Solver):
         model = self.model
         sums, count = None, 0
         for x, _ in batches:
-            _, caches, zs = forward_pass(model, params, x)
-            caps = [Capture(i, model.layer_param_index[i], *model.layers[i].kron_rows(caches[i], zs[i], None))
-                    for i in self.kron]
+            caps = model.forward_captures(model.forward_pass(params, x, kron_outputs=True))
             factors = kron_factors(caps, which="A")
             if sums is None:
                 sums = [f.A for f in factors]
@@ -247,9 +243,9 @@ class _KroneckerQuasiNewton(Solver):
             step_sq = step_sq + lr * lr * (m_views[j] * m_views[j]).sum()
 
         # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, z+ and g+ only
-        out, caches, zs = forward_pass(model, params, x)
-        trial_loss, dout = model.loss_fn.value_and_grad(out, y)
-        _, captures_new = backward_pass(model, params, caches, zs, dout, n, param_grads=False, per_example=False)
+        fwd = model.forward_pass(params, x, kron_outputs=True)
+        trial_loss, dout = model.loss_fn.value_and_grad(fwd.out, y)
+        captures_new = model.backward(params, fwd, dout, param_grads=False, capture=True, per_example=False).captures
         # batch means at theta_{k+1}: mean_rows(z+), and mean_rows(g+) = sum_rows(dL/dz+) (g = N dL/dz);
         # a Conv2d capture has N L rows holding sqrt(L) dL/dz: mean_rows(g+) = (N / N L) sum_rows
         means_new = {}

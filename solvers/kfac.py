@@ -48,7 +48,6 @@ from engine.backend import array_module
 from engine.curvature.kronecker import KroneckerBlockOperator, factor_inverses, kron_factors
 
 from ._factors import check_real_params, ema_, flush_subnormals_, kron_layers
-from ._passes import backward_pass, forward_pass
 from .base import Hyper, Solver, positive, register, rng_from_state_array, rng_state_array, unit_interval
 from .bfgs import symmetrize
 
@@ -94,20 +93,19 @@ class KFAC(Solver):
             state[f"layer{i}/G_inv"] = xp.zeros((d_g, d_g), dtype=dtype)
         return state
 
-    def _sampled_captures(self, params, out, caches, zs, rng, n):
+    def _sampled_captures(self, params, fwd, rng):
         """Captures of the backward pass of the loss with targets sampled from the model."""
-        targets = self.model.loss_fn.sample_targets(out, rng)
-        _, dout = self.model.loss_fn.value_and_grad(out, targets)
-        _, caps = backward_pass(self.model, params, caches, zs, dout, n, param_grads=False)
-        return caps
+        targets = self.model.loss_fn.sample_targets(fwd.out, rng)
+        _, dout = self.model.loss_fn.value_and_grad(fwd.out, targets)
+        return self.model.backward(params, fwd, dout, param_grads=False, capture=True).captures
 
     def warm_start(self, params, state, batches) -> dict:
         """A and G averaged over one pass over the data at the initial weights (sampled targets)."""
         rng = rng_from_state_array(state["rng"])
         sums, count = None, 0
         for x, _ in batches:
-            out, caches, zs = forward_pass(self.model, params, x)
-            caps = self._sampled_captures(params, out, caches, zs, rng, x.shape[0])
+            fwd = self.model.forward_pass(params, x, kron_outputs=True)
+            caps = self._sampled_captures(params, fwd, rng)
             factors = kron_factors(caps, which=("A", "G"))
             if sums is None:
                 sums = [(f.A, f.G) for f in factors]
@@ -132,17 +130,10 @@ class KFAC(Solver):
         model = self.model
         xp = array_module(*params)
         k = int(state["k"])
-        n = x.shape[0]
 
         # one forward; backward of the true loss (gradient, with tau theta) and of the sampled loss
-        out, caches, zs = forward_pass(model, params, x)
-        model.loss_fn.check_target(out, y)
-        loss, dout = model.loss_fn.value_and_grad(out, y)
-        grads, caps = backward_pass(model, params, caches, zs, dout, n, param_grads=True)
-        if model.weight_decay:
-            loss = loss + model.regularizer(params)
-            for g, p in zip(grads, params):
-                g += model.weight_decay * p
+        fwd = model.forward_pass(params, x, y, kron_outputs=True)
+        loss, grads, caps = model.loss_and_grad(params, x, y, regularized=True, capture=True, forward=fwd)
         m = state["m"]
         m_views = model.unflatten(m)
         grad_sq = 0
@@ -152,7 +143,7 @@ class KFAC(Solver):
             ema_(mv, g, self.momentum)
 
         rng = rng_from_state_array(state["rng"])
-        caps_sampled = self._sampled_captures(params, out, caches, zs, rng, n)
+        caps_sampled = self._sampled_captures(params, fwd, rng)
         state["rng"] = rng_state_array(rng)
         # A from the data pass (identical rows), G from the sampled pass
         a_factors = kron_factors(caps, which="A")

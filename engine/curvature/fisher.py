@@ -14,20 +14,27 @@ With l_n the loss of example n and grad l_n its gradient with respect to the par
   (:class:`engine.curvature.GaussNewton`, Martens 2020 section 9.2), which is the exact
   expectation form.
 
-Per-example gradients are never formed for Dense layers: for a Dense layer grad_W l_n =
-g_n a_n^T and grad_b l_n = g_n with g_n = dl_n/dz_n (``Capture.g``) and a_n the layer input, so
-F v = (1/N) sum_n s_n grad l_n with s_n = grad l_n . v costs two GEMMs per layer. Models with
-other parameter layers fall back to one backward pass per example (stored as an N x n matrix).
+Per-example gradients are never formed for Kronecker layers with one row per example (Dense;
+``KroneckerLayer.spatial`` false): there grad_W l_n = g_n a_n^T and grad_b l_n = g_n with
+g_n = dl_n/dz_n (``Capture.g``) and a_n the layer input, so F v = (1/N) sum_n s_n grad l_n with
+s_n = grad l_n . v costs two GEMMs per layer. Models with other parameter layers (convolutions,
+whose weight is shared over locations, or layers without a Kronecker view) fall back to one
+backward pass per example (stored as an N x n matrix).
 """
 
 from __future__ import annotations
 
 import numpy
 
-from ..layers import Dense
+from ..layers import KroneckerLayer
 from .base import ModelOperator
 
 __all__ = ["EmpiricalFisher", "Fisher"]
+
+
+def _per_example_rows(layer) -> bool:
+    """A Kronecker layer whose captured rows are one per example (its gradient is g_n a~_n^T)."""
+    return isinstance(layer, KroneckerLayer) and not layer.spatial
 
 
 class EmpiricalFisher(ModelOperator):
@@ -39,8 +46,8 @@ class EmpiricalFisher(ModelOperator):
 
     def _build(self):
         model = self.model
-        self._dense_only = all(isinstance(layer, Dense) or not layer.param_shapes() for layer in model.layers)
-        if self._dense_only:
+        self._factored = all(_per_example_rows(layer) or not layer.param_shapes() for layer in model.layers)
+        if self._factored:
             _, _, caps = model.loss_and_grad(self.params, self.x, self.y, regularized=False, capture=True)
             self._rows = [(c.param_index, c.a, c.g) for c in caps]
             self._n = int(self.x.shape[0])

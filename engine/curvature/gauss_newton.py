@@ -10,7 +10,6 @@ and equals the Hessian when the network is linear in its parameters, or at zero 
 from __future__ import annotations
 
 from .base import ModelOperator
-from .passes import first_param_layer, forward_caches, r_forward
 
 __all__ = ["GaussNewton"]
 
@@ -27,19 +26,12 @@ class GaussNewton(ModelOperator):
 
     def __init__(self, model, params, x, y, regularized: bool = True):
         super().__init__(model, params, x, y, regularized)
-        self._out, self._caches = forward_caches(model, self.params, self.x)
-        model.loss_fn.check_target(self._out, self.y)
+        self._fwd = model.forward_pass(self.params, self.x, self.y)
+        model.loss_fn.check_target(self._fwd.out, self.y)
 
     def _matvec(self, v):
         model = self.model
-        rparams = model.unflatten(v)
-        _, jv = r_forward(model, self.params, self._caches, rparams, self.xp, self._out)
-        dy = model.loss_fn.hessian_vp(self._out, self.y, jv)
-        grads = [None] * len(self.params)
-        first = first_param_layer(model)
-        for i in range(len(model.layers) - 1, first - 1, -1):
-            layer = model.layers[i]
-            dy, dparams = layer.backward(model.layer_params(self.params, i), self._caches[i], dy, need_dx=i > first)
-            start = model.layer_param_index[i]
-            grads[start:start + len(dparams)] = dparams
+        _, jv = model.r_forward(self.params, self._fwd, model.unflatten(v))
+        dy = model.loss_fn.hessian_vp(self._fwd.out, self.y, jv)
+        grads = model.backward(self.params, self._fwd, dy).grads
         return self._add_weight_decay(model.flatten(grads), v)

@@ -18,7 +18,6 @@ import numpy
 
 from ..backend import complex_dtype
 from .base import ModelOperator, split_norm
-from .passes import first_param_layer, forward_caches, r_forward
 
 __all__ = ["HessianCS", "HessianFD", "HessianRop", "DEFAULT_CS_STEP"]
 
@@ -167,35 +166,21 @@ class HessianRop(ModelOperator):
 
     def _prepare(self):
         model = self.model
-        self._out, self._caches = forward_caches(model, self.params, self.x)
-        model.loss_fn.check_target(self._out, self.y)
-        _, dy = model.loss_fn.value_and_grad(self._out, self.y)
-        # dys[i] = dL/d(output of layer i); the gradient comes for free on the way down.
-        self._dys = [None] * len(model.layers)
-        grads = [None] * len(self.params)
-        first = first_param_layer(model)
-        for i in range(len(model.layers) - 1, first - 1, -1):
-            self._dys[i] = dy
-            layer = model.layers[i]
-            dy, dparams = layer.backward(model.layer_params(self.params, i), self._caches[i], dy, need_dx=i > first)
-            start = model.layer_param_index[i]
-            grads[start:start + len(dparams)] = dparams
-        g = model.flatten(grads)
+        self._fwd = model.forward_pass(self.params, self.x, self.y)
+        model.loss_fn.check_target(self._fwd.out, self.y)
+        _, dy = model.loss_fn.value_and_grad(self._fwd.out, self.y)
+        # deltas[i] = dL/d(output of layer i); the gradient comes for free on the way down.
+        back = model.backward(self.params, self._fwd, dy, keep_deltas=True)
+        self._deltas = back.deltas
+        g = model.flatten(back.grads)
         if self.tau:
             g += self.tau * model.flatten(self.params)
         self._grad = g
 
     def _matvec(self, v):
-        model, xp = self.model, self.xp
+        model = self.model
         rparams = model.unflatten(v)
-        r_inputs, r_out = r_forward(model, self.params, self._caches, rparams, xp, self._out)
-        rdy = model.loss_fn.hessian_vp(self._out, self.y, r_out)
-        hv = [None] * len(self.params)
-        first = first_param_layer(model)
-        for i in range(len(model.layers) - 1, first - 1, -1):
-            layer = model.layers[i]
-            rdy, rdparams = layer.backward_rop(model.layer_params(self.params, i), self._caches[i], self._dys[i], rdy,
-                                               r_inputs[i], model.layer_params(rparams, i), need_dx=i > first)
-            start = model.layer_param_index[i]
-            hv[start:start + len(rdparams)] = rdparams
+        r_inputs, r_out = model.r_forward(self.params, self._fwd, rparams)
+        rdy = model.loss_fn.hessian_vp(self._fwd.out, self.y, r_out)
+        hv = model.backward_rop(self.params, self._fwd, self._deltas, rdy, r_inputs, rparams)
         return self._add_weight_decay(model.flatten(hv), v)

@@ -219,3 +219,41 @@ def test_passes_make_no_host_sync(xp, net):
         model.loss_and_grad(complex_params, x, y)
         model.loss(params, x, y)
     assert work.n_syncs == 0 and work.h2d == 0, str(work)
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_one_reverse_sweep_serves_every_pass(xp, net):
+    """Model.backward with its options against loss_and_grad: the gradient, the captures with and
+    without parameter gradients (stopping at the first Kronecker layer), unscaled rows, the
+    callback form, the deltas, and the forward-only rows; all bit for bit."""
+    model = NETS[net]()
+    rng = numpy.random.default_rng(3)
+    params = model.init(seed=2, xp=xp)
+    n = 6
+    x = xp.asarray(rng.random((n, model.input_shape[0])))
+    d_out = model.output_shape[0]
+    y = xp.asarray(rng.integers(0, d_out, n) if model.loss_fn.classification else rng.random((n, d_out)))
+    _, grads, caps = model.loss_and_grad(params, x, y, regularized=False, capture=True)
+    fwd = model.forward_pass(params, x, kron_outputs=True)
+    _, dout = model.loss_fn.value_and_grad(fwd.out, y)
+    same = lambda a, b: numpy.array_equal(to_host(a), to_host(b))  # noqa: E731
+
+    full = model.backward(params, fwd, dout, capture=True, keep_deltas=True)
+    assert all(same(a, b) for a, b in zip(full.grads, grads))
+    assert same(full.deltas[-1], dout) and full.deltas[model.first_param_layer] is not None
+    cheap = model.backward(params, fwd, dout, param_grads=False, capture=True)
+    assert cheap.grads is None and [c.layer for c in cheap.captures] == model.kron_layers
+    for c, ref in zip(cheap.captures, caps):
+        assert same(c.a, ref.a) and same(c.z, ref.z) and same(c.g, ref.g)
+    seen = []
+    raw = model.backward(params, fwd, dout, param_grads=False, capture=seen.append, per_example=False)
+    assert raw.captures is None and [c.layer for c in seen] == model.kron_layers[::-1]
+    for c, ref in zip(seen[::-1], caps):
+        assert same(c.g * n, ref.g)
+    rows = model.forward_captures(fwd)
+    assert [c.layer for c in rows] == model.kron_layers and all(c.g is None for c in rows)
+    assert all(same(c.a, ref.a) and same(c.z, ref.z) for c, ref in zip(rows, caps))
+    top = model.kron_layers[-1]
+    part = model.backward(params, fwd, dout, stop=top)
+    assert all(g is None for g in part.grads[:model.layer_param_index[top]])
+    assert all(same(a, b) for a, b in zip(part.grads[model.layer_param_index[top]:], grads[model.layer_param_index[top]:]))

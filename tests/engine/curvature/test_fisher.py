@@ -69,6 +69,14 @@ class Scale(Layer):
     def backward(self, params, cache, dy, need_dx=True):
         return (dy * params[0] if need_dx else None), [(dy * cache).sum(axis=0)]
 
+    def jvp(self, params, cache, rx, rparams):
+        return cache * rparams[0] + (rx * params[0] if rx is not None else 0)
+
+    def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
+        rdx = rdy * params[0] + dy * rparams[0] if need_dx else None
+        rdp = (rdy * cache).sum(axis=0) + ((dy * rx).sum(axis=0) if rx is not None else 0)
+        return rdx, [rdp]
+
 
 def test_models_with_other_parameter_layers_use_per_example_passes(xp):
     model = Model([Dense(3, 4), Tanh(), Scale(4), Dense(4, 2)], "half_mse", weight_decay=1e-3, input_shape=(3,))
