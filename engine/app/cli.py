@@ -31,7 +31,7 @@ from ..init import INIT_SCHEMES
 from . import commands
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
                       DEFAULT_NET, DEFAULT_ORDER, DEFAULT_SEED, DEFAULT_SOLVER, PRESET_BATCH_SIZES,
-                      TUNED_HYPERPARAMETERS, UsageError, dataset_names, escape_percent, hyper_flag, hyper_table,
+                      TUNED_HYPERPARAMETERS, UsageError, check_solver, dataset_names, escape_percent, hyper_flag, hyper_table,
                       nonnegative_int, positive_float, positive_int)
 from .study_targets import DEFAULT_SEED as STUDY_SEED
 
@@ -43,15 +43,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-def add_hyper_options(parser) -> None:
-    """One ``--name`` per hyper-parameter of any registered solver (paper names, e.g. --lr)."""
+def add_hyper_options(parser, only: str | None = None) -> None:
+    """One ``--name`` per hyper-parameter of any registered solver (paper names, e.g. --lr); with
+    ``only``, the help lists just that solver's (``cstep train --solver kfac --help``)."""
     tuned = "; ".join(f"{net} with {solver}: " + ", ".join(f"{k} {v}" for k, v in values.items())
-                      for (net, solver), values in TUNED_HYPERPARAMETERS.items())
-    group = parser.add_argument_group(
-        "solver hyper-parameters",
-        "By their paper names; each defaults to the chosen solver's own value (listed per solver), except "
-        f"for these tuned network/solver pairs: {tuned}. Giving one the chosen solver does not take is an error.")
+                      for (net, solver), values in TUNED_HYPERPARAMETERS.items() if only in (None, solver))
+    per_solver = "; ".join(f"{name}: " + " ".join(hyper_flag(k) for k in solvers.get_solver(name).hyperparameters)
+                           for name in solvers.solver_names())
+    if only is None:
+        title = "solver hyper-parameters"
+        text = (f"By their paper names; each defaults to the chosen solver's own value (listed per option). Which solver "
+                f"takes which: {per_solver}. 'cstep train --solver NAME --help' lists one solver's alone; 'cstep solvers "
+                f"NAME' describes it.")
+    else:
+        title = f"hyper-parameters of {only} ({solvers.get_solver(only).summary})"
+        text = "By their paper names, with the solver's defaults."
+    if tuned:
+        text += f" Tuned network/solver defaults, used where the option is not given: {tuned}."
+    group = parser.add_argument_group(title, escape_percent(text + " Giving one the chosen solver does not take is an error."))
     for key, specs in sorted(hyper_table().items()):
+        if only is not None and only not in {name for name, _ in specs}:
+            group.add_argument(hyper_flag(key), dest=f"hyper_{key}", default=None, help=argparse.SUPPRESS)
+            continue
+        specs = [(name, spec) for name, spec in specs if only in (None, name)]
         flag = hyper_flag(key)
         if flag in parser._option_string_actions:  # e.g. a solver's own "seed" next to the run's --seed
             raise RuntimeError(f"hyper-parameter {key} collides with option {flag}")
@@ -113,13 +127,15 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                         "clocks, elapsed seconds, backend, dtype")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; ``solver_help`` narrows ``train --help``'s hyper-parameters to one solver."""
     parser = _Parser(
         prog="cstep",
         description="cstep: complex-step curvature and second-order neural-network training "
                     "(K-BFGS, K-BFGS(L), Newton-Krylov, K-FAC, Hessian-free, Adam, RMSprop, SGD) on NumPy or CuPy.",
         epilog="Run 'cstep COMMAND --help' for the options of a command. 'cstep train' with no options trains "
-               "the CURVES-like deep autoencoder with K-BFGS for a few epochs and writes runs/NET-SOLVER-TIME.h5.",
+               f"{DEFAULT_NET} with {DEFAULT_SOLVER} for {DEFAULT_EPOCHS} epochs and writes runs/NET-SOLVER-TIME.h5; "
+               "'cstep presets' and 'cstep solvers' list the networks and solvers.",
     )
     parser.add_argument("--version", action="version", version=f"cstep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="PATH",
                    help="run file to write (default runs/NET-SOLVER-YYYYmmdd-HHMMSS.h5)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
-    add_hyper_options(p)
+    add_hyper_options(p, only=solver_help)
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser(
@@ -193,7 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_compare)
 
     _add_study_parser(sub)
+    _add_listing_parsers(sub)
     return parser
+
+
+def _add_listing_parsers(sub) -> None:
+    p = sub.add_parser("presets", help="list the network presets",
+                       description="The network presets: name, default data set, parameters and a one-line description.")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=commands.cmd_presets)
+    p = sub.add_parser("solvers", help="list the solvers, or describe one",
+                       description="The solvers with a one-line description and paper; with NAME, its hyper-parameters "
+                                   "with their defaults, checks and meaning, and the networks it has tuned defaults for.")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a solver (hyphens or underscores: kbfgs-l, kbfgs_l)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=commands.cmd_solvers)
+
+
+def _solver_asked_for_help(argv: list[str]) -> str | None:
+    """``cstep train --solver NAME --help``: the solver whose options the help should list."""
+    if not argv or argv[0] != "train" or not ({"-h", "--help"} & set(argv)):
+        return None
+    for k, arg in enumerate(argv):
+        name = argv[k + 1] if arg == "--solver" and k + 1 < len(argv) else arg.partition("=")[2] if arg.startswith("--solver=") else None
+        if name:
+            try:
+                return check_solver(name)
+            except UsageError:
+                return None
+    return None
 
 
 def _add_study_parser(subparsers) -> argparse.ArgumentParser:
@@ -226,7 +270,7 @@ def _add_study_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(solver_help=_solver_asked_for_help(argv))
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "command", None):

@@ -12,9 +12,10 @@ from pathlib import Path
 import nets
 import solvers
 
-from .options import UsageError, check_data_dir, check_dtype, check_net, check_solver, given_hyper, tuned
+from .options import (DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_data_dir, check_dataset, check_dtype, check_net, check_solver, given_hyper,
+                      tuned)
 from .plots import load_for_plot, plot_runs
-from .report import compare_table, ensure_parent, info_lines, info_record, print_summary
+from .report import compare_table, ensure_parent, info_lines, info_record, print_summary, solver_info, solver_lines
 from .runfile import load_run
 from .runs import Run, claim_path, default_run_path, drive, load_dataset, summary
 from .study import run_study
@@ -23,8 +24,7 @@ from .study_targets import METHODS, parse_steps
 
 def cmd_train(args) -> int:
     start = time.perf_counter()
-    check_net(args.net)
-    check_solver(args.solver)
+    args.net, args.solver = check_net(args.net), check_solver(args.solver)
     hyper = tuned(args.net, args.solver, given_hyper(args, args.solver))
     path = Path(args.out) if args.out else default_run_path(Path("runs"), args.net, args.solver)
     claim_path(path, args.overwrite)
@@ -39,6 +39,9 @@ def cmd_train(args) -> int:
 def cmd_resume(args) -> int:
     start = time.perf_counter()
     run = Run.resume(args.run, data_dir=args.data_dir)
+    if args.epochs is not None and args.epochs < run.trainer.epoch:
+        raise UsageError(f"run {args.run} already has {run.trainer.epoch} epochs; --epochs is the new total, so give more "
+                         f"than {run.trainer.epoch} (or leave it out)")
     if args.epochs is not None:
         run.config["epochs"] = args.epochs
     if args.max_time is not None:
@@ -79,6 +82,7 @@ def _parse_sets(items, solver_list) -> dict[str, dict]:
         solver, dot, key = head.partition(".")
         if not sep or not dot or not solver or not key:
             raise UsageError(f"--set {item!r} is not SOLVER.NAME=VALUE (e.g. --set kbfgs.lr=0.1)")
+        solver = check_solver(solver)
         if solver not in out:
             raise UsageError(f"--set {item!r} names solver {solver!r}, which is not among --solvers {','.join(solver_list)}")
         key = key.replace("-", "_")
@@ -91,12 +95,10 @@ def _parse_sets(items, solver_list) -> dict[str, dict]:
 
 def cmd_compare(args) -> int:
     start = time.perf_counter()
-    check_net(args.net)
-    solver_list = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    args.net = check_net(args.net)
+    solver_list = [check_solver(s.strip()) for s in args.solvers.split(",") if s.strip()]
     if not solver_list:
         raise UsageError("--solvers is empty; give a comma-separated list, e.g. kbfgs,kfac,adam")
-    for s in solver_list:
-        check_solver(s)
     if len(set(solver_list)) < len(solver_list):
         raise UsageError(f"--solvers {args.solvers} names a solver twice; name each once")
     sets = _parse_sets(args.set, solver_list)
@@ -108,7 +110,7 @@ def cmd_compare(args) -> int:
     # build every run before training any, so a bad hyper-parameter fails before work is done
     dtype = check_dtype(args.dtype)
     data_dir = check_data_dir(args.data_dir)
-    ds_name = args.data or nets.PRESETS[args.net][1]
+    ds_name = check_dataset(args.data) if args.data else nets.PRESETS[args.net][1]
     dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
     runs = []
     for s in solver_list:
@@ -168,4 +170,39 @@ def cmd_study(args) -> int:
         written.append(args.plot)
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    rows = []
+    for name in nets.preset_names():
+        _, dataset, description = nets.PRESETS[name]
+        rows.append({"name": name, "dataset": dataset, "n_params": nets.build(name).n_params,
+                     "batch_size": PRESET_BATCH_SIZES.get(name, DEFAULT_BATCH_SIZE), "description": description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  data {r['dataset']:<14} {r['n_params']:>10,} parameters, batch {r['batch_size']:<5} "
+              f"{r['description']}")
+    return 0
+
+
+def cmd_solvers(args) -> int:
+    if args.name is None:
+        rows = [{"name": n, "summary": solvers.get_solver(n).summary} for n in solvers.solver_names()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            width = max(len(r["name"]) for r in rows)
+            print("\n".join(f"{r['name']:<{width}}  {r['summary']}" for r in rows))
+            print("\n'cstep solvers NAME' lists a solver's hyper-parameters and defaults.")
+        return 0
+    name = check_solver(args.name)
+    info = solver_info(name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("\n".join(solver_lines(info)))
     return 0

@@ -116,14 +116,44 @@ def build_solver(name: str, model, hyper: dict):
         raise UsageError(msg if msg.startswith("unknown solver") else f"invalid hyper-parameter for {name}: {msg}") from None
 
 
-def check_net(name: str) -> None:
-    if name not in nets.PRESETS:
-        raise UsageError(f"unknown network {name!r}; choose one of {', '.join(nets.preset_names())}")
+def canonical(name: str, choices, what: str) -> str:
+    """``name`` as spelled in ``choices``, hyphens and underscores alike (``newton-krylov`` is
+    ``newton_krylov``, ``curves_ae`` is ``curves-ae``); an unknown name is a :class:`UsageError`."""
+    key = str(name).strip().lower().replace("_", "-")
+    for choice in choices:
+        if choice.lower().replace("_", "-") == key:
+            return choice
+    raise UsageError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(choices))}")
 
 
-def check_solver(name: str) -> None:
-    if name not in solvers.SOLVERS:
-        raise UsageError(f"unknown solver {name!r}; choose one of {', '.join(solvers.solver_names())}")
+def check_net(name: str) -> str:
+    """The preset's registered name."""
+    return canonical(name, nets.PRESETS, "network")
+
+
+def check_solver(name: str) -> str:
+    """The solver's registered name."""
+    return canonical(name, solvers.SOLVERS, "solver")
+
+
+def check_dataset(name: str) -> str:
+    """The data set's registered name."""
+    return canonical(name, data.DATASETS, "data set")
+
+
+def check_task(model, dataset) -> None:
+    """A classifier needs labels and an autoencoder none: name the data set that fits, before any work."""
+    classifier = model.loss_fn.classification
+    if classifier == (not dataset.is_autoencoder):
+        return
+    prefix = dataset.name.split("-")[0]
+    fits = [n for n in sorted(data.DATASETS) if n.startswith(prefix) and ("classify" in n) == classifier]
+    hint = f"; use --data {fits[0]}" if fits else ""
+    if classifier:
+        raise UsageError(f"network {model.name} is a classifier ({model.loss_fn.name}) but data set {dataset.name} "
+                         f"has no labels (an autoencoder set){hint}")
+    raise UsageError(f"network {model.name} reconstructs its input ({model.loss_fn.name}) but data set {dataset.name} "
+                     f"is a labelled classification set{hint}")
 
 
 def check_dtype(name: str) -> numpy.dtype:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+import solvers
+
+from .options import TUNED_HYPERPARAMETERS, hyper_flag
+
 
 def fmt_value(v) -> str:
     if isinstance(v, float):
@@ -18,8 +22,10 @@ def print_summary(summary: dict, args) -> None:
     elif not args.quiet:
         tr = summary["train_loss"][-1] if summary["train_loss"] else float("nan")
         te = summary["test_loss"][-1] if summary["test_loss"] else float("nan")
+        acc = "".join(f", {k.replace('_', ' ')} {summary[k][-1]:.4%}" for k in ("train_accuracy", "test_accuracy")
+                      if summary.get(k))
         print(f"{summary['status']}: {summary['solver']} on {summary['net']}/{summary['dataset']}, "
-              f"{summary['epochs']} epochs ({summary['iterations']} iterations), train loss {tr:.6g}, test loss {te:.6g}, "
+              f"{summary['epochs']} epochs ({summary['iterations']} iterations), train loss {tr:.6g}, test loss {te:.6g}{acc}, "
               f"{summary['training_cpu_seconds']:.1f} s training CPU, {summary['elapsed_seconds']:.1f} s elapsed")
         print(f"run file: {summary['run']}")
 
@@ -53,13 +59,18 @@ def info_lines(rec) -> list[str]:
         f"network      {c['net']}: {c.get('net_description', '')}; {c.get('n_params', 0):,} parameters",
         f"data         {c['dataset']}: {c.get('n_train_used')} train / {c.get('n_test_used')} test{sub}",
         f"solver       {c['solver']}  {hyper}",
-        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']} ({c.get('init', 'numpy')} init, {c.get('order', 'pcg64')} order), epochs {target}, "
+        f"options      batch size {c['batch_size']}, dtype {c['dtype']}, seed {c['seed']} ({c.get('init', 'numpy')} init, {c.get('order', 'pcg64')} order), epochs {target if target else 'unlimited (time budget)'}, "
         f"max time {str(c['max_time']) + ' s' if c.get('max_time') else 'none'}, "
         f"checkpoint every {str(c['checkpoint_every']) + ' iterations and every epoch' if c.get('checkpoint_every') else 'epoch'}",
         f"progress     {p.get('status', '?')}: epoch {p['epoch']}{'/' + str(target) if target else ''}, iteration {p['iteration']}, "
         f"{p['cpu_time']:.2f} s training CPU, {p['wall_time']:.2f} s wall, {p.get('checkpoints', '?')} checkpoints "
         f"(last {p.get('checkpoint_time', '?')})",
     ]
+    if p.get("diverged_at"):
+        lost = p.get("diverged_steps", {}).get("loss", [])
+        tail = ", ".join(fmt_value(v) for v in lost[-5:])
+        lines.append(f"divergence   the loss became non-finite at iteration {p['diverged_at']}; the file keeps the checkpoint "
+                     f"of iteration {p['iteration']}" + (f"; the last losses before that: {tail}" if tail else ""))
     if final:
         losses = ", ".join(f"{k.replace('_', ' ')} {fmt_value(final[k])}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy") if k in final)
         lines.append(f"final        {losses}")
@@ -94,3 +105,26 @@ def write_text(path: str, text: str) -> None:
     ensure_parent(path)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+def solver_info(name: str) -> dict:
+    """A solver's description, hyper-parameters (default, requirement, meaning) and tuned defaults."""
+    cls = solvers.get_solver(name)
+    return {"name": name, "summary": cls.summary, "needs_warm_start": cls.needs_warm_start,
+            "hyperparameters": {k: {"option": hyper_flag(k), "default": h.default, "requirement": h.requirement,
+                                    "help": h.help} for k, h in cls.hyperparameters.items()},
+            "tuned": {net: values for (net, solver), values in TUNED_HYPERPARAMETERS.items() if solver == name}}
+
+
+def solver_lines(info: dict) -> list[str]:
+    lines = [f"{info['name']}: {info['summary']}"]
+    if info["needs_warm_start"]:
+        lines.append("warm start: one pass over the training data before iteration 0")
+    lines.append("hyper-parameters (option, default, requirement, meaning):")
+    width = max((len(h["option"]) for h in info["hyperparameters"].values()), default=0)
+    for h in info["hyperparameters"].values():
+        req = f" ({h['requirement']})" if h["requirement"] else ""
+        lines.append(f"  {h['option']:<{width}}  {fmt_value(h['default'])}{req}: {h['help']}")
+    for net, values in info["tuned"].items():
+        lines.append(f"tuned for {net}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items()))
+    return lines

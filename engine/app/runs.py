@@ -16,7 +16,7 @@ import nets
 from .. import __version__
 from ..backend import get_xp, to_device
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, UsageError, build_solver, check_data_dir,
-                      check_dtype, check_net, check_solver)
+                      check_dataset, check_dtype, check_net, check_solver, check_task)
 from .progress import Progress
 from . import runfile
 from .train import Trainer, TrainingDiverged
@@ -60,7 +60,9 @@ def load_dataset(name: str, data_dir: str | None, dtype, n_train: int | None, n_
 
 
 def check_fit(model, ds) -> None:
-    """Fail before any work if the network does not fit the data set (one forward pass of one row)."""
+    """Fail before any work if the network does not fit the data set: its task (classifier or
+    autoencoder), then one forward pass of one row."""
+    check_task(model, ds)
     xp = get_xp()
     params = model.init(seed=0, dtype=numpy.float64, xp=xp)
     x = to_device(ds.x_train[:1], xp, dtype=numpy.float64)
@@ -78,8 +80,7 @@ class Run:
     def __init__(self, config: dict, hyper: dict, dataset=None):
         self.config = config
         self.dtype = check_dtype(config["dtype"])
-        check_net(config["net"])
-        check_solver(config["solver"])
+        config["net"], config["solver"] = check_net(config["net"]), check_solver(config["solver"])
         self.model = nets.build(config["net"])
         if dataset is None:
             dataset = load_dataset(config["dataset"], config.get("data_dir"), self.dtype,
@@ -100,15 +101,16 @@ class Run:
         self.meta: dict = {}
         self.checkpoints = 0
         self.status = "running"
+        #: where a diverged run blew up: the iteration and the step rows after the last checkpoint
+        self.divergence: dict = {}
 
     @classmethod
     def new(cls, args, net: str, solver: str, hyper: dict, dataset=None) -> "Run":
         """A fresh run from the common training options of ``train`` / ``compare``."""
-        check_net(net)
-        check_solver(solver)
+        net, solver = check_net(net), check_solver(solver)
         dtype = check_dtype(args.dtype)
         data_dir = check_data_dir(args.data_dir)
-        ds_name = args.data or nets.PRESETS[net][1]
+        ds_name = check_dataset(args.data) if args.data else nets.PRESETS[net][1]
         if dataset is None:
             dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
         epochs = args.epochs
@@ -148,12 +150,10 @@ class Run:
             raise UsageError(f"the run's data directory {config['data_dir']} does not exist here; "
                              "point --data-dir at the data")
         saved_shapes = [list(numpy.shape(p)) for p in header.state["params"]]
-        check_net(config["net"])
-        model = nets.build(config["net"])
+        model = nets.build(check_net(config["net"]))
         if saved_shapes != [list(s) for s in model.shapes]:
-            raise UsageError(f"run file {path} was written for a network with {len(saved_shapes)} parameter arrays "
-                             f"({sum(int(numpy.prod(s)) for s in saved_shapes)} values) but network {config['net']} has "
-                             f"{len(model.shapes)} ({model.n_params} values); it comes from an incompatible network definition")
+            raise UsageError(f"run file {path} does not fit network {config['net']}: {_first_shape_mismatch(saved_shapes, model)}; "
+                             "it comes from an incompatible network definition")
         run = cls(config, header.hyperparameters)
         fingerprint = data_fingerprint(run.dataset)
         if config.get("data_fingerprint") and fingerprint != config["data_fingerprint"]:
@@ -180,6 +180,7 @@ class Run:
         self.checkpoints += 1
         state = self.trainer.state_dict()
         state["progress"].update({
+            **self.divergence,
             "status": self.status, "checkpoints": self.checkpoints,
             "target_epochs": self.config.get("epochs"),
             "checkpoint_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -218,8 +219,14 @@ def drive(run: Run, epochs, max_time, checkpoint_every, quiet: bool, label: str 
                 trainer.run(epochs=epochs, max_time=max_time, on_step=on_step, on_epoch=on_epoch)
         except TrainingDiverged as exc:
             progress.close()
-            # the run file keeps the last finite checkpoint; only its status changes
+            # the run file keeps the last finite checkpoint and, in its progress record, the steps
+            # from there to the blow-up (the history itself stays that of the checkpoint, so that
+            # a resume continues it)
+            steps = trainer.history.steps
             record = runfile.load_run(run.path, array_module=get_xp(), solver_template=run.trainer.solver_state)
+            kept = record.progress["iteration"]
+            run.divergence = {"diverged_at": trainer.iteration,
+                              "diverged_steps": {k: v[kept:] for k, v in steps.items()}}
             run.trainer.load_state_dict(record.state)
             run.checkpoint("diverged")
             print(f"cstep: {label}{exc}; the run file keeps the last finite checkpoint", file=sys.stderr)
@@ -242,6 +249,7 @@ def summary(run: Run, status: str, elapsed: float) -> dict:
         "training_cpu_seconds": run.trainer.cpu_time, "training_wall_seconds": run.trainer.wall_time,
         "elapsed_seconds": elapsed,
         "backend": run.environment.get("backend"), "dtype": run.config["dtype"],
+        **{k: ep[k] for k in ("train_accuracy", "test_accuracy") if k in ep},
     }
 
 
@@ -255,10 +263,22 @@ def default_run_path(out_dir: Path, net: str, solver: str) -> Path:
     return path
 
 
+def _first_shape_mismatch(saved_shapes, model) -> str:
+    """The first parameter array whose shape differs, by name, layer and shapes."""
+    for k, (saved, want) in enumerate(zip(saved_shapes, model.shapes)):
+        if list(saved) != list(want):
+            layer = next(i for i in range(len(model.layers)) if model.layer_param_index[i] <= k
+                         < model.layer_param_index[i] + len(model.layers[i].param_shapes()))
+            return (f"parameter p{k:03d} (layer {layer}, {type(model.layers[layer]).__name__}) has shape {tuple(saved)} "
+                    f"where the network needs {tuple(want)}")
+    return (f"the file has {len(saved_shapes)} parameter arrays ({sum(int(numpy.prod(s)) for s in saved_shapes)} values), "
+            f"the network {len(model.shapes)} ({model.n_params} values)")
+
+
 def claim_path(path: Path, overwrite: bool) -> Path:
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name for --out (e.g. {path / 'run.h5'})")
     if path.exists() and not overwrite:
         raise UsageError(f"run file {path} already exists; continue it with 'cstep resume {path}', "
                          "choose another --out, or pass --overwrite")
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name for --out")
     return path
