@@ -2,10 +2,13 @@
 
 The established baseline for :mod:`solvers.newton_krylov`, with the constants of Martens' public
 demo code (``nnet_train_2.m`` / ``conjgrad_1.m``; complex-step.md section 6.2, cross-checked with
-``drasmuss/hessianfree`` and ``ltatzel/PyTorchHessianFree``):
+``drasmuss/hessianfree`` and ``ltatzel/PyTorchHessianFree``; docs/newton-krylov.md section 7). Steps
+1-3 and the damping rule of step 5 are those of the Newton-CG base,
+:class:`solvers.newton_cg.NewtonCG`, shared with Newton-Krylov:
 
-1. **Gradient** g and loss L on the minibatch B_g given to :meth:`HessianFree.step` (Martens uses
-   the full training set; in the stochastic setting the minibatch plays that role).
+1. **Gradient** g and loss L on the minibatch B_g given to ``HessianFree.step`` (Martens uses
+   the full training set; in the stochastic setting the minibatch plays that role); a zero
+   gradient ends the step (``cg_exit`` = -1).
 2. **Curvature**: Gauss-Newton products G v (:class:`engine.curvature.GaussNewton`; "you should
    probably only ever use 'gn'") of the regularised loss on B_H, the first
    ``curvature_batch_size`` (or ceil(``curvature_fraction`` |B_g|)) rows of B_g (Martens: one
@@ -20,7 +23,8 @@ demo code (``nnet_train_2.m`` / ``conjgrad_1.m``; complex-step.md section 6.2, c
    as in :mod:`solvers.krylov`. Preconditioner (``preconditioner="martens"``, section 4.7):
    M = (diag(F_emp) + lambda + tau)^xi, xi = 3/4, with diag(F_emp) = (1/N) sum_n (grad l_n)^2 the
    mean of the squared per-example gradients of B_g (formed from the layer captures of the
-   gradient pass, (g^2)^T (a^2) per Dense layer, no per-example gradients materialised), and tau
+   gradient pass, (g^2)^T (a^2) per layer with one capture row per example, i.e. Dense layers; no
+   per-example gradients materialised), and tau
    the weight decay, since our curvature includes tau I.
 4. **CG backtracking** (section 4.6): CG iterates are stored at i = ceil(5 * 1.3^j) and at exit;
    walking back from the last one, an earlier iterate replaces the current one while
@@ -29,10 +33,10 @@ demo code (``nnet_train_2.m`` / ``conjgrad_1.m``; complex-step.md section 6.2, c
    off (p^T G p from the CG recurrences, undamped), on the curvature batch B_H as in Martens' code
    (``rho_batch="curvature"``), or on B_g (``rho_batch="gradient"``, free: it reuses the losses of
    step 4). lambda <- 3/2 lambda if rho < 1/4 or rho is NaN, lambda <- 2/3 lambda if rho > 3/4
-   (initial lambda = 45).
+   (initial lambda = 45; :func:`solvers.newton_cg.adapt_damping` with Martens' plain ratio).
 6. **Armijo line search** on B_g: the largest alpha in {1, 0.8, 0.8^2, ...} with
-   L(w + alpha p) <= L(w) + c alpha g^T p, c = 1e-2, at most 60 reductions; otherwise the step is
-   rejected (alpha = 0).
+   L(w + alpha p) <= L(w) + c alpha g^T p, c = 1e-2, at most 60 reductions
+   (:func:`solvers.newton_cg.backtracking`); otherwise the step is rejected (alpha = 0).
 
 Info per step: ``loss``, ``grad_norm``, ``cg_iters``, ``cg_exit`` (index into
 :data:`solvers.krylov.EXIT_REASONS`), ``cg_chosen`` (the CG iteration of the iterate kept by
@@ -48,11 +52,10 @@ from __future__ import annotations
 import math
 
 from engine.backend import array_module, to_host
-from engine.layers import Dense
 
-from .base import Hyper, Solver, nonnegative, positive, register
-from .krylov import (CURVATURES, OPERATOR_SETUP_COST, PASS_COST, curvature_operator, curvature_rows,
-                     truncated_cg)
+from .base import Hyper, nonnegative, positive, register
+from .krylov import CURVATURES, PASS_COST
+from .newton_cg import GradientStart, NewtonCG, RhoUpdate, adapt_damping, backtracking
 
 __all__ = ["HessianFree", "squared_gradient_diagonal"]
 
@@ -60,29 +63,31 @@ __all__ = ["HessianFree", "squared_gradient_diagonal"]
 def squared_gradient_diagonal(model, captures, n: int):
     """diag(F_emp) = (1/N) sum_n (grad l_n)^2 on the flat parameter vector, from layer captures.
 
-    For a Dense layer grad_W l_n = g_n a_n^T and grad_b l_n = g_n (g_n = ``Capture.g``, the
-    per-example pre-activation gradient), so sum_n (grad_W l_n)^2 = (g*g)^T (a*a) elementwise and
-    sum_n (grad_b l_n)^2 = sum_n g_n*g_n: two GEMMs per layer, no per-example gradients.
+    For a Kronecker layer whose capture has one row per example (a Dense layer; a convolution
+    has one per example and location, and is refused) grad_W l_n = g_n a_n^T and grad_b l_n =
+    g_n (g_n = ``Capture.g``, the per-example pre-activation gradient), so sum_n (grad_W l_n)^2 =
+    (g*g)^T (a*a) elementwise and sum_n (grad_b l_n)^2 = sum_n g_n*g_n: two GEMMs per layer, no
+    per-example gradients (Martens 2010, section 4.7).
     """
     xp = array_module(*[c.a for c in captures])
     dtype = captures[0].a.dtype
     parts = [None] * len(model.shapes)
     for c in captures:
-        layer = model.layers[c.layer]
-        if not isinstance(layer, Dense) or c.a.shape[0] != n:
-            raise ValueError(f"Martens' diagonal preconditioner needs per-example Dense-layer captures; layer {c.layer} "
-                             f"({layer!r}) has none: use preconditioner='none'")
+        if c.a.shape[0] != n:
+            raise ValueError(f"Martens' diagonal preconditioner needs one capture row per example; layer {c.layer} "
+                             f"({model.layers[c.layer]!r}) has {c.a.shape[0]} rows for {n} examples: "
+                             "use preconditioner='none'")
         gg = c.g * c.g
         parts[c.param_index] = (gg.T @ (c.a * c.a)) / n
         parts[c.param_index + 1] = gg.sum(axis=0) / n
     for k, s in enumerate(model.shapes):
         if parts[k] is None:
-            raise ValueError(f"parameter {k} of {model.name} belongs to no captured Dense layer; use preconditioner='none'")
+            raise ValueError(f"parameter {k} of {model.name} belongs to no captured Kronecker layer; use preconditioner='none'")
     return xp.concatenate([p.reshape(-1) for p in parts]).astype(dtype, copy=False)
 
 
 @register
-class HessianFree(Solver):
+class HessianFree(NewtonCG):
     name = "hessian_free"
     summary = "Martens (2010) Hessian-free: Gauss-Newton CG, LM damping, CG backtracking, Armijo line search"
     hyperparameters = {
@@ -113,115 +118,87 @@ class HessianFree(Solver):
         "max_backtracks": nonnegative("line-search reductions before the step is rejected (Martens: 60)", 60, int),
     }
 
-    def __init__(self, model, **hyper):
-        super().__init__(model, **hyper)
-        if self.rho_low >= self.rho_high:
-            raise ValueError(f"rho_low ({self.rho_low}) must be below rho_high ({self.rho_high})")
+    zero_gradient_info = {"cg_iters": 0, "cg_exit": -1, "cg_chosen": 0, "rho": math.nan, "alpha": 0.0, "accepted": 0,
+                          "backtracks": 0, "step_norm": 0.0, "n_hvp": 0}
+    nonfinite_advice = "raise the initial damping"
 
     def init(self, params):
         return {"damping": float(self.damping), "cg_x": self.model.flatten(params) * 0, "k": 0}
 
-    def step(self, params, state, x, y):
-        model = self.model
-        xp = array_module(x, *params)
-        n_g = x.shape[0]
-        n_h = curvature_rows(n_g, self.curvature_fraction, self.curvature_batch_size)
-        weight_h = n_h / n_g
-        lam = float(state["damping"])
-        passes = 0.0
+    def wants_captures(self) -> bool:
+        return self.preconditioner == "martens"
 
-        want_captures = self.preconditioner == "martens"
-        out = model.loss_and_grad(params, x, y, capture=want_captures)
-        passes += PASS_COST["gradient"]
-        g = model.flatten(out[1])
-        loss0, g_sq = (float(s) for s in to_host(xp.stack([out[0], g @ g])))
-        grad_norm = math.sqrt(g_sq)
-        if not math.isfinite(loss0) or not math.isfinite(grad_norm):
-            raise FloatingPointError(f"the minibatch loss or gradient is {loss0}/{grad_norm} at iteration {state['k']}; "
-                                     "raise the initial damping")
-        info = {"loss": loss0, "grad_norm": grad_norm, "damping": lam}
-        if g_sq == 0.0:
-            state["k"] += 1
-            return params, state, {**info, "cg_iters": 0, "cg_exit": -1, "cg_chosen": 0, "rho": math.nan, "alpha": 0.0,
-                                   "accepted": 0, "backtracks": 0, "step_norm": 0.0, "n_hvp": 0, "n_grad_passes": passes}
-
-        op = curvature_operator(self.curvature, model, params, x[:n_h], y[:n_h])
-        passes += OPERATOR_SETUP_COST[self.curvature] * weight_h
+    def newton_step(self, params, state, x, y, start: GradientStart):
+        """Steps 2-6 of the module docstring after the prologue of :meth:`NewtonCG.step`."""
+        op = self.build_operator(params, x, y, start)
         precond = None
-        if want_captures:
-            diag = squared_gradient_diagonal(model, out[2], n_g)
-            m_inv = (diag + (lam + model.weight_decay)) ** (-self.precond_exponent)
+        if self.preconditioner == "martens":
+            diag = squared_gradient_diagonal(self.model, start.captures, start.n_g)
+            m_inv = (diag + (start.damping + self.model.weight_decay)) ** (-self.precond_exponent)
             precond = lambda r: m_inv * r  # noqa: E731
-
         x0 = self.cg_decay * state["cg_x"] if state["k"] > 0 and self.cg_decay > 0 else None
-        cg = truncated_cg(op.matvec, -g, x0, damping=lam, max_iter=self.cg_max_iter, min_iter=self.cg_min_iter,
-                          rtol=self.cg_rtol, adaptive_rtol=False, model_decrease_check=True,
-                          model_eps=self.cg_model_eps, preconditioner=precond, keep_iterates=True)
-        passes += PASS_COST[self.curvature] * weight_h * cg.n_matvec
-        n_hvp = cg.n_matvec
+        cg = self.solve(op, start, x0, precond, max_iter=self.cg_max_iter, min_iter=self.cg_min_iter,
+                        rtol=self.cg_rtol, adaptive_rtol=False, model_decrease_check=True,
+                        model_eps=self.cg_model_eps, keep_iterates=True)
 
-        # CG backtracking over the stored iterates, on B_g
-        w = model.flatten(params)
+        w = self.model.flatten(params)
+        chosen, loss_p = self._cg_backtracking(w, cg.iterates, x, y, start)
+        p = chosen.x
+        gTp, pGp = (float(s) for s in to_host(start.xp.stack([chosen.gTp, chosen.curvature])))
+        update = self._reduction_ratio(params, w, p, gTp, pGp, loss_p, x, y, start)
 
-        def batch_loss(step, xb, yb):
-            return float(to_host(model.loss(model.unflatten(w + step), xb, yb)))
+        # Armijo line search on B_g (the loss at alpha = 1 is known from the CG backtracking)
+        def armijo(alpha, j):
+            loss_a = loss_p
+            if j:
+                loss_a = self.loss_at(w + alpha * p, x, y)
+                start.passes += PASS_COST["loss"]
+            return loss_a <= start.loss + self.armijo_c * alpha * gTp, None
 
-        chain = cg.iterates
+        search = backtracking(armijo, 1.0, self.backtrack_factor, self.max_backtracks)
+        if search.accepted:
+            self.assign(params, w + search.alpha * p)
+
+        state["damping"] = update.damping
+        state["cg_x"] = cg.x  # Martens warm-starts from the last CG iterate, not the backtracked one
+        state["k"] += 1
+        step_sq = float(to_host(p @ p))
+        info = start.info
+        info.update({"cg_iters": cg.iterations, "cg_exit": cg.exit_code, "cg_chosen": chosen.iteration,
+                     "rho": update.rho, "alpha": search.alpha if search.accepted else 0.0,
+                     "accepted": int(search.accepted), "backtracks": search.backtracks,
+                     "step_norm": search.alpha * math.sqrt(step_sq) if search.accepted else 0.0,
+                     "n_hvp": cg.n_matvec, "n_grad_passes": start.passes})
+        return params, state, info
+
+    def _cg_backtracking(self, w, chain: list, x, y, start: GradientStart):
+        """Step 4 (Martens 2010, section 4.6): walking back from the last stored CG iterate, an
+        earlier one replaces the current one while L(w + x_earlier) <= L(w + x_current) on B_g
+        (NaN counts as worse). Returns the chosen :class:`solvers.krylov.CGIterate` and its loss."""
         j = len(chain) - 1
-        loss_p = batch_loss(chain[j].x, x, y)
-        passes += PASS_COST["loss"]
+        loss_p = self.loss_at(w + chain[j].x, x, y)
+        start.passes += PASS_COST["loss"]
         if self.cg_backtracking:
             while j > 0:
-                loss_prev = batch_loss(chain[j - 1].x, x, y)
-                passes += PASS_COST["loss"]
+                loss_prev = self.loss_at(w + chain[j - 1].x, x, y)
+                start.passes += PASS_COST["loss"]
                 if not loss_prev <= loss_p:  # the later iterate is better (NaN counts as worse)
                     break
                 j -= 1
                 loss_p = loss_prev
-        chosen = chain[j]
-        p = chosen.x
-        gTp, pGp = (float(s) for s in to_host(xp.stack([chosen.gTp, chosen.curvature])))
+        return chain[j], loss_p
 
-        # reduction ratio with damping off
-        denom = gTp + 0.5 * pGp
+    def _reduction_ratio(self, params, w, p, gTp: float, pGp: float, loss_p: float, x, y,
+                         start: GradientStart) -> RhoUpdate:
+        """Step 5: rho with damping switched off, [L(w + p) - L(w)] / (g^T p + 1/2 p^T G p), on B_H
+        (Martens) or on B_g (reusing the backtracking's loss), and lambda updated from it."""
+        predicted = -(gTp + 0.5 * pGp)
         if self.rho_batch == "gradient":
-            rho = (loss_p - loss0) / denom if denom != 0 else math.nan
+            actual = -(loss_p - start.loss)
         else:
-            xh, yh = x[:n_h], y[:n_h]
-            lh0 = float(to_host(model.loss(params, xh, yh)))
-            lh1 = batch_loss(p, xh, yh)
-            passes += 2 * PASS_COST["loss"] * weight_h
-            rho = (lh1 - lh0) / denom if denom != 0 else math.nan
-        if not math.isfinite(rho) and not math.isnan(rho):
-            rho = math.nan
-
-        # Armijo line search on B_g (the loss at alpha = 1 is known from the backtracking)
-        alpha, accepted, backtracks = 1.0, False, 0
-        loss_a = loss_p
-        for backtracks in range(self.max_backtracks + 1):
-            if backtracks:
-                alpha *= self.backtrack_factor
-                loss_a = batch_loss(alpha * p, x, y)
-                passes += PASS_COST["loss"]
-            if loss_a <= loss0 + self.armijo_c * alpha * gTp:
-                accepted = True
-                break
-        if accepted:
-            new_w = w + alpha * p
-            for prm, t in zip(params, model.unflatten(new_w)):
-                prm[...] = t
-
-        if not (rho >= self.rho_low):  # includes NaN
-            lam = lam * self.damping_increase
-        elif rho > self.rho_high:
-            lam = max(lam * self.damping_decrease, self.damping_min)
-
-        state["damping"] = lam
-        state["cg_x"] = cg.x  # Martens warm-starts from the last CG iterate, not the backtracked one
-        state["k"] += 1
-        step_sq = float(to_host(p @ p))
-        info.update({"cg_iters": cg.iterations, "cg_exit": cg.exit_code, "cg_chosen": chosen.iteration, "rho": rho,
-                     "alpha": alpha if accepted else 0.0, "accepted": int(accepted), "backtracks": backtracks,
-                     "step_norm": alpha * math.sqrt(step_sq) if accepted else 0.0, "n_hvp": n_hvp,
-                     "n_grad_passes": passes})
-        return params, state, info
+            xh, yh = x[:start.n_h], y[:start.n_h]
+            lh0 = float(to_host(self.model.loss(params, xh, yh)))
+            lh1 = self.loss_at(w + p, xh, yh)
+            start.passes += 2 * PASS_COST["loss"] * start.weight_h
+            actual = -(lh1 - lh0)
+        return adapt_damping(predicted, actual, start.damping, self.rho_rule())

@@ -1,15 +1,18 @@
 """Truncated Newton-Krylov on complex-step Hessian-vector products (Shen et al. 2020, reconstructed).
 
 Shen, Shao, Zhou, Jiang, Luo, Yang, "Second-order Neural Network Training Using Complex-step
-Directional Derivative", arXiv:2009.07098. Only the abstract is public (complex-step.md 6.1): a
+Directional Derivative", arXiv:2009.07098. Only the abstract is public (complex-step.md section 6.1): a
 stochastic Krylov iteration on complex-step (CSFD) Hessian-vector products that stops "as soon
 as a disturbing direction is found", and a step size adjusted by "monitor[ing] the approximation
 error in the Taylor expansion". The loop below is this project's reconstruction from standard
-published rules (complex-step.md 6.3); **none of its constants are the paper's settings**.
+published rules (complex-step.md section 6.3; docs/newton-krylov.md sections 3-4); **none of its
+constants are the paper's settings**. Steps 1-3 and the damping rule of step 5 are those of the
+Newton-CG base, :class:`solvers.newton_cg.NewtonCG`, shared with Hessian-free.
 
-Per iteration k, on the minibatch B_g given to :meth:`NewtonKrylov.step`:
+Per iteration k, on the minibatch B_g given to ``NewtonKrylov.step``:
 
-1. **Gradient.** L_k = L_{B_g}(w_k), g_k = grad L_{B_g}(w_k) (regularised: + 0.5 tau ||w||^2).
+1. **Gradient.** L_k = L_{B_g}(w_k), g_k = grad L_{B_g}(w_k) (regularised: + 0.5 tau ||w||^2);
+   a zero gradient ends the step (``cg_exit`` = -1).
 2. **Curvature.** H = the chosen curvature of the regularised loss on B_H, the first
    ``curvature_batch_size`` rows (or ceil(``curvature_fraction`` |B_g|) rows) of B_g. ``curvature``
    selects the operator: "cs" complex step (default, :class:`engine.curvature.HessianCS`),
@@ -33,11 +36,13 @@ Per iteration k, on the minibatch B_g given to :meth:`NewtonKrylov.step`:
    rho = Delta_act / Delta_pred (Nocedal & Wright 2006, eq. 4.4). The step is accepted if
    rho > ``eta`` (``accept="rho"``) or if L(w + alpha p) <= L(w) + c alpha g^T p
    (``accept="armijo"``, c = ``armijo_c``); otherwise alpha <- ``backtrack_factor`` alpha, at most
-   ``max_backtracks`` times, after which the step is rejected (w unchanged).
+   ``max_backtracks`` times (:func:`solvers.newton_cg.backtracking`), after which the step is
+   rejected (w unchanged).
    When Delta_pred is below ``rho_noise`` eps |L(w)| the two losses cannot resolve it (rounding
    of L is ~eps |L|): the ratio is then not measurable, the step is accepted if the loss did not
    rise by more than that noise, and it counts as rho = 1 for the adaptation (it happens only
-   near a minimiser, where the quadratic model is exact to rounding).
+   near a minimiser, where the quadratic model is exact to rounding;
+   :func:`solvers.newton_cg.adapt_damping`).
 5. **Adaptation** from the rho of the last trial, with thresholds ``rho_low`` = 0.25 and
    ``rho_high`` = 0.75 (Nocedal & Wright Alg. 4.1; Martens 2010 section 4.1):
    ``adapt`` = "damping": lambda <- lambda ``damping_increase`` (3/2) if rho < rho_low or rho is
@@ -67,11 +72,11 @@ import math
 
 import numpy
 
-from engine.backend import array_module, to_host
+from engine.curvature import KroneckerBlockOperator, kron_factors
 
-from .base import Hyper, Solver, nonnegative, positive, register
-from .krylov import (CURVATURES, EXIT_REASONS, OPERATOR_SETUP_COST, PASS_COST, curvature_operator,
-                     curvature_rows, truncated_cg)
+from .base import Hyper, nonnegative, positive, register
+from .krylov import CURVATURES, EXIT_REASONS, PASS_COST
+from .newton_cg import GradientStart, LineSearch, NewtonCG, adapt_damping, backtracking
 
 __all__ = ["NewtonKrylov", "kfac_preconditioner", "EXIT_REASONS"]
 
@@ -99,8 +104,6 @@ def kfac_preconditioner(model, captures, damping: float):
     (Martens & Grosse 2015, eq. 1 and section 3); ``damping`` is d, added to both factors.
     Parameters of layers without a Kronecker view pass through unchanged.
     """
-    from engine.curvature import KroneckerBlockOperator, kron_factors  # noqa: PLC0415
-
     if not captures:
         raise ValueError(f"{model.name} has no layer with a Kronecker view; use preconditioner='none'")
     factors = kron_factors(captures, which=("A", "G"))
@@ -110,7 +113,7 @@ def kfac_preconditioner(model, captures, damping: float):
 
 
 @register
-class NewtonKrylov(Solver):
+class NewtonKrylov(NewtonCG):
     name = "newton_krylov"
     summary = "truncated Newton-CG on complex-step Hessian-vector products with a Taylor-ratio step control"
     hyperparameters = {
@@ -145,7 +148,7 @@ class NewtonKrylov(Solver):
         "rho_damped": Hyper(False, "use p^T (H + lambda I) p in Delta_pred instead of the undamped p^T H p"),
         "rho_noise": positive("Delta_pred below rho_noise eps |L| is treated as unresolvable by the loss", 100.0),
         # CG
-        "cg_max_iter": positive("CG iteration cap (complex-step.md 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
+        "cg_max_iter": positive("CG iteration cap (complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
         "cg_rtol": nonnegative("CG residual rule ||r|| <= eta ||g||, eta = min(cg_rtol, sqrt(||g||)) when adaptive", 0.5),
         "cg_adaptive_rtol": Hyper(True, "forcing term eta = min(cg_rtol, sqrt(||g||)) (else eta = cg_rtol)"),
         "cg_curvature_threshold": nonnegative("exit CG on d^T (H + lambda I) d <= threshold ||d||^2", 0.0),
@@ -160,10 +163,12 @@ class NewtonKrylov(Solver):
         "kfac_seed": nonnegative("seed of the K-FAC target sampling (draws at step k use seed (kfac_seed, k))", 0, int),
     }
 
+    zero_gradient_info = {"cg_iters": 0, "cg_exit": -1, "rho": math.nan, "alpha": 0.0, "accepted": 0, "backtracks": 0,
+                          "pred_decrease": 0.0, "actual_decrease": 0.0, "step_norm": 0.0, "n_hvp": 0}
+    nonfinite_advice = "raise the damping or lower alpha"
+
     def __init__(self, model, **hyper):
         super().__init__(model, **hyper)
-        if self.rho_low >= self.rho_high:
-            raise ValueError(f"rho_low ({self.rho_low}) must be below rho_high ({self.rho_high})")
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
         if self.damping_min > self.damping_max:
@@ -177,136 +182,111 @@ class NewtonKrylov(Solver):
                 "alpha": float(min(self.alpha, self.alpha_max)), "radius": float(self.trust_radius),
                 "p_prev": self.model.flatten(params) * 0, "k": 0}
 
-    def step(self, params, state, x, y):
-        model = self.model
-        xp = array_module(x, *params)
-        n_g = x.shape[0]
-        n_h = curvature_rows(n_g, self.curvature_fraction, self.curvature_batch_size)
-        weight_h = n_h / n_g
-        lam = float(state["damping"])
-        passes = 0.0
+    def wants_captures(self) -> bool:
+        # the empirical Fisher reads the Kronecker captures of the gradient pass on B_g
+        return self.preconditioner == "kfac" and self.kfac_targets == "empirical"
 
-        # 1. gradient on B_g (with the Kronecker captures when K-FAC preconditions CG)
-        want_captures = self.preconditioner == "kfac" and self.kfac_targets == "empirical"
-        out = model.loss_and_grad(params, x, y, capture=want_captures)
-        loss0_d, grads = out[0], out[1]
-        passes += PASS_COST["gradient"]
-        g = model.flatten(grads)
-        loss0, g_sq = (float(s) for s in to_host(xp.stack([loss0_d, g @ g])))
-        grad_norm = math.sqrt(g_sq)
-        if not math.isfinite(loss0) or not math.isfinite(grad_norm):
-            raise FloatingPointError(f"the minibatch loss or gradient is {loss0}/{grad_norm} at iteration {state['k']}; "
-                                     "raise the damping or lower alpha")
-        info = {"loss": loss0, "grad_norm": grad_norm, "damping": lam, "trust_radius": float(state["radius"])}
-        if g_sq == 0.0:
-            state["k"] += 1
-            return params, state, {**info, "cg_iters": 0, "cg_exit": -1, "rho": math.nan, "alpha": 0.0, "accepted": 0,
-                                   "backtracks": 0, "pred_decrease": 0.0, "actual_decrease": 0.0, "step_norm": 0.0,
-                                   "n_hvp": 0, "n_grad_passes": passes}
+    def step_info(self, state) -> dict:
+        return {"trust_radius": float(state["radius"])}
 
-        # 2. curvature operator on B_H (nothing below depends on which one it is)
-        op = curvature_operator(self.curvature, model, params, x[:n_h], y[:n_h], self.h)
-        passes += OPERATOR_SETUP_COST[self.curvature] * weight_h
-        precond = None
-        if self.preconditioner == "kfac":
-            d = self.kfac_damping or math.sqrt(lam + model.weight_decay)
-            if self.kfac_targets == "empirical":
-                captures = out[2]
-            else:
-                # one forward for the predictive distribution, one pass at the sampled targets (B_H);
-                # the generator depends only on (seed, k), so a resumed run draws the same targets
-                rng = numpy.random.default_rng((self.kfac_seed, int(state["k"])))
-                xh = x[:n_h]
-                y_sampled = model.loss_fn.sample_targets(model.predict(params, xh), rng)
-                captures = model.loss_and_grad(params, xh, y_sampled, regularized=False, capture=True)[2]
-                passes += (PASS_COST["loss"] + PASS_COST["gradient"]) * weight_h
-            precond = kfac_preconditioner(model, captures, d)
-
-        # 3. truncated CG on (H + lambda I) p = -g
+    def newton_step(self, params, state, x, y, start: GradientStart):
+        """Steps 2-5 of the module docstring after the prologue of :meth:`NewtonCG.step`."""
+        op = self.build_operator(params, x, y, start, self.h)
+        precond = self._preconditioner(params, state, x, start)
         x0 = None
         if self.warm_start_beta > 0 and state["k"] > 0:
             x0 = self.warm_start_beta * state["p_prev"]
-        cg = truncated_cg(op.matvec, -g, x0, damping=lam, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
-                          adaptive_rtol=self.cg_adaptive_rtol, curvature_threshold=self.cg_curvature_threshold,
-                          model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps,
-                          preconditioner=precond)
-        passes += PASS_COST[self.curvature] * weight_h * cg.n_matvec
+        cg = self.solve(op, start, x0, precond, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
+                        adaptive_rtol=self.cg_adaptive_rtol, curvature_threshold=self.cg_curvature_threshold,
+                        model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps)
         p, gTp = cg.x, cg.gTp
         pHp = cg.pHp if self.rho_damped else cg.curvature
         p_norm = math.sqrt(cg.step_sq_norm)
         radius = float(state["radius"])
-        hit_boundary = False
-        if radius > 0 and p_norm > radius:
+        hit_boundary = radius > 0 and p_norm > radius
+        if hit_boundary:  # scale the step back to the trust radius
             s = radius / p_norm
             p = p * s
             gTp, pHp, p_norm = gTp * s, pHp * s * s, radius
-            hit_boundary = True
 
-        # 4. Taylor check with backtracking on B_g
-        w = model.flatten(params)
-        alpha = float(state["alpha"])
-        noise = self.rho_noise * float(numpy.finfo(numpy.dtype(w.dtype)).eps) * max(abs(loss0), 1e-300)
-        accepted, rho, backtracks = False, math.nan, 0
-        pred = act = 0.0
-        trial = None
-        if gTp < 0:
-            for backtracks in range(self.max_backtracks + 1):
-                if backtracks:
-                    alpha *= self.backtrack_factor
-                trial = w + alpha * p
-                loss1 = float(to_host(model.loss(model.unflatten(trial), x, y)))
-                passes += PASS_COST["loss"]
-                pred = -(alpha * gTp + 0.5 * alpha * alpha * pHp)
-                act = loss0 - loss1 if math.isfinite(loss1) else -math.inf
-                resolved = pred > noise
-                if resolved:
-                    rho = act / pred
-                    ok = (rho > self.eta) if self.accept == "rho" else (act >= -self.armijo_c * alpha * gTp)
-                elif pred > 0:  # below the loss's rounding: the comparison cannot judge the step
-                    rho = act / pred
-                    ok = act >= -noise
-                else:  # the model predicts an increase at this alpha: shorten
-                    rho, ok = -math.inf, False
-                if ok:
-                    accepted = True
-                    break
-        rho_adapt = 1.0 if accepted and not resolved else rho
-
-        if accepted:
-            for prm, t in zip(params, model.unflatten(trial)):
-                prm[...] = t
-        step_norm = alpha * p_norm if accepted else 0.0
-
-        # 5. adaptation from rho
-        shrink = not (rho_adapt >= self.rho_low)  # NaN and -inf shrink
-        grow = rho_adapt > self.rho_high
-        if self.adapt in ("damping", "both"):
-            if shrink:
-                lam = min(lam * self.damping_increase, self.damping_max)
-            elif grow:
-                lam = max(lam * self.damping_decrease, self.damping_min)
-        next_alpha = float(state["alpha"])
-        if self.adapt in ("step", "both"):
-            base = alpha if accepted else float(state["alpha"])
-            if shrink:
-                next_alpha = base * self.step_decrease
-            elif grow:
-                next_alpha = base * self.step_increase
-            else:
-                next_alpha = base
-            next_alpha = min(max(next_alpha, self.alpha_min), self.alpha_max)
+        search, update, pred, act = self._taylor_check(params, state, x, y, start, p, gTp, pHp)
+        if search.accepted:
+            self.assign(params, search.outcome[0])
+        verdict = update.verdict
+        state["damping"] = update.damping if self.adapt in ("damping", "both") else start.damping
+        state["alpha"] = self._next_alpha(state, search, verdict)
         if radius > 0:
-            if shrink:
+            if verdict == "shrink":
                 radius = radius / 4
-            elif grow and hit_boundary:
+            elif verdict == "grow" and hit_boundary:
                 radius = min(2 * radius, self.trust_radius_max)
-
-        state["damping"] = lam
-        state["alpha"] = next_alpha
         state["radius"] = radius
         state["p_prev"] = p if gTp < 0 else p * 0  # never warm-start from an ascent direction
         state["k"] += 1
-        info.update({"cg_iters": cg.iterations, "cg_exit": cg.exit_code, "rho": rho, "alpha": alpha if accepted else 0.0,
-                     "accepted": int(accepted), "backtracks": backtracks, "pred_decrease": pred,
-                     "actual_decrease": act, "step_norm": step_norm, "n_hvp": cg.n_matvec, "n_grad_passes": passes})
+        info = start.info
+        info.update({"cg_iters": cg.iterations, "cg_exit": cg.exit_code,
+                     "rho": update.rho if search.outcome is not None else math.nan,
+                     "alpha": search.alpha if search.accepted else 0.0, "accepted": int(search.accepted),
+                     "backtracks": search.backtracks, "pred_decrease": pred, "actual_decrease": act,
+                     "step_norm": search.alpha * p_norm if search.accepted else 0.0, "n_hvp": cg.n_matvec,
+                     "n_grad_passes": start.passes})
         return params, state, info
+
+    def _preconditioner(self, params, state, x, start: GradientStart):
+        """M^{-1} of the K-FAC preconditioner (module docstring, step 3), or None."""
+        if self.preconditioner != "kfac":
+            return None
+        model = self.model
+        d = self.kfac_damping or math.sqrt(start.damping + model.weight_decay)
+        if self.kfac_targets == "empirical":
+            captures = start.captures
+        else:
+            # one forward for the predictive distribution, one pass at the sampled targets (B_H);
+            # the generator depends only on (seed, k), so a resumed run draws the same targets
+            rng = numpy.random.default_rng((self.kfac_seed, int(state["k"])))
+            xh = x[:start.n_h]
+            y_sampled = model.loss_fn.sample_targets(model.predict(params, xh), rng)
+            captures = model.loss_and_grad(params, xh, y_sampled, regularized=False, capture=True)[2]
+            start.passes += (PASS_COST["loss"] + PASS_COST["gradient"]) * start.weight_h
+        return kfac_preconditioner(model, captures, d)
+
+    def _taylor_check(self, params, state, x, y, start: GradientStart, p, gTp: float, pHp: float):
+        """Step 4: the Taylor check with backtracking on B_g; (search, rho update, Delta_pred, Delta_act).
+
+        Delta_pred(alpha) = -(alpha g^T p + 1/2 alpha^2 p^T H p), Delta_act(alpha) = L(w) - L(w + alpha p)
+        (-inf if that loss is not finite). A measured rho is accepted by ``accept``; an unresolved
+        one (:func:`solvers.newton_cg.adapt_damping`) when the loss did not rise beyond the noise.
+        Without a descent direction (g^T p >= 0) no trial is made, and the step is rejected.
+        """
+        w = self.model.flatten(params)
+        alpha = float(state["alpha"])
+        noise = self.rho_noise * float(numpy.finfo(numpy.dtype(w.dtype)).eps) * max(abs(start.loss), 1e-300)
+        rule = self.rho_rule()
+
+        def trial(alpha, _):
+            w_trial = w + alpha * p
+            loss1 = self.loss_at(w_trial, x, y)
+            start.passes += PASS_COST["loss"]
+            pred = -(alpha * gTp + 0.5 * alpha * alpha * pHp)
+            act = start.loss - loss1 if math.isfinite(loss1) else -math.inf
+            update = adapt_damping(pred, act, start.damping, rule, noise)
+            if update.case == "measured":
+                ok = (update.rho > self.eta) if self.accept == "rho" else (act >= -self.armijo_c * alpha * gTp)
+            else:
+                ok = update.case == "unresolved" and act >= -noise
+            return ok, (w_trial, update, pred, act)
+
+        if gTp < 0:
+            search = backtracking(trial, alpha, self.backtrack_factor, self.max_backtracks)
+            return (search, *search.outcome[1:])
+        # no trial: nothing predicted, nothing measured; rho counts as unmeasurable (shrink)
+        return LineSearch(False, alpha, 0), adapt_damping(0.0, 0.0, start.damping, rule, noise), 0.0, 0.0
+
+    def _next_alpha(self, state, search: LineSearch, verdict: str) -> float:
+        """The next initial step length: adapted from rho with ``adapt`` = step or both, else kept."""
+        if self.adapt not in ("step", "both"):
+            return float(state["alpha"])
+        base = search.alpha if search.accepted else float(state["alpha"])
+        factor = {"shrink": self.step_decrease, "grow": self.step_increase}.get(verdict)
+        next_alpha = base * factor if factor is not None else base
+        return min(max(next_alpha, self.alpha_min), self.alpha_max)

@@ -8,7 +8,10 @@ import numpy
 import pytest
 
 from engine.backend import to_host
+from engine.conv import Conv2d, Flatten, Unflatten
 from engine.curvature import GaussNewton
+from engine.layers import Dense, Tanh
+from engine.model import Model
 from engine.app.runfile import read_record, write_record
 from nets.mlp import autoencoder
 from solvers import make_solver
@@ -70,6 +73,37 @@ def test_squared_gradient_diagonal_matches_per_example_gradients(xp):
         ref += gi * gi
     ref /= 10
     numpy.testing.assert_allclose(diag, ref, rtol=1e-12, atol=1e-300)
+    return {"diag": diag}
+
+
+def conv_model(padding):
+    """3x3 images, one 3x3 convolution (1 output location without padding, 9 with), tanh, Dense."""
+    locations = 1 if padding == 0 else 9
+    layers = [Unflatten((1, 3, 3)), Conv2d(1, 2, 3, padding=padding), Tanh(), Flatten(), Dense(2 * locations, 1)]
+    return Model(layers, "half_mse", input_shape=(9,), name=f"conv-{locations}")
+
+
+@twinned
+def test_squared_gradient_diagonal_decides_from_the_capture_rows(xp):
+    """Any Kronecker layer with one capture row per example qualifies (a convolution with one output
+    location is a Dense layer on its patches); N L rows per layer are refused."""
+    rng = numpy.random.default_rng(3)
+    x, y = xp.asarray(rng.standard_normal((6, 9))), xp.asarray(rng.standard_normal((6, 1)))
+    model = conv_model(padding=0)
+    params = model.init(seed=1, xp=xp)
+    _, _, caps = model.loss_and_grad(params, x, y, capture=True)
+    diag = numpy.asarray(to_host(squared_gradient_diagonal(model, caps, 6)))
+    ref = numpy.zeros(model.n_params)
+    for i in range(6):
+        _, g = model.loss_and_grad(params, x[i:i + 1], y[i:i + 1], regularized=False)
+        gi = numpy.asarray(to_host(model.flatten(g)))
+        ref += gi * gi
+    numpy.testing.assert_allclose(diag, ref / 6, rtol=1e-12, atol=1e-300)
+    wide = conv_model(padding=1)
+    wide_params = wide.init(seed=1, xp=xp)
+    _, _, caps = wide.loss_and_grad(wide_params, x, y, capture=True)
+    with pytest.raises(ValueError, match="one capture row per example; layer 1 .* has 54 rows for 6 examples"):
+        squared_gradient_diagonal(wide, caps, 6)
     return {"diag": diag}
 
 
