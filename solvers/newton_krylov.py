@@ -211,7 +211,7 @@ class NewtonKrylov(NewtonCG):
 
         search, update, pred, act = self._taylor_check(params, state, x, y, start, p, gTp, pHp)
         if search.accepted:
-            self.assign(params, search.outcome[0])
+            self.assign(params, search.outcome[0])  # w + alpha p of the accepted trial
         verdict = update.verdict
         state["damping"] = update.damping if self.adapt in ("damping", "both") else start.damping
         state["alpha"] = self._next_alpha(state, search, verdict)
@@ -276,11 +276,11 @@ class NewtonKrylov(NewtonCG):
                 ok = update.case == "unresolved" and act >= -noise
             return ok, (w_trial, update, pred, act)
 
-        if gTp < 0:
-            search = backtracking(trial, alpha, self.backtrack_factor, self.max_backtracks)
-            return (search, *search.outcome[1:])
-        # no trial: nothing predicted, nothing measured; rho counts as unmeasurable (shrink)
-        return LineSearch(False, alpha, 0), adapt_damping(0.0, 0.0, start.damping, rule, noise), 0.0, 0.0
+        if not gTp < 0:  # not a descent direction: no trial, nothing predicted; rho is unmeasurable
+            return LineSearch(False, alpha, 0), adapt_damping(0.0, 0.0, start.damping, rule, noise), 0.0, 0.0
+        search = backtracking(trial, alpha, self.backtrack_factor, self.max_backtracks)
+        _, update, pred, act = search.outcome  # of the last trial
+        return search, update, pred, act
 
     def _next_alpha(self, state, search: LineSearch, verdict: str) -> float:
         """The next initial step length: adapted from rho with ``adapt`` = step or both, else kept."""
