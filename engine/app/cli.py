@@ -28,11 +28,12 @@ from data.batches import ORDERS
 from .. import __version__
 from ..backend import BackendError
 from ..init import INIT_SCHEMES
-from . import commands
-from .options import (DEFAULT_BATCH_SIZE, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
+from . import commands, compare
+from .runs import Interrupted
+from .options import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_EVERY_S, DEFAULT_LOG_EVERY_S, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
                       DEFAULT_NET, DEFAULT_ORDER, DEFAULT_SEED, DEFAULT_SOLVER, PRESET_BATCH_SIZES,
                       TUNED_HYPERPARAMETERS, UsageError, check_solver, dataset_names, escape_percent, hyper_flag, hyper_table,
-                      nonnegative_int, positive_float, positive_int)
+                      nonnegative_float, nonnegative_int, positive_float, positive_int)
 from .study_targets import DEFAULT_SEED as STUDY_SEED
 
 
@@ -120,11 +121,24 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                         f"(default {DEFAULT_ORDER})")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="also write a checkpoint every N iterations (a checkpoint is always written at every epoch end)")
+    t.add_argument("--checkpoint-every-s", type=nonnegative_float, default=DEFAULT_CHECKPOINT_EVERY_S, metavar="SECONDS",
+                   help=f"also write a checkpoint when SECONDS of wall time have passed since the last one (default "
+                        f"{DEFAULT_CHECKPOINT_EVERY_S:g}; 0: only by iterations and epochs). SIGINT/SIGTERM always save one at "
+                        "the next iteration boundary before exiting; a second signal exits at once")
+    _add_log_options(t)
     o = p.add_argument_group("output")
     o.add_argument("--quiet", action="store_true", help="no progress bar, no log lines, no summary (--json still prints)")
     o.add_argument("--json", action="store_true",
                    help="print a JSON summary at the end: run path, epochs, per-epoch train and test loss and "
                         "clocks, elapsed seconds, backend, dtype")
+
+
+def _add_log_options(group, defaults: bool = True) -> None:
+    group.add_argument("--log-every-s", type=nonnegative_float, default=DEFAULT_LOG_EVERY_S if defaults else None,
+                       metavar="SECONDS", help=f"off a terminal, print a progress line (iteration, loss, it/s, ETA) every "
+                                               f"SECONDS (default {DEFAULT_LOG_EVERY_S:g}; 0: only at epoch ends)")
+    group.add_argument("--log-every", type=positive_int, default=None, metavar="N",
+                       help="off a terminal, also print a progress line every N iterations")
 
 
 def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
@@ -168,6 +182,9 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
                    help="new total training CPU-time budget in seconds (default: the run's own)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="checkpoint every N iterations from now on (default: the run's own setting)")
+    p.add_argument("--checkpoint-every-s", type=nonnegative_float, default=None, metavar="SECONDS",
+                   help="checkpoint every SECONDS of wall time from now on (default: the run's own setting)")
+    _add_log_options(p, defaults=False)
     p.add_argument("--data-dir", default=None, metavar="DIR", help="where the data files are now (default: as recorded)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines, no summary")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end (as 'cstep train --json')")
@@ -206,7 +223,10 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs", metavar="DIR", help="where the run files go (default runs)")
     p.add_argument("-o", "--output", default=None, metavar="FIG.png",
                    help="comparison plot (default OUT_DIR/compare-NET-YYYYmmdd-HHMMSS.png)")
-    p.set_defaults(func=commands.cmd_compare)
+    p.add_argument("--resume", default=None, metavar="MANIFEST",
+                   help="finish an interrupted comparison: its manifest (compare-NET-TIME.json, written next to the "
+                        "run files) or the folder holding it (the newest); the other options are then taken from it")
+    p.set_defaults(func=compare.cmd_compare)
 
     _add_study_parser(sub)
     _add_listing_parsers(sub)
@@ -281,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"cstep {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"cstep {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
-        print(f"cstep {args.command}: interrupted; the run file keeps the last checkpoint "
-              "(continue with 'cstep resume RUN.h5')", file=sys.stderr)
+        print(f"cstep {args.command}: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     except OSError as exc:
         print(f"cstep {args.command}: error: {exc}", file=sys.stderr)

@@ -1,9 +1,8 @@
 """The ``cstep`` subcommands: each ``cmd_<name>(args) -> int``, wired to its options in
-:mod:`engine.app.cli`."""
+:mod:`engine.app.cli` (``compare`` lives in :mod:`engine.app.compare`)."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -12,12 +11,11 @@ from pathlib import Path
 import nets
 import solvers
 
-from .options import (DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_data_dir, check_dataset, check_dtype, check_net, check_solver, given_hyper,
-                      tuned)
+from .options import DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_net, check_solver, given_hyper, tuned
 from .plots import load_for_plot, plot_runs
-from .report import compare_table, ensure_parent, info_lines, info_record, print_summary, solver_info, solver_lines
-from .runfile import load_run
-from .runs import Run, claim_path, default_run_path, drive, load_dataset, summary
+from .report import ensure_parent, info_lines, info_record, print_summary, solver_info, solver_lines
+from .runfile import RunFileLock, check_run_file, load_run
+from .runs import Run, claim_path, default_run_path, drive, summary
 from .study import run_study
 from .study_targets import METHODS, parse_steps
 
@@ -27,16 +25,25 @@ def cmd_train(args) -> int:
     args.net, args.solver = check_net(args.net), check_solver(args.solver)
     hyper = tuned(args.net, args.solver, given_hyper(args, args.solver))
     path = Path(args.out) if args.out else default_run_path(Path("runs"), args.net, args.solver)
-    claim_path(path, args.overwrite)
-    run = Run.new(args, args.net, args.solver, hyper)
-    run.path = path
-    run.checkpoint()  # the run file exists from the start: a crash at any later moment leaves a resumable file
-    status = drive(run, run.config["epochs"], run.config["max_time"], run.config["checkpoint_every"], args.quiet)
+    if path.is_dir():
+        claim_path(path, args.overwrite)  # the one-line message for a directory
+    with RunFileLock(path):  # a second writer of the same file fails here, before any check or work
+        claim_path(path, args.overwrite)
+        run = Run.new(args, args.net, args.solver, hyper)
+        run.path = path
+        run.checkpoint()  # the run file exists from the start: a crash at any later moment leaves a resumable file
+        status = drive(run, args.quiet)
     print_summary(summary(run, status, time.perf_counter() - start), args)
     return 0 if status == "complete" else 1
 
 
 def cmd_resume(args) -> int:
+    check_run_file(args.run)
+    with RunFileLock(args.run):
+        return _resume_locked(args)
+
+
+def _resume_locked(args) -> int:
     start = time.perf_counter()
     run = Run.resume(args.run, data_dir=args.data_dir)
     if args.epochs is not None and args.epochs < run.trainer.epoch:
@@ -46,13 +53,14 @@ def cmd_resume(args) -> int:
         run.config["epochs"] = args.epochs
     if args.max_time is not None:
         run.config["max_time"] = args.max_time
-    if args.checkpoint_every is not None:
-        run.config["checkpoint_every"] = args.checkpoint_every
+    for key in ("checkpoint_every", "checkpoint_every_s", "log_every_s", "log_every"):
+        if getattr(args, key) is not None:
+            run.config[key] = getattr(args, key)
     epochs = run.config["epochs"]
     if epochs is not None and run.trainer.epoch >= epochs and args.epochs is None and not args.quiet:
         print(f"cstep resume: run already has {run.trainer.epoch} of {epochs} epochs; pass --epochs N to go further",
               file=sys.stderr)
-    status = drive(run, epochs, run.config["max_time"], run.config["checkpoint_every"], args.quiet)
+    status = drive(run, args.quiet)
     print_summary(summary(run, status, time.perf_counter() - start), args)
     return 0 if status == "complete" else 1
 
@@ -71,66 +79,6 @@ def cmd_plot(args) -> int:
     out = plot_runs(runs, args.output, args.title)
     if not args.quiet:
         print(f"wrote {out}")
-    return 0
-
-
-def _parse_sets(items, solver_list) -> dict[str, dict]:
-    """``--set kbfgs.lr=0.1`` -> {"kbfgs": {"lr": "0.1"}} (values validated by the solver)."""
-    out: dict[str, dict] = {s: {} for s in solver_list}
-    for item in items or []:
-        head, sep, value = item.partition("=")
-        solver, dot, key = head.partition(".")
-        if not sep or not dot or not solver or not key:
-            raise UsageError(f"--set {item!r} is not SOLVER.NAME=VALUE (e.g. --set kbfgs.lr=0.1)")
-        solver = check_solver(solver)
-        if solver not in out:
-            raise UsageError(f"--set {item!r} names solver {solver!r}, which is not among --solvers {','.join(solver_list)}")
-        key = key.replace("-", "_")
-        cls = solvers.get_solver(solver)
-        if key not in cls.hyperparameters:
-            raise UsageError(f"solver {solver} has no hyper-parameter {key!r}; it takes {', '.join(cls.hyperparameters) or 'none'}")
-        out[solver][key] = value
-    return out
-
-
-def cmd_compare(args) -> int:
-    start = time.perf_counter()
-    args.net = check_net(args.net)
-    solver_list = [check_solver(s.strip()) for s in args.solvers.split(",") if s.strip()]
-    if not solver_list:
-        raise UsageError("--solvers is empty; give a comma-separated list, e.g. kbfgs,kfac,adam")
-    if len(set(solver_list)) < len(solver_list):
-        raise UsageError(f"--solvers {args.solvers} names a solver twice; name each once")
-    sets = _parse_sets(args.set, solver_list)
-    out_dir = Path(args.out_dir)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    paths = {s: out_dir / f"{args.net}-{s}-{stamp}.h5" for s in solver_list}
-    for p in paths.values():
-        claim_path(p, False)
-    # build every run before training any, so a bad hyper-parameter fails before work is done
-    dtype = check_dtype(args.dtype)
-    data_dir = check_data_dir(args.data_dir)
-    ds_name = check_dataset(args.data) if args.data else nets.PRESETS[args.net][1]
-    dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
-    runs = []
-    for s in solver_list:
-        run = Run.new(args, args.net, s, tuned(args.net, s, sets[s]), dataset=dataset)
-        run.path = paths[s]
-        runs.append(run)
-    results = []
-    for run in runs:
-        run.checkpoint()
-        label = f"[{run.config['solver']}] "
-        status = drive(run, run.config["epochs"], run.config["max_time"], run.config["checkpoint_every"], args.quiet, label)
-        results.append(summary(run, status, time.perf_counter() - start))
-        run.trainer = None  # free the model state before the next solver
-    plot_path = Path(args.output) if args.output else out_dir / f"compare-{args.net}-{stamp}.png"
-    plot_runs([load_run(r["run"]) for r in results if r["epochs"] > 0] or load_for_plot([]), plot_path)
-    if args.json:
-        print(json.dumps({"plot": str(plot_path), "runs": results}, indent=2))
-        return 0
-    if not args.quiet:
-        print(compare_table(results, plot_path))
     return 0
 
 

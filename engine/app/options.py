@@ -34,6 +34,10 @@ DEFAULT_INIT = "torch"
 DEFAULT_ORDER = "reference"
 DEFAULT_COMPARE_SOLVERS = ("kbfgs", "kfac", "adam")
 SUPPORTED_DTYPES = ("float32", "float64")
+#: seconds of wall time between checkpoints (besides every --checkpoint-every iterations and every epoch end)
+DEFAULT_CHECKPOINT_EVERY_S = 300.0
+#: seconds between progress lines when stderr is not a terminal
+DEFAULT_LOG_EVERY_S = 30.0
 #: hyper-parameters tuned for a (network, solver) pair, used where the command line gives none (the
 #: run file records every value used). curves-ae + kbfgs: with the paper's MNIST choice lambda = 0.3
 #: (alpha = 0.3) K-BFGS leaves the CURVES plateau near epoch 7 and then diverges (inf at iteration
@@ -190,3 +194,4 @@ def number_type(kind: type, ok, requirement: str):
 positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 nonnegative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonnegative_float = number_type(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")

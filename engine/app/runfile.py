@@ -30,6 +30,7 @@ leaves either the previous complete checkpoint or the new one, never a mixture.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import platform
@@ -42,7 +43,7 @@ import numpy
 from .. import __version__
 from ..backend import backend_name, get_xp, is_device_array, to_host
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "RunFileError", "RunRecord", "save_run", "load_run",
+__all__ = ["MAGIC", "FORMAT_VERSION", "RunFileError", "RunRecord", "RunFileLock", "save_run", "load_run",
            "check_run_file", "write_record", "read_record", "environment_info"]
 
 #: the value of the root attribute ``magic`` that marks a cstep run file
@@ -313,75 +314,140 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _remove_stale_temps(path: Path) -> None:
-    """Temporary files left by a writer that was killed mid-write (never our own live one)."""
+    """Temporary files left by a writer that was killed mid-write: never our own, never one whose
+    writer (the PID in its name) is still alive."""
     mine = _temp_name(path).name
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        if stale.name != mine:
-            try:
-                stale.unlink()
-            except OSError:
-                pass
+        pid = stale.name[len(path.name) + 2:-len(".tmp")]
+        if stale.name == mine or (pid.isdigit() and _pid_alive(int(pid))):
+            continue
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
+def _write_file(f, record: RunRecord, created: str) -> None:
+    """The whole run into the open h5py file ``f`` (layout: the module docstring)."""
+    state = record.state
+    f.attrs["magic"] = MAGIC
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["cstep_version"] = record.environment.get("cstep_version", "")
+    f.attrs["created"] = created
+    f.attrs["updated"] = _utc_now()
+
+    cfg = f.create_group("config")
+    cfg.attrs["json"] = json.dumps(record.config)
+    _write_attrs(cfg, record.config)
+    hyp = cfg.create_group("hyperparameters")
+    hyp.attrs["json"] = json.dumps(record.hyperparameters)
+    _write_attrs(hyp, record.hyperparameters)
+
+    _write_attrs(f.create_group("environment"), record.environment)
+    prog = f.create_group("progress")
+    prog.attrs["json"] = json.dumps(state["progress"])
+    _write_attrs(prog, state["progress"])
+
+    params = f.create_group("params")
+    layer_of = record.meta.get("param_layers") or []
+    for k, p in enumerate(state["params"]):
+        ds = params.create_dataset(f"p{k:03d}", data=numpy.asarray(to_host(p), order="C"))
+        if k < len(layer_of):
+            ds.attrs["layer"], ds.attrs["layer_type"] = layer_of[k]
+    params.attrs["count"] = len(state["params"])
+
+    write_record(f.create_group("solver_state"), state["solver_state"])
+    write_record(f.create_group("iterator"), state["iterator"])
+    hist = f.create_group("history")
+    _write_columns(hist.create_group("steps"), state["history"]["steps"])
+    _write_columns(hist.create_group("epochs"), state["history"]["epochs"])
 
 
 def save_run(path, record: RunRecord) -> Path:
-    """Write ``record`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``record`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    The HDF5 image is built in memory first and written with plain file I/O, so a full disk or a
+    read-only folder is one ``OSError`` naming the file (the previous checkpoint stays intact) and
+    never leaves the HDF5 library half-way through a write.
+    """
     h5py = _h5py()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
-    state = record.state
     created = record.meta.get("created") or _utc_now()
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        _write_file(f, record, created)
+    image = buffer.getbuffer()
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["magic"] = MAGIC
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["cstep_version"] = record.environment.get("cstep_version", "")
-            f.attrs["created"] = created
-            f.attrs["updated"] = _utc_now()
-
-            cfg = f.create_group("config")
-            cfg.attrs["json"] = json.dumps(record.config)
-            _write_attrs(cfg, record.config)
-            hyp = cfg.create_group("hyperparameters")
-            hyp.attrs["json"] = json.dumps(record.hyperparameters)
-            _write_attrs(hyp, record.hyperparameters)
-
-            _write_attrs(f.create_group("environment"), record.environment)
-            prog = f.create_group("progress")
-            prog.attrs["json"] = json.dumps(state["progress"])
-            _write_attrs(prog, state["progress"])
-
-            params = f.create_group("params")
-            layer_of = record.meta.get("param_layers") or []
-            for k, p in enumerate(state["params"]):
-                ds = params.create_dataset(f"p{k:03d}", data=numpy.asarray(to_host(p), order="C"))
-                if k < len(layer_of):
-                    ds.attrs["layer"], ds.attrs["layer_type"] = layer_of[k]
-            params.attrs["count"] = len(state["params"])
-
-            write_record(f.create_group("solver_state"), state["solver_state"])
-            write_record(f.create_group("iterator"), state["iterator"])
-            hist = f.create_group("history")
-            _write_columns(hist.create_group("steps"), state["history"]["steps"])
-            _write_columns(hist.create_group("epochs"), state["history"]["epochs"])
-        # h5py has closed the file; make its bytes durable before the rename publishes it
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+            fh.flush()
+            os.fsync(fh.fileno())  # durable before the rename publishes it
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            kept = "the previous checkpoint is intact" if path.exists() else "nothing was written"
+            raise OSError(exc.errno, f"cannot write run file {path} ({exc.strerror}); {kept}") from None
         raise
+    finally:
+        image.release()
     _remove_stale_temps(path)
     record.meta["created"] = created
     return path
+
+
+class RunFileLock:
+    """An exclusive lock on a run file for as long as one process writes it (``fcntl.flock`` on the
+    hidden file ``.NAME.lock`` beside it, which holds the owner's PID). A second writer gets a
+    :class:`RunFileError` at once instead of racing the first."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self._fd = None
+
+    def __enter__(self) -> "RunFileLock":
+        import fcntl  # noqa: PLC0415 (POSIX only; imported where the lock is taken)
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write run file {self.path} ({exc.strerror}); choose a writable --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunFileError(f"run file {self.path} is being written by another cstep process (PID {owner}); "
+                               "wait for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock; the file stays (unlinking it would race)
+            self._fd = None
+        return False
 
 
 def check_run_file(path) -> Path:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy
@@ -17,8 +20,8 @@ from .. import __version__
 from ..backend import get_xp, to_device
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, UsageError, build_solver, check_data_dir,
                       check_dataset, check_dtype, check_net, check_solver, check_task)
-from .progress import Progress
 from . import runfile
+from .progress import Progress
 from .train import Trainer, TrainingDiverged
 
 def make_trainer(model, solver, dataset, batch_size: int = 1000, seed: int = 9999, dtype=numpy.float32,
@@ -127,6 +130,7 @@ class Run:
             "dtype": str(dtype), "seed": args.seed, "init": args.init, "order": args.order,
             "batch_size": args.batch_size or PRESET_BATCH_SIZES.get(net, DEFAULT_BATCH_SIZE),
             "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
+            "checkpoint_every_s": args.checkpoint_every_s, "log_every_s": args.log_every_s, "log_every": args.log_every,
             "eval_chunk": 1000, "shuffle": True,
         }
         run = cls(config, hyper, dataset)
@@ -194,20 +198,91 @@ class Run:
         self.meta["created"] = record.meta["created"]
 
 
-def drive(run: Run, epochs, max_time, checkpoint_every, quiet: bool, label: str = "") -> str:
-    """Train ``run`` to its target, checkpointing every ``checkpoint_every`` iterations and at every
-    epoch end; returns the final status ('complete', 'diverged')."""
-    progress = Progress(quiet, label)
-    trainer = run.trainer
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM; ``saved`` tells whether a checkpoint was written first."""
+
+    def __init__(self, path, iteration: int, signame: str, saved: bool):
+        super().__init__(path, iteration, signame, saved)
+        self.path, self.iteration, self.signame, self.saved = path, iteration, signame, saved
+        #: the command that continues the work (``cstep compare --resume ...`` for a comparison)
+        self.resume = f"cstep resume {path}"
+
+    def __str__(self) -> str:
+        where = (f"saved a checkpoint at iteration {self.iteration} to {self.path}" if self.saved
+                 else f"the run file {self.path} keeps its last checkpoint")
+        return f"interrupted by {self.signame}; {where}; continue with '{self.resume}'"
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (signal.SIGTERM if self.signame == "SIGTERM" else signal.SIGINT)
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the run to stop at the next iteration boundary (after a checkpoint); a
+    second signal stops at once. Re-entrant: a command holding it around several runs (compare)
+    keeps one request across them; the previous handlers come back when the outermost block ends."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+        self._depth = 0
+
+    def _handle(self, signum, frame):
+        if self.requested:  # the second signal: no waiting
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self):
+        if self._depth == 0:
+            self.requested = None
+            if threading.current_thread() is threading.main_thread():
+                for sig in self.SIGNALS:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old = {}
+        return False
+
+
+#: the process's one signal watcher (see :class:`StopOnSignal`)
+STOP = StopOnSignal()
+
+
+def drive(run: Run, quiet: bool, label: str = "") -> str:
+    """Train ``run`` to its target (config ``epochs`` / ``max_time``), checkpointing every
+    ``checkpoint_every`` iterations, every ``checkpoint_every_s`` seconds and at every epoch end;
+    returns the final status ('complete', 'diverged'). SIGINT/SIGTERM checkpoint at the next
+    iteration boundary and raise :class:`Interrupted`."""
+    cfg, trainer = run.config, run.trainer
+    epochs, max_time = cfg.get("epochs"), cfg.get("max_time")
+    every, every_s = cfg.get("checkpoint_every"), cfg.get("checkpoint_every_s")
+    progress = Progress(quiet, label, every_s=cfg.get("log_every_s", 30.0), every=cfg.get("log_every"), max_time=max_time)
+    stop = STOP
+    last = [time.monotonic()]
+
+    def checkpoint(status=None):
+        run.checkpoint(status)
+        last[0] = time.monotonic()
 
     def on_step(tr, row):
         progress.step(tr, row, epochs)
-        if checkpoint_every and tr.iteration % checkpoint_every == 0:
-            run.checkpoint()
+        if stop.requested:
+            checkpoint("interrupted")
+            raise Interrupted(run.path, tr.iteration, stop.requested, saved=True)
+        if (every and tr.iteration % every == 0) or (every_s and time.monotonic() - last[0] >= every_s):
+            checkpoint()
 
     def on_epoch(tr, row):
         progress.epoch(tr, row, epochs)
-        run.checkpoint()
+        checkpoint()
 
     done = (epochs is not None and trainer.epoch >= epochs) or (max_time is not None and trainer.cpu_time >= max_time)
     if not done:
@@ -215,26 +290,31 @@ def drive(run: Run, epochs, max_time, checkpoint_every, quiet: bool, label: str 
             progress.message(f"warm start: one pass over {trainer.dataset.x_train.shape[0]} training examples")
         try:
             # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as NumPy warnings
-            with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            with stop, numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 trainer.run(epochs=epochs, max_time=max_time, on_step=on_step, on_epoch=on_epoch)
         except TrainingDiverged as exc:
             progress.close()
-            # the run file keeps the last finite checkpoint and, in its progress record, the steps
-            # from there to the blow-up (the history itself stays that of the checkpoint, so that
-            # a resume continues it)
-            steps = trainer.history.steps
-            record = runfile.load_run(run.path, array_module=get_xp(), solver_template=run.trainer.solver_state)
-            kept = record.progress["iteration"]
-            run.divergence = {"diverged_at": trainer.iteration,
-                              "diverged_steps": {k: v[kept:] for k, v in steps.items()}}
-            run.trainer.load_state_dict(record.state)
-            run.checkpoint("diverged")
+            _keep_divergence(run, trainer)
             print(f"cstep: {label}{exc}; the run file keeps the last finite checkpoint", file=sys.stderr)
             return "diverged"
+        except KeyboardInterrupt:
+            raise Interrupted(run.path, trainer.iteration, stop.requested or "SIGINT", saved=False) from None
         finally:
             progress.close()
-    run.checkpoint("complete")
+    checkpoint("complete")
     return "complete"
+
+
+def _keep_divergence(run: Run, trainer) -> None:
+    """Back to the last finite checkpoint, recording where the loss blew up and the step rows from
+    there to the blow-up in the progress record (the history stays the checkpoint's, so that a
+    resume continues it)."""
+    steps = trainer.history.steps
+    record = runfile.load_run(run.path, array_module=get_xp(), solver_template=trainer.solver_state)
+    kept = record.progress["iteration"]
+    run.divergence = {"diverged_at": trainer.iteration, "diverged_steps": {k: v[kept:] for k, v in steps.items()}}
+    trainer.load_state_dict(record.state)
+    run.checkpoint("diverged")
 
 
 def summary(run: Run, status: str, elapsed: float) -> dict:

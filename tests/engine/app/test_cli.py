@@ -88,6 +88,15 @@ CHILD = textwrap.dedent("""
         print("saved", record.state["progress"]["iteration"], flush=True)
         return out
     runfile.save_run = save_run
+    step_sleep = float(os.environ.get("CSTEP_TEST_STEP_SLEEP", "0"))
+    if step_sleep:  # slow every solver step down, so that a test can signal the process mid-run
+        import time
+        import solvers.base
+        for cls in list(solvers.SOLVERS.values()):
+            def slowed(self, *args, _real=cls.step):
+                time.sleep(step_sleep)
+                return _real(self, *args)
+            cls.step = slowed
     from engine.app.cli import main
     sys.exit(main(sys.argv[1:]))
 """).format(repo=str(REPO), registry=TEST_REGISTRY)
