@@ -27,8 +27,7 @@ from __future__ import annotations
 import numpy
 
 from engine.backend import array_module
-
-from ._kernels import symmetric_rank2_update_
+from engine.curvature.kernels import symmetric_rank2_update_
 
 __all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
 

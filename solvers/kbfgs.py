@@ -22,11 +22,17 @@ One iteration (section 4.3): (a) forward+backward at theta_k (regularised), m <-
 (only the pre-activations and their gradients: no weight-gradient products); (d) G-side and
 A-side updates. No model copy is made.
 
-State (flat, HDF5-friendly): ``k``, ``warm_started``, ``m`` (flat momentum) and per Kronecker layer
-i (index in ``model.layers``) ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``,
-``layer{i}/y_ema`` and ``layer{i}/H_g`` (K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}``
-(K-BFGS(L); ``count`` is a 0-d integer array). Parameters that belong to no Kronecker layer get
-the plain momentum step -alpha m.
+State (flat, HDF5-friendly; :class:`solvers.kronecker_solver.KroneckerSolver`): ``k``,
+``warm_started``, ``m`` (flat momentum) and per Kronecker layer i (index in ``model.layers``)
+``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``, ``layer{i}/y_ema`` and ``layer{i}/H_g``
+(K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}`` (K-BFGS(L); ``count`` is a 0-d integer
+array), keys built by :func:`solvers.kronecker_solver.layer_key`. Parameters that belong to no
+Kronecker layer get the plain momentum step -alpha m.
+
+The step is applied through the block operator of the inverse factors,
+:class:`engine.curvature.KroneckerBlockOperator` with blocks (H_g, H_a) in the order H_g (M^ H_a)
+(``block_order = "right_first"``; K-BFGS(L)'s H_g is the L-BFGS operator itself), which is also
+what :meth:`curvature_operator` returns.
 
 Convolutional layers (KF-QN-CNN: Ren, Bahamou, Goldfarb, "Kronecker-factored Quasi-Newton
 Methods for Deep Learning", arXiv:2102.06737). A Conv2d layer is handled like a Dense layer on its
@@ -38,7 +44,7 @@ with L = H_out W_out, patches a (d_in = C_in kh kw) and pre-activations z (d_out
   locations; the capture rows are g = sqrt(L) Ds, Ds_t = d loss_n / dz_t), so the pair is
   s = mean_{n,t}(z) - mean_{n,t}(z+) and y = sum_t mean_n(Ds_t - Ds+_t) = sqrt(L) (mean_rows(g)
   - mean_rows(g+)), and the skip rule's reference gradient is sqrt(L) mean_rows(g) likewise;
-  L = :meth:`Conv2d.locations` (rows, batch size);
+  L = ``Conv2d.locations(rows, batch size)`` (:func:`engine.curvature.kronecker.secant_pair`);
 * damping: Powell on s with H_g (mu1, step 1 of the double damping), then "LM damping on
   H^{-1}", y~ = y + sqrt(lambda) s~ (kbfgs.md section 4.4, last paragraph; :func:`powell_lm_damping`),
   instead of the B = I Powell step. This is the damping the KF-QN-CNN paper prescribes for conv
@@ -60,16 +66,15 @@ info counts are 0-d device arrays that the caller converts once per step.
 
 from __future__ import annotations
 
-import math
-
 from engine.backend import array_module
-from engine.curvature.kronecker import KroneckerBlockOperator, kron_factors
+from engine.curvature.kronecker import (KroneckerBlockOperator, ema_, ema_homogeneous_second_moment_, flush_subnormals_,
+                                        kron_factors, row_means, secant_pair)
 
-from ._factors import check_real_params, ema_, ema_homogeneous_second_moment_, flush_subnormals_, kron_layers, spatial_layers
-from .base import Hyper, Solver, positive, register, unit_interval
+from .base import Hyper, positive, register, unit_interval
 from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
 from .damping import double_damping, powell_damping
 from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
+from .kronecker_solver import KroneckerSolver, layer_key
 from .lbfgs import CompactLBFGS
 
 __all__ = ["KBFGS", "KBFGSL", "powell_lm_damping"]
@@ -111,25 +116,17 @@ def _kbfgs_hyperparameters() -> dict[str, Hyper]:
     }
 
 
-class _KroneckerQuasiNewton(Solver):
+class _KroneckerQuasiNewton(KroneckerSolver):
     """The shared K-BFGS iteration; subclasses choose the pre-activation-side inverse H_g."""
 
-    needs_warm_start = True
-    reference_draws_per_batch = 1
-
-    def __init__(self, model, **hyper):
-        super().__init__(model, **hyper)
-        self.kron = kron_layers(self.name, model)
-        self.conv = spatial_layers(model, self.kron)
-        self.sqrt_damping = math.sqrt(self.damping)
-        kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
-        self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
+    block_order = "right_first"  # H_g (M^ H_a), as the reference code multiplies
 
     # --- G side (overridden) -----------------------------------------------------------------
-    def _init_g_side(self, state, i, d_out, xp, dtype):
+    def init_g_side(self, d_out, xp, dtype) -> dict:
         raise NotImplementedError
 
-    def _g_apply(self, state, i, X):
+    def g_factor(self, state, i):
+        """H_g of layer ``i`` as the block operator's left inverse factor (a matrix or an operator)."""
         raise NotImplementedError
 
     def _g_update(self, state, i, s, y, g_ref, info):
@@ -140,83 +137,67 @@ class _KroneckerQuasiNewton(Solver):
 
     def _damp(self, i, s, y, H):
         """(s~, y~, powell fired, lm fired): double damping for Dense, Powell + LM on H^{-1} for Conv2d."""
-        if i in self.conv:
+        if i in self.spatial:
             return powell_lm_damping(s, y, H, self.mu1, mu2=self.sqrt_damping)
         return double_damping(s, y, H, self.mu1, mu2=self.sqrt_damping)
 
-    # --- contract ---------------------------------------------------------------------------
-    def init(self, params) -> dict:
-        check_real_params(self.name, params)
-        xp = array_module(*params)
-        dtype = params[0].dtype
-        state = {"k": 0, "warm_started": False, "m": xp.zeros(self.model.n_params, dtype=dtype)}
-        for i in self.kron:
-            layer = self.model.layers[i]
-            d_a, d_out = layer.d_in + 1, layer.d_out
-            state[f"layer{i}/A"] = xp.zeros((d_a, d_a), dtype=dtype)
-            state[f"layer{i}/H_a"] = xp.zeros((d_a, d_a), dtype=dtype)  # set at k = 0
-            state[f"layer{i}/s_ema"] = xp.zeros(d_out, dtype=dtype)
-            state[f"layer{i}/y_ema"] = xp.zeros(d_out, dtype=dtype)
-            self._init_g_side(state, i, d_out, xp, dtype)
-        return state
+    # --- KroneckerSolver hooks ----------------------------------------------------------------
+    def init_layer(self, layer, xp, dtype) -> dict:
+        d_a, d_out = layer.d_in + 1, layer.d_out
+        return {"A": xp.zeros((d_a, d_a), dtype=dtype), "H_a": xp.zeros((d_a, d_a), dtype=dtype),  # H_a set at k = 0
+                "s_ema": xp.zeros(d_out, dtype=dtype), "y_ema": xp.zeros(d_out, dtype=dtype),
+                **self.init_g_side(d_out, xp, dtype)}
 
-    def warm_start(self, params, state, batches) -> dict:
-        """A_l <- average over all batches of (1/rows) a~^T a~ at the initial weights (section 4.2).
-
-        Forward passes only. ``batches`` yields (x, y) pairs covering one epoch. The rows are the
-        layer's Kronecker rows (the inputs for Dense, the patches for Conv2d).
-        """
+    def batch_statistics(self, params, x) -> list[dict]:
+        """A of one batch from a forward pass only (the rows: inputs for Dense, patches for Conv2d)."""
         model = self.model
-        sums, count = None, 0
-        for x, _ in batches:
-            caps = model.forward_captures(model.forward_pass(params, x, kron_outputs=True))
-            factors = kron_factors(caps, which="A")
-            if sums is None:
-                sums = [f.A for f in factors]
-            else:
-                for acc, f in zip(sums, factors):
-                    acc += f.A
-            count += 1
-        if count == 0:
-            raise ValueError(f"{self.name}.warm_start got no batches; pass one epoch of (x, y) minibatches")
-        for i, acc in zip(self.kron, sums):
-            acc /= count
-            if self.flush_subnormals:
-                flush_subnormals_(acc)
-            state[f"layer{i}/A"] = acc.astype(state[f"layer{i}/A"].dtype, copy=False)
-        state["warm_started"] = True
-        return state
+        caps = model.forward_captures(model.forward_pass(params, x, kron_outputs=True))
+        return [{"A": f.A} for f in kron_factors(caps, which="A")]
 
+    def step_factors(self, state, i) -> tuple:
+        return self.g_factor(state, i), state[layer_key(i, "H_a")]
+
+    # --- the iteration (kbfgs.md section 4.3) -------------------------------------------------
     def step(self, params, state, x, y):
         model = self.model
         xp = array_module(*params)
         k = int(state["k"])
-        lr, rho = self.lr, self.momentum
-        shift = self.sqrt_damping
+        n = x.shape[0]
         info = {"powell_damping": 0, "lm_damping": 0, "skipped_H_g": 0, "skipped_H_a": 0}
 
         # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch
         loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True)
-        m = state["m"]
-        m_views = model.unflatten(m)
-        grad_sq = 0
-        for mv, g in zip(m_views, grads):
-            gf = g.reshape(-1)
-            grad_sq = grad_sq + xp.dot(gf, gf)
-            mv *= rho
-            g *= 1 - rho  # the gradient arrays are this step's own: scale in place
-            mv += g
+        m_views, grad_sq = self.momentum_(state, grads)
         factors = kron_factors(captures, which=("A", "means") if k == 0 and not state["warm_started"] else ("means",))
-        rows = {c.layer: c for c in captures}
         rows_of = {c.layer: c.z.shape[0] for c in captures}  # N (Dense) or N L (Conv2d)
-        n = x.shape[0]
 
-        # (b) step 1 per layer: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0, direction, update
-        step_sq = 0
+        # (b) step 1: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0; theta <- theta - alpha H_g M^ H_a
+        self._update_a_side(state, factors, captures, k)
+        step_norm = self.apply_step_(params, m_views, self.step_operator(state))
+
+        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, batch means of
+        # z+ and g+ only (no weight-gradient products; the sweep stops at the first Kronecker layer)
+        fwd = model.forward_pass(params, x, kron_outputs=True)
+        trial_loss, dout = model.loss_fn.value_and_grad(fwd.out, y)
+        means_new = {}
+        model.backward(params, fwd, dout, param_grads=False, per_example=False,
+                       capture=lambda c: means_new.__setitem__(c.layer, row_means(c, n)))
+
+        # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action)
+        for f in factors:
+            self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, info)
+
+        state["k"] = k + 1
+        info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=step_norm)
+        return params, state, info
+
+    def _update_a_side(self, state, factors, captures, k: int):
+        """Step (b) on the factors: A's EMA (not at k = 0; the first batch's A without a warm start),
+        H_a = inv(A + sqrt(lambda) I) at k = 0, and the periodic flush and re-symmetrisation."""
+        rows = {c.layer: c for c in captures}
         for f in factors:
             i = f.layer
-            layer = model.layers[i]
-            A = state[f"layer{i}/A"]
+            A = state[layer_key(i, "A")]
             if k > 0:
                 ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean[:-1])
                 if self.flush_subnormals and k % FLUSH_EVERY == 0:
@@ -224,77 +205,46 @@ class _KroneckerQuasiNewton(Solver):
             elif not state["warm_started"]:
                 A[...] = f.A  # no warm start: the first batch's statistics stand in for it
             if k == 0:
-                A_lm = A + shift * xp.eye(A.shape[0], dtype=A.dtype)
-                state[f"layer{i}/H_a"] = symmetrize(xp.linalg.inv(A_lm))
+                xp = array_module(A)
+                A_lm = A + self.sqrt_damping * xp.eye(A.shape[0], dtype=A.dtype)
+                state[layer_key(i, "H_a")] = symmetrize(xp.linalg.inv(A_lm))
             elif k % FLUSH_EVERY == 0:  # pitfall 16: guard against any BLAS-order asymmetry
-                state[f"layer{i}/H_a"] = symmetrize(state[f"layer{i}/H_a"])
+                state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
                 self._symmetrize_g_side(state, i)
-            M = layer.to_matrix(model.layer_params(m_views, i))
-            P = self._g_apply(state, i, M @ state[f"layer{i}/H_a"])
-            P *= lr  # the step alpha H_g M^ H_a
-            Pf = P.reshape(-1)
-            step_sq = step_sq + xp.dot(Pf, Pf)
-            dW, db = layer.from_matrix(P)
-            W, b = model.layer_params(params, i)
-            W -= dW
-            b -= db
-        for j in self.other_params:
-            params[j] -= lr * m_views[j]
-            step_sq = step_sq + lr * lr * (m_views[j] * m_views[j]).sum()
 
-        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, z+ and g+ only
-        fwd = model.forward_pass(params, x, kron_outputs=True)
-        trial_loss, dout = model.loss_fn.value_and_grad(fwd.out, y)
-        captures_new = model.backward(params, fwd, dout, param_grads=False, capture=True, per_example=False).captures
-        # batch means at theta_{k+1}: mean_rows(z+), and mean_rows(g+) = sum_rows(dL/dz+) (g = N dL/dz);
-        # a Conv2d capture has N L rows holding sqrt(L) dL/dz: mean_rows(g+) = (N / N L) sum_rows
-        means_new = {}
-        for c in captures_new:
-            rows = c.z.shape[0]
-            g_sum = c.g.sum(axis=0)
-            if rows != n:
-                g_sum *= n / rows
-            means_new[c.layer] = (c.z.sum(axis=0) / rows, g_sum)
+    def _update_pairs(self, state, f, means_new, rows: int, n: int, info):
+        """Step (d) for one layer: the EMA'd secant pair, the G-side update, the Hessian action on H_a."""
+        i = f.layer
+        s, y_new, g_ref = secant_pair(self.model.layers[i], f, *means_new, rows, n)
+        s_ema = ema_(state[layer_key(i, "s_ema")], s, self.sy_decay)
+        y_ema = ema_(state[layer_key(i, "y_ema")], y_new, self.sy_decay)
+        if self.flush_subnormals:
+            flush_subnormals_(s_ema)
+            flush_subnormals_(y_ema)
+        self._g_update(state, i, s_ema, y_ema, g_ref, info)
+        a_bar = hessian_action_vector(f.a_mean[:-1], self.hessian_action)
+        key = layer_key(i, "H_a")
+        state[key], skipped = hessian_action_update(state[key], state[layer_key(i, "A")], self.sqrt_damping, a_bar,
+                                                    self.skip_constant, inplace=True)
+        info["skipped_H_a"] = info["skipped_H_a"] + skipped.astype(int)
 
-        # (d) step 2 per layer: G side (EMA, damping, BFGS) and A side (Hessian action)
-        for f in factors:
-            i = f.layer
-            z_mean_new, g_mean_new = means_new[i]
-            y_new = f.g_mean - g_mean_new
-            g_ref = f.g_mean
-            if i in self.conv:  # y = sum_t mean_n dDs_t = sqrt(L) mean_rows(dg), matching G = E_n sum_t Ds Ds^T
-                root_l = math.sqrt(model.layers[i].locations(rows_of[i], n))
-                y_new *= root_l
-                g_ref = root_l * g_ref
-            s_ema = ema_(state[f"layer{i}/s_ema"], f.z_mean - z_mean_new, self.sy_decay)
-            y_ema = ema_(state[f"layer{i}/y_ema"], y_new, self.sy_decay)
-            if self.flush_subnormals:
-                flush_subnormals_(s_ema)
-                flush_subnormals_(y_ema)
-            self._g_update(state, i, s_ema, y_ema, g_ref, info)
-            a_bar = hessian_action_vector(f.a_mean[:-1], self.hessian_action)
-            H_a, skipped = hessian_action_update(state[f"layer{i}/H_a"], state[f"layer{i}/A"], shift, a_bar,
-                                                 self.skip_constant, inplace=True)
-            state[f"layer{i}/H_a"] = H_a
-            info["skipped_H_a"] = info["skipped_H_a"] + skipped.astype(int)
-
-        state["k"] = k + 1
-        info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=xp.sqrt(step_sq))
-        return params, state, info
+    def _count(self, info, powell, lm, skipped):
+        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
+        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
+        info["skipped_H_g"] = info["skipped_H_g"] + skipped.astype(int)
 
     # --- inspection -------------------------------------------------------------------------
     def g_side_inverse(self, state, i):
         """The d_out x d_out matrix H_g of Kronecker layer ``i`` (dense; the L-BFGS operator densified)."""
         raise NotImplementedError
 
-    def curvature_operator(self, state):
-        """The block curvature inv(H_g) (x) inv(H_a) as a :class:`KroneckerBlockOperator`.
+    def curvature_operator(self, state) -> KroneckerBlockOperator:
+        """The block curvature inv(H_g) (x) inv(H_a) as a :class:`KroneckerBlockOperator`: the step's own.
 
         ``solve`` applies the blocks H_g M H_a the solver preconditions with (on the flat vector);
         ``matvec`` the curvature itself. Parameters outside Kronecker layers pass through unchanged.
         """
-        blocks = {i: (self.g_side_inverse(state, i), state[f"layer{i}/H_a"]) for i in self.kron}
-        return KroneckerBlockOperator.from_inverse_factors(self.model, blocks, missing="identity")
+        return self.step_operator(state)
 
 
 @register
@@ -303,26 +253,23 @@ class KBFGS(_KroneckerQuasiNewton):
     summary = "K-BFGS: Kronecker-factored BFGS with double damping (Goldfarb, Ren, Bahamou 2020)"
     hyperparameters = _kbfgs_hyperparameters()
 
-    def _init_g_side(self, state, i, d_out, xp, dtype):
-        state[f"layer{i}/H_g"] = xp.eye(d_out, dtype=dtype)
+    def init_g_side(self, d_out, xp, dtype) -> dict:
+        return {"H_g": xp.eye(d_out, dtype=dtype)}
 
-    def _g_apply(self, state, i, X):
-        return state[f"layer{i}/H_g"] @ X
+    def g_factor(self, state, i):
+        return state[layer_key(i, "H_g")]
 
     def _symmetrize_g_side(self, state, i):
-        state[f"layer{i}/H_g"] = symmetrize(state[f"layer{i}/H_g"])
+        state[layer_key(i, "H_g")] = symmetrize(state[layer_key(i, "H_g")])
 
     def _g_update(self, state, i, s, y, g_ref, info):
-        H_g = state[f"layer{i}/H_g"]
-        s_d, y_d, powell, lm = self._damp(i, s, y, H_g)
-        H_g, skipped = bfgs_inverse_update(H_g, s_d, y_d, g_ref, self.skip_constant, inplace=True)
-        state[f"layer{i}/H_g"] = H_g
-        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
-        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
-        info["skipped_H_g"] = info["skipped_H_g"] + skipped.astype(int)
+        key = layer_key(i, "H_g")
+        s_d, y_d, powell, lm = self._damp(i, s, y, state[key])
+        state[key], skipped = bfgs_inverse_update(state[key], s_d, y_d, g_ref, self.skip_constant, inplace=True)
+        self._count(info, powell, lm, skipped)
 
     def g_side_inverse(self, state, i):
-        return state[f"layer{i}/H_g"]
+        return state[layer_key(i, "H_g")]
 
 
 @register
@@ -336,13 +283,13 @@ class KBFGSL(_KroneckerQuasiNewton):
     }
 
     def _lbfgs(self, state, i) -> CompactLBFGS:
-        return CompactLBFGS.from_state(state, f"layer{i}/lbfgs/", self.lbfgs_gamma)
+        return CompactLBFGS.from_state(state, layer_key(i, "lbfgs/"), self.lbfgs_gamma)
 
-    def _init_g_side(self, state, i, d_out, xp, dtype):
-        state.update(CompactLBFGS.empty(d_out, self.memory, dtype, xp, self.lbfgs_gamma).to_state(f"layer{i}/lbfgs/"))
+    def init_g_side(self, d_out, xp, dtype) -> dict:
+        return CompactLBFGS.empty(d_out, self.memory, dtype, xp, self.lbfgs_gamma).to_state("lbfgs/")
 
-    def _g_apply(self, state, i, X):
-        return self._lbfgs(state, i).apply(X)
+    def g_factor(self, state, i):
+        return self._lbfgs(state, i)
 
     def _g_update(self, state, i, s, y, g_ref, info):
         xp = array_module(s, y)
@@ -354,10 +301,8 @@ class KBFGSL(_KroneckerQuasiNewton):
         # decided and applied on the device (no host sync)
         store = (sy > self.skip_constant * ss * xp.sqrt(xp.dot(g_ref, g_ref))) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
         op.push(s_d, y_d, store)
-        state.update(op.to_state(f"layer{i}/lbfgs/"))
-        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
-        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
-        info["skipped_H_g"] = info["skipped_H_g"] + (~store).astype(int)
+        state.update(op.to_state(layer_key(i, "lbfgs/")))
+        self._count(info, powell, lm, ~store)
 
     def g_side_inverse(self, state, i):
         return self._lbfgs(state, i).dense()

@@ -26,9 +26,14 @@ g = N sqrt(L) dL_sampled/dz_{n,t} = sqrt(L) Ds_{n,t}, so with the statistics' 1/
 and the step is (G + sqrt(lambda) I)^{-1} [M_W | m_b] (A + sqrt(lambda) I)^{-1} with M_W the
 momentum of W reshaped to C_out x (C_in kh kw).
 
-State: ``k``, ``warm_started``, ``m``, ``rng`` (PCG64 words of the target-sampling generator,
-:func:`solvers.base.rng_state_array`) and per Kronecker layer i ``layer{i}/A``, ``layer{i}/G``,
-``layer{i}/A_inv``, ``layer{i}/G_inv``. Info: ``inverses_refreshed``.
+State (:class:`solvers.kronecker_solver.KroneckerSolver`): ``k``, ``warm_started``, ``m``, ``rng``
+(PCG64 words of the target-sampling generator, :func:`solvers.base.rng_state_array`) and per
+Kronecker layer i ``layer{i}/A``, ``layer{i}/G``, ``layer{i}/A_inv``, ``layer{i}/G_inv`` (keys by
+:func:`solvers.kronecker_solver.layer_key`). Info: ``inverses_refreshed``.
+
+The step goes through :class:`engine.curvature.KroneckerBlockOperator` with the cached damped
+inverses as inverse factors, in the order (G_inv M^) A_inv (``block_order = "left_first"``);
+:meth:`KFAC.curvature_operator` is the damped curvature itself.
 
 Host synchronisation: none in a step between inverse refreshes. The sampled targets are drawn on
 the host from the PCG64 generator kept in the state (``rng``: the reference code's stream, the same
@@ -40,26 +45,24 @@ refresh inverts the damped factors of all layers together with
 
 from __future__ import annotations
 
-import math
-
 import numpy
 
 from engine.backend import array_module
-from engine.curvature.kronecker import KroneckerBlockOperator, factor_inverses, kron_factors
+from engine.curvature.kronecker import KroneckerBlockOperator, ema_, factor_inverses, flush_subnormals_, kron_factors
 
-from ._factors import check_real_params, ema_, flush_subnormals_, kron_layers
-from .base import Hyper, Solver, positive, register, rng_from_state_array, rng_state_array, unit_interval
+from .base import Hyper, positive, register, rng_from_state_array, rng_state_array, unit_interval
 from .bfgs import symmetrize
+from .kronecker_solver import KroneckerSolver, layer_key
 
 __all__ = ["KFAC"]
 
 
 @register
-class KFAC(Solver):
+class KFAC(KroneckerSolver):
     name = "kfac"
     summary = "K-FAC with sampled-target Fisher, as in the K-BFGS paper's baseline"
-    needs_warm_start = True
-    reference_draws_per_batch = 1
+    block_order = "left_first"  # (G_inv M^) A_inv
+    norm_of_scaled_step = False
     hyperparameters = {
         "lr": positive("learning rate alpha", 1.0),
         "damping": positive("damping lambda: sqrt(lambda) is added to A and to G", 3.0),
@@ -71,27 +74,17 @@ class KFAC(Solver):
         "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors to zero (pitfall 19)"),
     }
 
-    def __init__(self, model, **hyper):
-        super().__init__(model, **hyper)
-        self.kron = kron_layers(self.name, model)
-        self.sqrt_damping = math.sqrt(self.damping)
-        kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(2)}
-        self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
+    # --- KroneckerSolver hooks ----------------------------------------------------------------
+    def global_state(self) -> dict:
+        return {"rng": rng_state_array(numpy.random.default_rng(self.seed))}
 
-    def init(self, params) -> dict:
-        check_real_params(self.name, params)
-        xp = array_module(*params)
-        dtype = params[0].dtype
-        state = {"k": 0, "warm_started": False, "m": xp.zeros(self.model.n_params, dtype=dtype),
-                 "rng": rng_state_array(numpy.random.default_rng(self.seed))}
-        for i in self.kron:
-            layer = self.model.layers[i]
-            d_a, d_g = layer.d_in + 1, layer.d_out
-            state[f"layer{i}/A"] = xp.zeros((d_a, d_a), dtype=dtype)
-            state[f"layer{i}/G"] = xp.zeros((d_g, d_g), dtype=dtype)
-            state[f"layer{i}/A_inv"] = xp.zeros((d_a, d_a), dtype=dtype)
-            state[f"layer{i}/G_inv"] = xp.zeros((d_g, d_g), dtype=dtype)
-        return state
+    def init_layer(self, layer, xp, dtype) -> dict:
+        d_a, d_g = layer.d_in + 1, layer.d_out
+        return {"A": xp.zeros((d_a, d_a), dtype=dtype), "G": xp.zeros((d_g, d_g), dtype=dtype),
+                "A_inv": xp.zeros((d_a, d_a), dtype=dtype), "G_inv": xp.zeros((d_g, d_g), dtype=dtype)}
+
+    def step_factors(self, state, i) -> tuple:
+        return state[layer_key(i, "G_inv")], state[layer_key(i, "A_inv")]
 
     def _sampled_captures(self, params, fwd, rng):
         """Captures of the backward pass of the loss with targets sampled from the model."""
@@ -102,30 +95,16 @@ class KFAC(Solver):
     def warm_start(self, params, state, batches) -> dict:
         """A and G averaged over one pass over the data at the initial weights (sampled targets)."""
         rng = rng_from_state_array(state["rng"])
-        sums, count = None, 0
-        for x, _ in batches:
-            fwd = self.model.forward_pass(params, x, kron_outputs=True)
-            caps = self._sampled_captures(params, fwd, rng)
-            factors = kron_factors(caps, which=("A", "G"))
-            if sums is None:
-                sums = [(f.A, f.G) for f in factors]
-            else:
-                for (A, G), f in zip(sums, factors):
-                    A += f.A
-                    G += f.G
-            count += 1
-        if count == 0:
-            raise ValueError("kfac.warm_start got no batches; pass one epoch of (x, y) minibatches")
-        for i, (A, G) in zip(self.kron, sums):
-            for name, F in (("A", A), ("G", G)):
-                F /= count
-                if self.flush_subnormals:
-                    flush_subnormals_(F)
-                state[f"layer{i}/{name}"] = F
+
+        def statistics(params, x):
+            caps = self._sampled_captures(params, self.model.forward_pass(params, x, kron_outputs=True), rng)
+            return [{"A": f.A, "G": f.G} for f in kron_factors(caps, which=("A", "G"))]
+
+        state = self.average_statistics(params, state, batches, statistics)
         state["rng"] = rng_state_array(rng)
-        state["warm_started"] = True
         return state
 
+    # --- the iteration ------------------------------------------------------------------------
     def step(self, params, state, x, y):
         model = self.model
         xp = array_module(*params)
@@ -134,71 +113,45 @@ class KFAC(Solver):
         # one forward; backward of the true loss (gradient, with tau theta) and of the sampled loss
         fwd = model.forward_pass(params, x, y, kron_outputs=True)
         loss, grads, caps = model.loss_and_grad(params, x, y, regularized=True, capture=True, forward=fwd)
-        m = state["m"]
-        m_views = model.unflatten(m)
-        grad_sq = 0
-        for mv, g in zip(m_views, grads):
-            gf = g.reshape(-1)
-            grad_sq = grad_sq + xp.dot(gf, gf)
-            ema_(mv, g, self.momentum)
-
+        m_views, grad_sq = self.momentum_(state, grads)
         rng = rng_from_state_array(state["rng"])
         caps_sampled = self._sampled_captures(params, fwd, rng)
         state["rng"] = rng_state_array(rng)
-        # A from the data pass (identical rows), G from the sampled pass
-        a_factors = kron_factors(caps, which="A")
-        g_factors = kron_factors(caps_sampled, which="G")
 
+        # A from the data pass (identical rows), G from the sampled pass; EMAs, then the inverses
+        for fa, fg in zip(kron_factors(caps, which="A"), kron_factors(caps_sampled, which="G")):
+            for name, new, decay in (("A", fa.A, self.A_decay), ("G", fg.G, self.G_decay)):
+                F = ema_(state[layer_key(fa.layer, name)], new, decay)
+                if self.flush_subnormals:
+                    flush_subnormals_(F)
         refresh = k % self.inverse_freq == 0 or k <= self.inverse_freq
-        factors = []
-        for fa, fg in zip(a_factors, g_factors):
-            i = fa.layer
-            A = ema_(state[f"layer{i}/A"], fa.A, self.A_decay)
-            G = ema_(state[f"layer{i}/G"], fg.G, self.G_decay)
-            if self.flush_subnormals:
-                flush_subnormals_(A)
-                flush_subnormals_(G)
-            factors.append((i, A, G))
         if refresh:
-            self._refresh_inverses(state, factors)
-        step_sq = 0
-        for i, _, _ in factors:
-            layer = model.layers[i]
-            M = layer.to_matrix(model.layer_params(m_views, i))
-            P = state[f"layer{i}/G_inv"] @ M @ state[f"layer{i}/A_inv"]
-            Pf = P.reshape(-1)
-            step_sq = step_sq + xp.dot(Pf, Pf)
-            dW, db = layer.from_matrix(P)
-            W, b = model.layer_params(params, i)
-            W -= self.lr * dW
-            b -= self.lr * db
-        for j in self.other_params:
-            params[j] -= self.lr * m_views[j]
-            step_sq = step_sq + (m_views[j] * m_views[j]).sum()
+            self._refresh_inverses(state)
+        step_norm = self.apply_step_(params, m_views, self.step_operator(state))
 
         state["k"] = k + 1
-        info = {"loss": loss, "grad_norm": xp.sqrt(grad_sq), "step_norm": self.lr * xp.sqrt(step_sq),
-                "inverses_refreshed": bool(refresh)}
+        info = {"loss": loss, "grad_norm": xp.sqrt(grad_sq), "step_norm": step_norm, "inverses_refreshed": bool(refresh)}
         return params, state, info
 
-    def _refresh_inverses(self, state, factors):
+    def _refresh_inverses(self, state):
         """(F + sqrt(lambda) I)^{-1} of every layer's A and G, exactly symmetric.
 
         All factors go through :func:`engine.curvature.kronecker.factor_inverses` together: one
         host sync per refresh for the checks of all of them, not one per factor.
         """
         damped, names = [], []
-        for i, A, G in factors:
-            xp = array_module(A)
-            for name, F in (("A", A), ("G", G)):
+        for i in self.kron:
+            for name in ("A", "G"):
+                F = state[layer_key(i, name)]
+                xp = array_module(F)
                 damped.append(F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype))
                 names.append(f"{name} of layer {i}")
         inverses = factor_inverses(damped, names)
-        for (i, _, _), A_inv, G_inv in zip(factors, inverses[0::2], inverses[1::2]):
-            state[f"layer{i}/A_inv"] = symmetrize(A_inv)
-            state[f"layer{i}/G_inv"] = symmetrize(G_inv)
+        for i, A_inv, G_inv in zip(self.kron, inverses[0::2], inverses[1::2]):
+            state[layer_key(i, "A_inv")] = symmetrize(A_inv)
+            state[layer_key(i, "G_inv")] = symmetrize(G_inv)
 
     def curvature_operator(self, state):
         """The damped block Fisher (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) of the current state."""
-        blocks = {i: (state[f"layer{i}/G"], state[f"layer{i}/A"]) for i in self.kron}
+        blocks = {i: (state[layer_key(i, "G")], state[layer_key(i, "A")]) for i in self.kron}
         return KroneckerBlockOperator(self.model, blocks, damping=self.sqrt_damping, missing="identity")

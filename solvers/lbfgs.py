@@ -84,6 +84,16 @@ class CompactLBFGS:
         return self.S.shape[1]
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """(d, d): the operator's shape (it serves as a left inverse factor of
+        :class:`engine.curvature.KroneckerBlockOperator`)."""
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self):
+        return self.S.dtype
+
+    @property
     def _on_host(self) -> bool:
         return array_module(self.S) is numpy
 

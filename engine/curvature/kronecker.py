@@ -1,4 +1,5 @@
-"""Kronecker factors of dense layers and the Kronecker-factored block-diagonal operator.
+"""Kronecker factors of Kronecker layers (Dense, Conv2d), their EMAs, and the Kronecker-factored
+block-diagonal operator through which K-FAC, K-BFGS and K-BFGS(L) apply their steps.
 
 Statistics (Martens & Grosse 2015, K-FAC, section 3; Goldfarb, Ren & Bahamou 2020, K-BFGS,
 section 3; kbfgs.md sections 2 and 4). For a layer with homogeneous weight matrix
@@ -10,6 +11,11 @@ pre-activation gradients g_n = N dL/dz_n (``engine.model.Capture``), with N the 
     a_mean = mean_n a~_n (last entry 1), z_mean = mean_n z_n, g_mean = mean_n g_n
 
 The batch means are what K-BFGS's H_g update differences between two passes (kbfgs.md 4.2).
+
+Factor updates (what the solvers keep in their state, updated in place): :func:`ema_`,
+:func:`ema_homogeneous_second_moment_` (A's EMA fused with its statistic), :func:`flush_subnormals_`
+(pitfall 19), and the pre-activation-side secant pair of K-BFGS with the convolution scaling
+(:func:`row_means`, :func:`secant_pair`; kbfgs.md section 4.3 (d)).
 
 Block operator. One block per layer, acting on the layer's homogeneous matrix:
 
@@ -31,19 +37,28 @@ Two ways to give a block, one operator type:
   ``matvec`` is the inverse application (used for checks and quadratic models).
 
 Either way ``matvec`` is the curvature C and ``solve`` is C^{-1}; only which side costs a
-factorisation differs.
+factorisation differs. An inverse factor on the left may also be a linear operator with
+``apply(X)`` and ``dense()`` (K-BFGS(L)'s compact L-BFGS H_g). ``order`` fixes the floating-point
+order of a block product: "left_first" is (L M) R (K-FAC's G^{-1} M A^{-1}), "right_first" is
+L (M R) (K-BFGS's H_g (M H_a)); :meth:`KroneckerBlockOperator.solve_blocks` yields the per-layer
+matrices the solvers scale and apply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy
 
-from ..backend import array_module, to_host
+from ..backend import array_module
 from .base import CurvatureOperator
+from .inverse import factor_inverse, factor_inverses, symmetry_flag
+from .kernels import scaled_ema_
 
-__all__ = ["homogeneous", "KronFactors", "kron_factors", "KroneckerBlockOperator", "factor_inverse", "factor_inverses"]
+__all__ = ["homogeneous", "KronFactors", "kron_factors", "ema_", "ema_homogeneous_second_moment_", "flush_subnormals_",
+           "row_means", "secant_pair", "KroneckerBlockOperator", "BLOCK_ORDERS", "block_product", "factor_inverse", "factor_inverses"]
 
 
 def homogeneous(a):
@@ -119,163 +134,134 @@ def kron_factors(captures, which=("A", "G", "means")) -> list[KronFactors]:
     return out
 
 
-def _solve_triangular(xp):
-    if xp is numpy:
-        from scipy.linalg import solve_triangular  # noqa: PLC0415
-    else:
-        from cupyx.scipy.linalg import solve_triangular  # noqa: PLC0415
-    return solve_triangular
+# --- factor updates -------------------------------------------------------------------------
+def ema_(target, new, decay: float):
+    """target <- decay target + (1 - decay) new, in place (returns ``target``)."""
+    target *= decay
+    target += (1 - decay) * new
+    return target
 
 
-#: A factor is treated as symmetric when max|F - F^T| <= SYMMETRY_TOL eps max|F| (BFGS-updated
-#: factors are symmetric only to rounding).
-SYMMETRY_TOL = 1e3
+def ema_homogeneous_second_moment_(A, a, decay: float, a_mean=None):
+    """A <- decay A + (1 - decay) (1/N) a~^T a~ in place, a~ = [a, 1] (N x (d+1)).
 
-# status codes of the Cholesky attempt (one device integer per factor)
-_CHOLESKY_OK, _NOT_FINITE, _ZERO, _USE_LU = 0, 1, 2, 3
-
-
-def _symmetry_flag(F):
-    """max|F - F^T| <= SYMMETRY_TOL eps max|F|, as a 0-d device boolean (no host sync)."""
-    xp = array_module(F)
-    eps = float(numpy.finfo(F.dtype).eps)
-    return xp.abs(F - F.T).max() <= SYMMETRY_TOL * eps * xp.abs(F).max()
-
-
-def _cholesky_attempt(F):
-    """(inverse by Cholesky or None, status) for a square factor, without a host sync.
-
-    The status is a 0-d device integer: ``_CHOLESKY_OK`` when F is symmetric and the factor
-    L of S = (F + F^T)/2 is valid (then the inverse is inv(L)^T inv(L), exactly symmetric),
-    ``_NOT_FINITE`` / ``_ZERO`` for a factor with NaN/Inf or all zeros, else ``_USE_LU``.
-
-    Validity does not rely on the library raising. NumPy's ``cholesky`` raises ``LinAlgError``
-    for a matrix that is not positive definite; CuPy's does not (outside
-    ``cupyx.errstate(linalg="raise")``): it returns whatever cuSOLVER's potrf left, a partial
-    factor that may be finite and wrong, and the inverse built from it is inf/NaN or a finite
-    wrong matrix. So L is accepted only when
-
-    * its diagonal is positive (a failed potrf leaves the failing pivot, <= 0, or NaN there),
-    * it reproduces S: max|L L^T - S| <= 4 (n + 1) eps max|F|. A computed Cholesky factor
-      satisfies |L L^T - S| <= gamma_{n+1} |L| |L^T| (Higham, "Accuracy and Stability of
-      Numerical Algorithms", 2nd ed., Theorem 10.3), with |L| |L^T|_ij <= sqrt(S_ii S_jj) <=
-      max|S| by Cauchy-Schwarz, whatever the conditioning of S; the product L L^T adds another
-      gamma_n. 4 (n + 1) eps is twice both together, so a successful factorisation always
-      passes, while a partial factor (rows past the failing pivot are not factored) does not,
-      whatever potrf leaves in them;
-    * the inverse is finite (a positive but tiny pivot can still overflow inv(L)).
-
-    The work (one Cholesky, one triangular solve, two GEMMs) is done before anything is known
-    about F: that is what lets every check share one host sync. On NumPy a raising ``cholesky``
-    skips it.
+    The same statistic as ``kron_factors(..., which="A")``, fused with the EMA so that no
+    (d+1)^2 batch matrix is assembled: a^T a goes through SYRK (NumPy uses it for ``a.T @ a``),
+    the ones column contributes the column means (``a_mean`` when the caller has them) and 1.
+    Exactly symmetric.
     """
-    xp = array_module(F)
-    n = F.shape[0]
-    eps = float(numpy.finfo(F.dtype).eps)
-    scale = xp.abs(F).max()
-    symmetric = xp.abs(F - F.T).max() <= SYMMETRY_TOL * eps * scale
-    S = (F + F.T) / 2
-    Finv = None
-    ok = symmetric
-    with numpy.errstate(all="ignore"):  # NumPy only: a bad factor's inverse may overflow
-        try:
-            L = xp.linalg.cholesky(S)
-            Linv = _solve_triangular(xp)(L, xp.eye(n, dtype=F.dtype), lower=True, check_finite=False)
-        except numpy.linalg.LinAlgError:  # NumPy's cholesky (SciPy's solve on a zero pivot)
-            ok = xp.zeros((), dtype=bool)
-        else:
-            Finv = Linv.T @ Linv
-            residual = xp.abs(L @ L.T - S).max()
-            ok = ok & (xp.diagonal(L) > 0).all() & xp.isfinite(Finv).all() & (residual <= 4 * (n + 1) * eps * scale)
-    status = xp.where(ok, _CHOLESKY_OK, _USE_LU)
-    status = xp.where(scale == 0, _ZERO, status)
-    status = xp.where(xp.isfinite(scale), status, _NOT_FINITE)
-    return Finv, status
+    n, d = a.shape  # n counts rows: N examples (Dense) or N L (example, location) pairs (Conv2d)
+    w = (1 - decay) / n
+    aa = a.T @ a
+    scaled_ema_(A[:d, :d], aa, decay, w)  # one fused pass on NumPy
+    A[:d, d] *= decay
+    A[d, :d] *= decay
+    A[d, d] *= decay
+    col = (1 - decay) * a_mean if a_mean is not None else a.sum(axis=0) * w
+    A[:d, d] += col
+    A[d, :d] += col
+    A[d, d] += 1 - decay
+    return A
 
 
-def _finish_inverse(F, chol_inverse, status: int, name: str):
-    """The inverse from the Cholesky attempt's host status, falling back to LU (one more sync)."""
-    if status == _NOT_FINITE:
-        raise ValueError(f"{name} contains NaN or Inf; check the statistics it was built from")
-    if status == _ZERO:
-        raise numpy.linalg.LinAlgError(f"{name} is zero and has no inverse; add damping")
-    if status == _CHOLESKY_OK:
-        return chol_inverse
-    xp = array_module(F)
-    try:
-        Finv = xp.linalg.inv(F)  # CuPy's gives NaN/Inf for a singular F instead of raising
-    except numpy.linalg.LinAlgError:
-        raise numpy.linalg.LinAlgError(f"{name} is singular; add damping") from None
-    if not bool(xp.isfinite(Finv).all()):
-        raise numpy.linalg.LinAlgError(f"{name} is singular; add damping")
-    return Finv
+def flush_subnormals_(a):
+    """Set entries with |a| below the smallest normal number to zero, in place.
 
-
-def _check_square(F, name):
-    if F.ndim != 2 or F.shape[0] != F.shape[1]:
-        raise ValueError(f"{name} must be a square matrix, got shape {tuple(F.shape)}")
-    if F.dtype.kind != "f":
-        raise TypeError(f"{name} must be a real float matrix, got {F.dtype}")
-    if not F.size:
-        raise numpy.linalg.LinAlgError(f"{name} is empty, so zero, and has no inverse; add damping")
-
-
-def factor_inverse(F, name: str = "factor"):
-    """inv(F): by Cholesky when F is symmetric positive definite, else by LU.
-
-    Symmetry is judged to ``SYMMETRY_TOL`` eps relative (BFGS-updated factors are symmetric
-    only to rounding); the Cholesky inverse inv(L)^T inv(L) of the symmetrised factor is exactly
-    symmetric. A factor with NaN/Inf raises ``ValueError``; a zero or singular one
-    ``numpy.linalg.LinAlgError`` ("... is singular; add damping"), on NumPy and on CuPy alike
-    (CuPy's linear algebra does not raise: see :func:`_cholesky_attempt` for how a failed
-    factorisation is recognised instead).
-
-    Host syncs: ONE for a symmetric positive definite factor (every check of the Cholesky route
-    is combined into one device integer, read once), two when it falls back to LU (the LU
-    inverse's finiteness is read too). Callers cache the result; :func:`factor_inverses` reads
-    the statuses of many factors with one sync.
+    kbfgs.md pitfall 19: entries of EMA'd factors that decay (e.g. rows of dead ReLU units)
+    drift into the subnormal range, where x86 arithmetic is many times slower; the official
+    K-FAC doubles its epoch time on CPU after epoch 11 because of it.
     """
-    return factor_inverses([F], [name])[0]
+    xp = array_module(a)
+    tiny = numpy.finfo(a.dtype).tiny
+    xp.copyto(a, 0, where=xp.abs(a) < tiny)
+    return a
 
 
-def factor_inverses(factors, names=None) -> list:
-    """[inv(F) for F in factors] as :func:`factor_inverse` computes them, with ONE host sync for
-    all the factors that are symmetric positive definite (plus one per factor that needs LU)."""
-    factors = list(factors)
-    names = list(names) if names is not None else [f"factor {k}" for k in range(len(factors))]
-    if not factors:
-        return []
-    for F, name in zip(factors, names):
-        _check_square(F, name)
-    xp = array_module(*factors)
-    attempts = [_cholesky_attempt(F) for F in factors]
-    statuses = to_host(xp.stack([status for _, status in attempts])).tolist()  # the one host sync
-    return [_finish_inverse(F, inv, status, name) for F, (inv, _), status, name in zip(factors, attempts, statuses, names)]
+def row_means(capture, batch_size: int):
+    """(mean_rows(z), mean_rows(g)) of a capture taken with unscaled rows (``per_example=False``).
+
+    The rows hold dL/dz (Dense: N rows) or sqrt(L) dL/dz (Conv2d: N L rows), and g = N dL/dz,
+    so mean_rows(g) = (N / rows) sum_rows: the per-example scale is applied to the d_out sums,
+    not to the rows (K-BFGS's second pass, kbfgs.md section 4.3 (c)).
+    """
+    rows = capture.z.shape[0]
+    g_sum = capture.g.sum(axis=0)
+    if rows != batch_size:
+        g_sum *= batch_size / rows
+    return capture.z.sum(axis=0) / rows, g_sum
+
+
+def secant_pair(layer, old: KronFactors, z_mean_new, g_mean_new, rows: int, batch_size: int):
+    """(s, y, g_ref): the pre-activation-side pair of K-BFGS between two passes of one batch.
+
+    s = mean_rows(z) - mean_rows(z+), y = mean_rows(g) - mean_rows(g+) (old minus new, kbfgs.md
+    section 4.3 (d)) and g_ref = mean_rows(g) for the skip rule. For a ``spatial`` layer
+    (Conv2d, KF-QN-CNN) y and g_ref are scaled by sqrt(L), L = ``layer.locations(rows,
+    batch_size)``: y = sum_t mean_n dDs_t matches G = E_n sum_t Ds Ds^T (kbfgs.md section 4.3).
+    """
+    y = old.g_mean - g_mean_new
+    g_ref = old.g_mean
+    if layer.spatial:
+        root_l = math.sqrt(layer.locations(rows, batch_size))
+        y *= root_l
+        g_ref = root_l * g_ref
+    return old.z_mean - z_mean_new, y, g_ref
+
+
+#: the floating-point orders of a block product L M R (see the module docstring)
+BLOCK_ORDERS = ("left_first", "right_first")
+
+
+def _is_array(f) -> bool:
+    return hasattr(f, "ndim")
+
+
+def _dense(f):
+    """A factor as a matrix (a linear-operator factor densified)."""
+    return f if _is_array(f) else f.dense()
+
+
+def _left_apply(left, X):
+    return left @ X if _is_array(left) else left.apply(X)
+
+
+def block_product(left, M, right, order: str = "left_first"):
+    """L M R in the given order: (L M) R ("left_first") or L (M R) ("right_first")."""
+    if order == "left_first":
+        return _left_apply(left, M) @ right
+    return _left_apply(left, M @ right)
 
 
 class KroneckerBlockOperator(CurvatureOperator):
     """Block-diagonal Kronecker-factored curvature on the flat parameter vector.
 
     ``blocks``: ``{layer_index: (left, right)}`` or a list of ``(layer_index, left, right)``,
-    with left d_out x d_out and right (d_in + 1) x (d_in + 1) for a Dense layer (the shapes of
+    with left d_out x d_out and right (d_in + 1) x (d_in + 1) for a Kronecker layer (the shapes of
     ``layer.to_matrix``). Block l maps the layer's homogeneous matrix M to left @ M @ right
     (curvature factors) or, with ``inverse=True``, the factors are the inverse factors and the
-    block is inv(left) @ M @ inv(right) (see the module docstring).
+    block is inv(left) @ M @ inv(right) (see the module docstring). With ``inverse=True`` the left
+    factor may be a linear operator (``shape``, ``dtype``, ``apply(X)``, ``dense()``).
 
     ``damping`` (curvature factors only) is added to both factors: (left + d I), (right + d I);
     K-FAC with damping lambda uses d = sqrt(lambda) (kbfgs.md section 5).
     ``missing``: what to do with parameters of layers without a block: "raise" (default) or
     "identity" (they pass through unchanged in both ``matvec`` and ``solve``).
+    ``order``: "left_first" (L M) R or "right_first" L (M R), the floating-point order of every
+    block product (:func:`block_product`).
 
     Factors are held by reference when no damping is added (a solver may update them in place
-    and call :meth:`clear_cache`). Multiplying by the stored factors costs two GEMMs per layer
-    and never synchronises with the host; inverses of the stored factors are computed on first
-    use (or by :meth:`precompute_inverses`) and cached.
+    and call :meth:`clear_cache`). Building the operator and multiplying by the stored factors
+    (two GEMMs per layer) never synchronise with the host, so a solver builds one per step from
+    its state; inverses of the stored factors are computed on first use (or by
+    :meth:`precompute_inverses`) and cached.
     """
 
-    def __init__(self, model, blocks, damping: float = 0.0, inverse: bool = False, missing: str = "raise"):
+    def __init__(self, model, blocks, damping: float = 0.0, inverse: bool = False, missing: str = "raise",
+                 order: str = "left_first"):
         if missing not in ("raise", "identity"):
             raise ValueError(f"missing must be 'raise' or 'identity', got {missing!r}")
+        if order not in BLOCK_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(BLOCK_ORDERS)}, got {order!r}")
         if inverse and damping:
             raise ValueError("damping applies to curvature factors; add it before inverting (inverse=True takes the inverse factors as they are)")
         if isinstance(blocks, dict):
@@ -284,35 +270,21 @@ class KroneckerBlockOperator(CurvatureOperator):
             items = [(int(b[0]), b[1], b[2]) for b in blocks]
         if not items:
             raise ValueError("KroneckerBlockOperator needs at least one block")
-        seen = set()
-        arrays = [a for _, l, r in items for a in (l, r)]
+        arrays = [f for _, l, r in items for f in (l, r) if _is_array(f)]
+        if not inverse and len(arrays) < 2 * len(items):
+            raise TypeError("curvature factors must be arrays; a linear-operator factor is an inverse factor (inverse=True)")
         xp = array_module(*arrays)
-        dtype = numpy.result_type(*[a.dtype for a in arrays])
+        dtype = numpy.result_type(*[f.dtype for _, l, r in items for f in (l, r)])
         if dtype.kind != "f":
             raise TypeError(f"Kronecker factors must be real float arrays, got {dtype}")
         self.model = model
         self.inverse = bool(inverse)
         self.damping = float(damping)
         self.missing = missing
+        self.order = order
         self.factors: dict[int, tuple] = {}
         for li, left, right in items:
-            if not 0 <= li < len(model.layers):
-                raise ValueError(f"block for layer {li}, but {model.name} has layers 0..{len(model.layers) - 1}")
-            if li in seen:
-                raise ValueError(f"two blocks given for layer {li}")
-            seen.add(li)
-            layer = model.layers[li]
-            if not layer.kronecker:
-                raise ValueError(f"layer {li} ({layer!r}) has no Kronecker view; give blocks only for {model.kron_layers}")
-            m_shape = self._matrix_shape(li, xp, dtype)
-            if tuple(left.shape) != (m_shape[0],) * 2 or tuple(right.shape) != (m_shape[1],) * 2:
-                raise ValueError(f"layer {li} ({layer!r}) needs factors of shapes {(m_shape[0],) * 2} and {(m_shape[1],) * 2}, got {tuple(left.shape)} and {tuple(right.shape)}")
-            left = xp.asarray(left, dtype=dtype)
-            right = xp.asarray(right, dtype=dtype)
-            if self.damping:
-                left = left + self.damping * xp.eye(left.shape[0], dtype=dtype)
-                right = right + self.damping * xp.eye(right.shape[0], dtype=dtype)
-            self.factors[li] = (left, right)
+            self.factors[li] = self._checked_block(li, left, right, xp, dtype)
         for li, layer in enumerate(model.layers):
             if layer.param_shapes() and li not in self.factors and missing == "raise":
                 raise ValueError(f"layer {li} ({layer!r}) has parameters but no block; give one or pass missing='identity'")
@@ -320,11 +292,32 @@ class KroneckerBlockOperator(CurvatureOperator):
         self._symmetric = None
         super().__init__(model.n_params, dtype, xp)
 
+    def _checked_block(self, li, left, right, xp, dtype):
+        """(left, right) of layer ``li`` after the checks, on ``xp`` in ``dtype``, damped."""
+        model = self.model
+        if not 0 <= li < len(model.layers):
+            raise ValueError(f"block for layer {li}, but {model.name} has layers 0..{len(model.layers) - 1}")
+        if li in self.factors:
+            raise ValueError(f"two blocks given for layer {li}")
+        layer = model.layers[li]
+        if not layer.kronecker:
+            raise ValueError(f"layer {li} ({layer!r}) has no Kronecker view; give blocks only for {model.kron_layers}")
+        rows, cols = layer.d_out, layer.d_in + 1  # the shape of layer.to_matrix (KroneckerLayer)
+        if tuple(left.shape) != (rows, rows) or tuple(right.shape) != (cols, cols):
+            raise ValueError(f"layer {li} ({layer!r}) needs factors of shapes {(rows, rows)} and {(cols, cols)}, "
+                             f"got {tuple(left.shape)} and {tuple(right.shape)}")
+        left = xp.asarray(left, dtype=dtype) if _is_array(left) else left
+        right = xp.asarray(right, dtype=dtype)
+        if self.damping:
+            left = left + self.damping * xp.eye(left.shape[0], dtype=dtype)
+            right = right + self.damping * xp.eye(right.shape[0], dtype=dtype)
+        return left, right
+
     @property
     def symmetric(self) -> bool:
         """All factors symmetric (to 1e3 eps relative); checked on first use (a host sync), cached."""
         if self._symmetric is None:
-            flags = [_symmetry_flag(f) for lr in self.factors.values() for f in lr]
+            flags = [symmetry_flag(_dense(f)) for lr in self.factors.values() for f in lr]
             self._symmetric = bool(self.xp.stack(flags).all())  # one host sync for all the factors
         return self._symmetric
 
@@ -335,19 +328,15 @@ class KroneckerBlockOperator(CurvatureOperator):
 
     # --- construction helpers -----------------------------------------------------------
     @classmethod
-    def from_inverse_factors(cls, model, blocks, missing: str = "raise"):
-        """The operator whose blocks are inv(H_g) (x) inv(H_a), given (H_g, H_a) (K-BFGS)."""
-        return cls(model, blocks, inverse=True, missing=missing)
+    def from_inverse_factors(cls, model, blocks, missing: str = "raise", order: str = "left_first"):
+        """The operator whose blocks are inv(H_g) (x) inv(H_a), given (H_g, H_a) (K-BFGS; K-FAC's
+        cached damped inverses): ``solve`` applies H_g M H_a in the given ``order``."""
+        return cls(model, blocks, inverse=True, missing=missing, order=order)
 
     @classmethod
     def from_kron_factors(cls, model, factors, damping: float = 0.0, missing: str = "raise"):
         """K-FAC's operator (G + d I) (x) (A + d I) from :func:`kron_factors` output."""
         return cls(model, {f.layer: (f.G, f.A) for f in factors}, damping=damping, missing=missing)
-
-    def _matrix_shape(self, li, xp, dtype):
-        layer = self.model.layers[li]
-        zeros = [xp.zeros(s, dtype=dtype) for s in layer.param_shapes()]
-        return tuple(layer.to_matrix(zeros).shape)
 
     def precompute_inverses(self):
         """Factorise every block now (otherwise done on first use and cached); returns self."""
@@ -360,7 +349,7 @@ class KroneckerBlockOperator(CurvatureOperator):
         todo = [li for li in self.factors if li not in self._inverses]
         if not todo:
             return
-        mats = [f for li in todo for f in self.factors[li]]
+        mats = [_dense(f) for li in todo for f in self.factors[li]]
         names = [f"{side} factor of layer {li}" for li in todo for side in ("left", "right")]
         invs = factor_inverses(mats, names)
         for k, li in enumerate(todo):
@@ -372,6 +361,29 @@ class KroneckerBlockOperator(CurvatureOperator):
         return self._inverses[li]
 
     # --- block application --------------------------------------------------------------
+    def _block(self, li, M, invert: bool, transpose: bool = False):
+        """Block ``li`` of C (``invert`` false) or of C^{-1} applied to the homogeneous matrix M."""
+        # matvec multiplies by the stored factors unless they are inverse factors; solve
+        # multiplies by their inverses unless they are inverse factors.
+        use_inverse = invert != self.inverse
+        left, right = self._inverse_factors(li) if use_inverse else self.factors[li]
+        if transpose:
+            left, right = _dense(left).T, right.T
+        return block_product(left, M, right, self.order)
+
+    def solve_blocks(self, params_list):
+        """Per block, in the order the blocks were given: (layer index, C_l^{-1} M_l), with M_l
+        the homogeneous matrix of the layer's entries of ``params_list`` (e.g. the momentum).
+
+        The matrices are fresh arrays, so a solver may scale them in place before applying them
+        (``layer.from_matrix`` splits one into parameter-shaped views); parameters without a block
+        are not visited.
+        """
+        model = self.model
+        for li in self.factors:
+            M = model.layers[li].to_matrix(model.layer_params(params_list, li))
+            yield li, self._block(li, M, invert=True)
+
     def _blockwise(self, params_list, invert: bool, transpose: bool = False) -> list:
         model = self.model
         if len(params_list) != len(model.shapes):
@@ -386,14 +398,7 @@ class KroneckerBlockOperator(CurvatureOperator):
             if li not in self.factors:
                 out[start:start + n_p] = [p.copy() for p in ps]
                 continue
-            # matvec multiplies by the stored factors unless they are inverse factors; solve
-            # multiplies by their inverses unless they are inverse factors.
-            use_inverse = invert != self.inverse
-            left, right = self._inverse_factors(li) if use_inverse else self.factors[li]
-            if transpose:
-                left, right = left.T, right.T
-            M = layer.to_matrix(ps)
-            out[start:start + n_p] = layer.from_matrix(left @ M @ right)
+            out[start:start + n_p] = layer.from_matrix(self._block(li, layer.to_matrix(ps), invert, transpose))
         return out
 
     def apply_to_params(self, params_list) -> list:

@@ -17,7 +17,7 @@ import pytest
 from engine.model import Model
 from nets import mlp
 from solvers import make_solver
-from solvers._factors import flush_subnormals_
+from engine.curvature.kronecker import flush_subnormals_
 from tests.solvers.common import Tol, host_float, on, to_np, twin
 
 

@@ -1,11 +1,11 @@
-"""solvers._kernels: the fused in-place factor updates equal their array expressions, and numba
+"""engine.curvature.kernels: the fused in-place factor updates equal their array expressions, and numba
 only ever sees host arrays (on a device the array expressions run instead)."""
 
 import numpy
 import pytest
 
-import solvers._kernels as kernels
-from solvers._kernels import scaled_ema_, symmetric_rank2_update_
+import engine.curvature.kernels as kernels
+from engine.curvature.kernels import scaled_ema_, symmetric_rank2_update_
 from tests.solvers.common import to_np, twinned
 
 

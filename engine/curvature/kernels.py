@@ -1,4 +1,5 @@
-"""Fused in-place kernels for the O(d^2) factor updates of K-BFGS on the CPU.
+"""Fused in-place kernels for the O(d^2) Kronecker-factor updates on the CPU (the EMA of A, the
+symmetric rank-2 BFGS update of H_a and H_g).
 
 NumPy evaluates ``H += U @ V.T`` or ``A = decay A + w B`` as several passes over d x d arrays
 (temporaries, then adds); on the MNIST autoencoder those passes are ~10% of a K-BFGS iteration.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import numpy
 
-from engine.backend import array_module
+from ..backend import array_module
 
 __all__ = ["symmetric_rank2_update_", "scaled_ema_"]
 

@@ -1,0 +1,195 @@
+"""The Kronecker-factored solvers' shared base: K-FAC, K-BFGS and K-BFGS(L) (DESIGN.md convention 5).
+
+What the three share, as the K-BFGS reference code runs them (kbfgs.md sections 4.2, 4.7 and 6):
+
+* the Kronecker layers (:class:`engine.layers.KroneckerLayer`: Dense, Conv2d), which of them are
+  ``spatial`` (Conv2d: one row per example and location), and the parameters outside them;
+* the state record: ``k``, ``warm_started``, the flat momentum ``m`` and per Kronecker layer the
+  factor arrays, under keys built by :func:`layer_key` alone (``layer{i}/{name}``);
+* the warm start: per-layer statistics of one pass over the data at the initial weights,
+  averaged over the batches (A for K-BFGS; A and G for K-FAC), subnormals flushed (pitfall 19);
+* the EMA momentum m <- rho m + (1 - rho) g, no bias correction (section 4.7);
+* the step through the curvature-operator interface: the subclass builds, from its state, the
+  :class:`engine.curvature.KroneckerBlockOperator` of its inverse factors (:meth:`step_factors`,
+  in its floating-point ``block_order``), whose :meth:`~engine.curvature.KroneckerBlockOperator.
+  solve_blocks` gives per layer P = C_l^{-1} M^ of the momentum M^ = [m_W | m_b]; then
+  W~ <- W~ - alpha P, and theta <- theta - alpha m for the parameters of no Kronecker layer.
+
+The factor statistics, their EMAs and the convolution scaling live with the factors in
+:mod:`engine.curvature.kronecker`; nothing is kept on the solver object between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from engine.backend import array_module
+from engine.curvature.kronecker import KroneckerBlockOperator, flush_subnormals_
+from engine.layers import KroneckerLayer
+
+from .base import Solver
+
+__all__ = ["KroneckerSolver", "layer_key", "kron_layers", "check_real_params"]
+
+
+def layer_key(layer: int, name: str) -> str:
+    """The state key of a per-layer entry, ``layer{i}/{name}``: the one place such keys are built.
+
+    ``layer_key(3, "H_g") == "layer3/H_g"``; a name ending in "/" gives a prefix (K-BFGS(L)'s
+    ``layer{i}/lbfgs/`` fields).
+    """
+    return f"layer{layer}/{name}"
+
+
+def check_real_params(name: str, params) -> None:
+    if not params or params[0].dtype.kind != "f":
+        kind = params[0].dtype if params else "no parameters"
+        raise TypeError(f"{name} trains real float32/float64 parameters, got {kind}; complex parameters are for curvature passes")
+
+
+def kron_layers(name: str, model) -> list[int]:
+    """Indices of the model's Kronecker layers, each a :class:`engine.layers.KroneckerLayer` (Dense, Conv2d).
+
+    Every such layer exposes the same Kronecker view (``d_in``, ``d_out``, ``kron_rows``,
+    ``to_matrix``, ``from_matrix``), so factors are sized (d_in + 1)^2 and d_out^2 for any: for
+    Conv2d d_in = C_in kh kw (a patch) and d_out = C_out, with one row per (example, location)
+    (KFC, Grosse & Martens 2016; :class:`engine.conv.Conv2d`).
+    """
+    layers = model.kron_layers
+    if not layers:
+        raise ValueError(f"{name} needs a model with Dense layers or Conv2d layers; {model.name} has none")
+    other = [i for i in layers if not isinstance(model.layers[i], KroneckerLayer)]
+    if other:
+        raise ValueError(f"{name} has Kronecker factors for KroneckerLayer kinds, i.e. Dense and Conv2d layers only; layer {other[0]} "
+                         f"({model.layers[other[0]]!r}) claims a Kronecker view without that contract; use a solver without "
+                         "Kronecker factors for it")
+    return layers
+
+
+class KroneckerSolver(Solver):
+    """Base of K-FAC, K-BFGS and K-BFGS(L); subclasses give the per-layer factors and the step.
+
+    Subclass hooks: :meth:`init_layer` (the per-layer state entries), :meth:`batch_statistics`
+    (one warm-start batch), :meth:`step_factors` (the inverse-factor pair of a block) and
+    ``block_order``. Hyper-parameters every subclass declares: ``lr``, ``damping``,
+    ``momentum``, ``flush_subnormals``.
+    """
+
+    needs_warm_start = True
+    reference_draws_per_batch = 1
+    #: the floating-point order of the step's block products (KroneckerBlockOperator ``order``)
+    block_order: ClassVar[str] = "left_first"
+    #: ``step_norm`` from the step alpha P itself (K-BFGS), or alpha times the norm of P (K-FAC)
+    norm_of_scaled_step: ClassVar[bool] = True
+
+    def __init__(self, model, **hyper):
+        super().__init__(model, **hyper)
+        self.kron = kron_layers(self.name, model)
+        self.spatial = {i for i in self.kron if model.layers[i].spatial}
+        self.sqrt_damping = math.sqrt(self.damping)
+        kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(len(model.layers[i].param_shapes()))}
+        self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
+
+    # --- hooks --------------------------------------------------------------------------------
+    def init_layer(self, layer, xp, dtype) -> dict:
+        """The initial per-layer state entries ``{name: array}`` of a Kronecker layer."""
+        raise NotImplementedError
+
+    def global_state(self) -> dict:
+        """State entries beside ``k``, ``warm_started`` and ``m`` (none by default)."""
+        return {}
+
+    def batch_statistics(self, params, x) -> list[dict]:
+        """Per Kronecker layer, ``{state name: statistic}`` of one warm-start batch."""
+        raise NotImplementedError
+
+    def step_factors(self, state, i) -> tuple:
+        """(left, right) inverse factors of layer ``i``'s block: the step is left M^ right."""
+        raise NotImplementedError
+
+    # --- contract -----------------------------------------------------------------------------
+    def init(self, params) -> dict:
+        check_real_params(self.name, params)
+        xp = array_module(*params)
+        dtype = params[0].dtype
+        state = {"k": 0, "warm_started": False, "m": xp.zeros(self.model.n_params, dtype=dtype), **self.global_state()}
+        for i in self.kron:
+            for name, value in self.init_layer(self.model.layers[i], xp, dtype).items():
+                state[layer_key(i, name)] = value
+        return state
+
+    def warm_start(self, params, state, batches) -> dict:
+        """Per-layer statistics averaged over one pass over the data at the initial weights (kbfgs.md
+        section 4.2; section 6 for K-FAC). ``batches`` yields (x, y) pairs covering one epoch."""
+        return self.average_statistics(params, state, batches, self.batch_statistics)
+
+    def average_statistics(self, params, state, batches, statistics) -> dict:
+        """state[layer i / name] <- mean over ``batches`` of ``statistics(params, x)``, flushed."""
+        sums, count = None, 0
+        for x, _ in batches:
+            stats = statistics(params, x)
+            if sums is None:
+                sums = stats
+            else:
+                for acc, new in zip(sums, stats):
+                    for name in acc:
+                        acc[name] += new[name]
+            count += 1
+        if count == 0:
+            raise ValueError(f"{self.name}.warm_start got no batches; pass one epoch of (x, y) minibatches")
+        for i, acc in zip(self.kron, sums):
+            for name, F in acc.items():
+                F /= count
+                if self.flush_subnormals:
+                    flush_subnormals_(F)
+                key = layer_key(i, name)
+                state[key] = F.astype(state[key].dtype, copy=False)
+        state["warm_started"] = True
+        return state
+
+    # --- the shared pieces of a step ------------------------------------------------------------
+    def momentum_(self, state, grads):
+        """m <- rho m + (1 - rho) g in place (the gradient arrays, this step's own, are scaled in
+        place); returns (parameter-shaped views of m, ||g||^2 as a 0-d array)."""
+        m = state["m"]
+        xp = array_module(m)
+        m_views = self.model.unflatten(m)
+        rho = self.momentum
+        grad_sq = 0
+        for mv, g in zip(m_views, grads):
+            gf = g.reshape(-1)
+            grad_sq = grad_sq + xp.dot(gf, gf)
+            mv *= rho
+            g *= 1 - rho
+            mv += g
+        return m_views, grad_sq
+
+    def step_operator(self, state) -> KroneckerBlockOperator:
+        """The block operator whose ``solve`` is the step's preconditioner: per Kronecker layer the
+        pair :meth:`step_factors` as inverse factors, in ``block_order``; other parameters pass."""
+        blocks = {i: self.step_factors(state, i) for i in self.kron}
+        return KroneckerBlockOperator.from_inverse_factors(self.model, blocks, missing="identity", order=self.block_order)
+
+    def apply_step_(self, params, m_views, operator):
+        """theta <- theta - alpha P on every block (P from ``operator.solve_blocks`` of the momentum)
+        and theta <- theta - alpha m elsewhere, in place; returns ||theta_new - theta|| (0-d)."""
+        model = self.model
+        xp = array_module(*params)
+        lr, scaled = self.lr, self.norm_of_scaled_step
+        step_sq = 0
+        for i, P in operator.solve_blocks(m_views):
+            if scaled:
+                P *= lr
+            Pf = P.reshape(-1)
+            step_sq = step_sq + xp.dot(Pf, Pf)
+            if not scaled:
+                P *= lr
+            for p, dp in zip(model.layer_params(params, i), model.layers[i].from_matrix(P)):
+                p -= dp
+        for j in self.other_params:
+            params[j] -= lr * m_views[j]
+            mm = (m_views[j] * m_views[j]).sum()
+            step_sq = step_sq + (lr * lr * mm if scaled else mm)
+        norm = xp.sqrt(step_sq)
+        return norm if scaled else lr * norm
