@@ -5,7 +5,8 @@ import pytest
 
 from engine.backend import to_host
 from engine.gradcheck import layer_directional_errors
-from engine.layers import Dense, Identity, ReLU, Sigmoid, Tanh, activation
+from engine.conv import Conv2d
+from engine.layers import Dense, Identity, KroneckerLayer, Layer, ReLU, Sigmoid, Tanh, activation
 
 
 def _layer_cases():
@@ -90,9 +91,6 @@ def test_real_mode_dtype_preserved(dtype):
 
 def test_the_layer_contract_is_an_abstract_base():
     """Layer declares forward/backward/jvp/backward_rop; a layer missing one cannot be built."""
-    from engine.conv import Conv2d
-    from engine.layers import KroneckerLayer, Layer
-
     class ForwardOnly(Layer):
         def forward(self, params, x):
             return x, None

@@ -5,6 +5,8 @@ import pytest
 
 from engine.backend import to_host
 from engine.curvature import KronFactors, KroneckerBlockOperator, factor_inverse, factor_inverses, homogeneous, kron_factors
+from engine.curvature.kronecker import (block_product, ema_, ema_homogeneous_second_moment_, flush_subnormals_, row_means,
+                                        secant_pair)
 from nets import mlp
 from tests.device_counts import device_work
 
@@ -300,3 +302,77 @@ def test_factor_inverse_syncs_once(xp):
         op.solve(v), op.matvec(v)
         assert op.symmetric
     assert work.n_syncs == 1, str(work)  # the symmetry flag of all the factors, read once
+
+
+class _LeftOperator:
+    """A linear operator standing in for a left inverse factor (as K-BFGS(L)'s L-BFGS H_g)."""
+
+    def __init__(self, H):
+        self.H = H
+        self.shape, self.dtype = H.shape, H.dtype
+        self.applied = 0
+
+    def apply(self, X):
+        self.applied += 1
+        return self.H @ X
+
+    def dense(self):
+        return self.H.copy()
+
+
+def test_block_orders_operator_factors_and_solve_blocks(xp):
+    """``order`` fixes the floating-point order of every block product, a left inverse factor may
+    be an operator, and ``solve_blocks`` yields exactly the matrices ``solve_params`` splits."""
+    model = small_model()
+    rng = numpy.random.default_rng(11)
+    blocks = random_blocks(model, xp, rng, spd=True)
+    m = model.unflatten(xp.asarray(rng.standard_normal(model.n_params)))
+    for order in ("left_first", "right_first"):
+        op = KroneckerBlockOperator.from_inverse_factors(model, blocks, order=order)
+        got = dict(op.solve_blocks(m))
+        assert list(got) == list(blocks)
+        for li, (left, right) in blocks.items():
+            M = model.layers[li].to_matrix(model.layer_params(m, li))
+            want = (left @ M) @ right if order == "left_first" else left @ (M @ right)
+            assert numpy.array_equal(to_host(got[li]), to_host(want))
+            assert numpy.array_equal(to_host(block_product(left, M, right, order)), to_host(want))
+        flat = to_host(model.flatten(op.solve_params(m)))
+        assert numpy.array_equal(flat, to_host(op.solve(model.flatten(m))))
+        # an operator on the left: the same products, and the dense factor where an inverse is needed
+        lops = {li: (_LeftOperator(left), right) for li, (left, right) in blocks.items()}
+        op2 = KroneckerBlockOperator.from_inverse_factors(model, lops, order=order)
+        assert numpy.array_equal(to_host(op2.solve(model.flatten(m))), flat)
+        assert all(lo.applied == 1 for lo, _ in lops.values())
+        v = xp.asarray(rng.standard_normal(model.n_params))
+        numpy.testing.assert_allclose(to_host(op2.matvec(v)), to_host(op.matvec(v)), rtol=1e-13, atol=1e-15)
+        numpy.testing.assert_allclose(to_host(op2.rmatvec(v)), to_host(op.rmatvec(v)), rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="order must be one of"):
+        KroneckerBlockOperator.from_inverse_factors(model, blocks, order="middle")
+    with pytest.raises(TypeError, match="linear-operator factor is an inverse factor"):
+        KroneckerBlockOperator(model, {li: (_LeftOperator(l), r) for li, (l, r) in blocks.items()})
+
+
+def test_factor_emas_and_the_secant_pair(xp):
+    """The fused EMA of A equals the EMA of kron_factors' A; row_means of unscaled rows equal the
+    per-example means; the secant pair is old minus new (Dense: no scaling)."""
+    model = small_model("half_mse")
+    params = model.init(seed=6, xp=xp)
+    x, y = batch(model, xp, n=9)
+    _, _, caps = model.loss_and_grad(params, x, y, regularized=False, capture=True)
+    f = kron_factors(caps)[0]
+    A0 = xp.asarray(random_spd(numpy.random.default_rng(1), f.A.shape[0]))
+    A = ema_homogeneous_second_moment_(A0.copy(), caps[0].a, 0.9)
+    numpy.testing.assert_allclose(to_host(A), to_host(ema_(A0.copy(), f.A, 0.9)), rtol=1e-14, atol=1e-15)
+    assert numpy.array_equal(to_host(A), to_host(A).T)
+    fwd = model.forward_pass(params, x, kron_outputs=True)
+    _, dout = model.loss_fn.value_and_grad(fwd.out, y)
+    raw = model.backward(params, fwd, dout, param_grads=False, capture=True, per_example=False).captures
+    for c, ref in zip(raw, kron_factors(caps, which="means")):
+        z_mean, g_mean = row_means(c, 9)
+        numpy.testing.assert_allclose(to_host(z_mean), to_host(ref.z_mean), rtol=1e-14, atol=1e-16)
+        numpy.testing.assert_allclose(to_host(g_mean), to_host(ref.g_mean), rtol=1e-13, atol=1e-16)
+        s, yv, g_ref = secant_pair(model.layers[c.layer], ref, 0 * z_mean, 0 * g_mean, 9, 9)
+        assert numpy.array_equal(to_host(s), to_host(ref.z_mean)) and numpy.array_equal(to_host(yv), to_host(ref.g_mean))
+        assert g_ref is ref.g_mean
+    tiny = numpy.finfo(numpy.float64).tiny
+    assert to_host(flush_subnormals_(xp.asarray([tiny / 4, tiny, -tiny / 2, 1.0]))).tolist() == [0.0, tiny, 0.0, 1.0]
