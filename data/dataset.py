@@ -101,7 +101,9 @@ class Dataset:
     """Train and test arrays of one data set, plus where they came from.
 
     ``x_*`` are real float arrays ``(N, features...)`` with the same feature shape; ``y_*`` are
-    int64 labels ``(N,)`` or ``None`` for an autoencoder set (target = input). ``substitute`` is
+    int64 labels ``(N,)`` with ``n_classes`` (a classification set), real float targets
+    ``(N, outputs...)`` with no ``n_classes`` (a regression set), or ``None`` for an autoencoder
+    set (target = input). ``substitute`` is
     True for sets regenerated from a published description rather than read from the original
     files: numbers obtained on them are not comparable with published ones.
     """
@@ -132,9 +134,12 @@ class Dataset:
                 raise DataError(f"{self.name}: n_classes={self.n_classes} given without labels; "
                                 "pass y_train and y_test")
             return
+        if self.is_regression:
+            self._check_regression_targets()
+            return
         if self.n_classes is None or self.n_classes < 2:
             raise DataError(f"{self.name}: a labelled set needs n_classes >= 2 (got {self.n_classes!r}); "
-                            "pass the number of classes")
+                            "pass the number of classes, or give float targets for regression")
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (len(x),):
                 got = f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray) else type(y).__name__
@@ -143,6 +148,19 @@ class Dataset:
             if y.min() < 0 or y.max() >= self.n_classes:
                 raise DataError(f"{self.name} y_{split}: labels span [{y.min()}, {y.max()}] outside "
                                 f"0..{self.n_classes - 1}; fix the labels or n_classes")
+
+    def _check_regression_targets(self) -> None:
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            check_array(y, f"{self.name} y_{split}")
+            if len(y) != len(x) or y.ndim < 1 or y.shape[1:] != self.y_train.shape[1:]:
+                raise DataError(f"{self.name} y_{split}: regression targets must be (N, outputs...) with N = {len(x)} "
+                                f"and the same output shape in both splits, got {y.shape}")
+
+    @property
+    def is_regression(self) -> bool:
+        """True for real-valued targets (a regression set)."""
+        return (self.n_classes is None and isinstance(self.y_train, np.ndarray)
+                and np.issubdtype(self.y_train.dtype, np.floating))
 
     @property
     def n_train(self) -> int:
@@ -175,7 +193,7 @@ class Dataset:
         return y
 
     def __repr__(self) -> str:
-        kind = "autoencoder" if self.is_autoencoder else f"{self.n_classes}-class"
+        kind = "autoencoder" if self.is_autoencoder else "regression" if self.is_regression else f"{self.n_classes}-class"
         tag = ", substitute" if self.substitute else ""
         return (f"Dataset({self.name!r}, {kind}, train {self.x_train.shape}, test {self.x_test.shape}, "
                 f"{self.x_train.dtype}{tag})")

@@ -205,6 +205,9 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN.h5", help="run files")
     p.add_argument("-o", "--output", required=True, metavar="FIG.png", help="image to write (format from the suffix)")
     p.add_argument("--title", default=None, help="figure title (default: network, data set, batch size, dtype)")
+    p.add_argument("--per-iteration", action="store_true",
+                   help="left panel: every step's minibatch loss against the iteration, with the epoch evaluations "
+                        "as markers (default: loss against epoch)")
     p.add_argument("--quiet", action="store_true", help="do not print the path written")
     p.set_defaults(func=commands.cmd_plot)
 

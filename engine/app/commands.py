@@ -76,7 +76,7 @@ def cmd_info(args) -> int:
 
 def cmd_plot(args) -> int:
     runs = load_for_plot(args.runs)
-    out = plot_runs(runs, args.output, args.title)
+    out = plot_runs(runs, args.output, args.title, per_iteration=args.per_iteration)
     if not args.quiet:
         print(f"wrote {out}")
     return 0

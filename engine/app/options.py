@@ -148,7 +148,9 @@ def check_dataset(name: str) -> str:
 def check_task(model, dataset) -> None:
     """A classifier needs labels and an autoencoder none: name the data set that fits, before any work."""
     classifier = model.loss_fn.classification
-    if classifier == (not dataset.is_autoencoder):
+    if classifier == (not dataset.is_autoencoder) and not (classifier and dataset.is_regression):
+        return
+    if not classifier and dataset.is_regression:
         return
     prefix = dataset.name.split("-")[0]
     fits = [n for n in sorted(data.DATASETS) if n.startswith(prefix) and ("classify" in n) == classifier]

@@ -38,52 +38,81 @@ def load_for_plot(paths):
     return runs
 
 
+#: run options that tell runs apart in a legend when they differ
+_OPTIONS = ("net", "dataset", "n_train_used", "batch_size", "dtype", "seed", "init", "order")
+
+
+def _differing(values) -> bool:
+    return len({json.dumps(v) for v in values}) > 1
+
+
 def run_labels(records) -> list[str]:
-    """Solver names, plus what tells runs of the same solver apart (differing hyper-parameters or
-    options), plus the file name when nothing does."""
+    """Solver names, plus every run option that differs between the runs (dtype, batch size,
+    seed...), plus the hyper-parameters that differ between runs of the same solver, plus the file
+    name when nothing tells two runs apart."""
     labels = []
-    options = ("net", "dataset", "n_train_used", "batch_size", "dtype", "seed", "init", "order")
+    common = [k for k in _OPTIONS if _differing(r.config.get(k) for r in records)]
     for r in records:
         same = [q for q in records if q.config["solver"] == r.config["solver"]]
-        label = r.config["solver"]
+        diff = [f"{k.removesuffix('_used')}={fmt_value(r.config.get(k))}" for k in common]
         if len(same) > 1:
-            diff = [f"{k}={fmt_value(v)}" for k, v in r.hyperparameters.items()
-                    if len({json.dumps(q.hyperparameters.get(k)) for q in same}) > 1]
-            diff += [f"{k.removesuffix('_used')}={fmt_value(r.config.get(k))}" for k in options
-                     if len({json.dumps(q.config.get(k)) for q in same}) > 1]
-            if diff:
-                label += " (" + ", ".join(diff) + ")"
-        labels.append(label)
+            diff += [f"{k}={fmt_value(v)}" for k, v in r.hyperparameters.items()
+                     if _differing(q.hyperparameters.get(k) for q in same)]
+        labels.append(r.config["solver"] + (" (" + ", ".join(diff) + ")" if diff else ""))
     if len(set(labels)) < len(labels):
         labels = [f"{lab} [{Path(r.path).stem}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, records)]
     return labels
 
 
-def plot_runs(records, out, title: str | None = None) -> Path:
-    """Training (solid) and test (dashed) loss against epoch and against training CPU time, log scale,
-    one colour per run, labelled by solver (plus what differs where a solver repeats)."""
+def _draw_run(ax_left, ax_t, r, colour: str, per_iteration: bool) -> None:
+    """One run: its losses against epoch (or, per iteration, the minibatch loss of every step with
+    the epoch evaluations as markers) on the left, against training CPU time on the right."""
+    ep = r.history["epochs"]
+    cpu = numpy.asarray(ep["cpu_time"], dtype=float)
+    x_left = numpy.asarray(ep["iterations" if per_iteration else "epoch"], dtype=float)
+    if per_iteration and r.history["steps"].get("loss"):
+        steps = r.history["steps"]
+        ax_left.plot(numpy.asarray(steps["iteration"], dtype=float), numpy.asarray(steps["loss"], dtype=float), "-",
+                     color=colour, lw=0.8, alpha=0.55)
+    for key, style in (("train_loss", "-"), ("test_loss", "--")):
+        if key in ep:
+            y = numpy.asarray(ep[key], dtype=float)
+            ax_left.plot(x_left, y, "o" if per_iteration else style, color=colour, markersize=3,
+                         **({} if per_iteration else {"marker": "o"}))
+            ax_t.plot(cpu, y, style, color=colour, marker="o", markersize=3)
+
+
+def _title(records) -> str:
+    nets_ = sorted({r.config["net"] for r in records})
+    sets = sorted({r.config["dataset"] for r in records})
+    sub = " (substitute data)" if any(r.config.get("dataset_substitute") for r in records) else ""
+    extras = [f"{name} {records[0].config[key]}" for key, name in (("batch_size", "batch"), ("dtype", ""))
+              if not _differing(str(r.config[key]) for r in records)]
+    return f"{', '.join(nets_)} on {', '.join(sets)}{sub}" + (": " + ", ".join(e.strip() for e in extras) if extras else "")
+
+
+def plot_runs(records, out, title: str | None = None, per_iteration: bool = False) -> Path:
+    """Training (solid) and test (dashed) loss, from epoch 0 (the initial point), against epoch and
+    against training CPU time, log scale, one colour per run, labelled by solver plus what differs.
+    ``per_iteration``: the left panel shows every step's minibatch loss against the iteration, with
+    the epoch evaluations as markers."""
     plt = pyplot()
     from matplotlib.lines import Line2D  # noqa: PLC0415 (matplotlib loads only when a figure is drawn)
     from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: PLC0415
     labels = run_labels(records)
-    fig, (ax_ep, ax_t) = plt.subplots(1, 2, figsize=(12, 5.2))
+    fig, (ax_left, ax_t) = plt.subplots(1, 2, figsize=(12, 5.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
     for k, (r, label) in enumerate(zip(records, labels)):
-        ep = r.history["epochs"]
         colour = colours[k % len(colours)]
-        epochs = numpy.asarray(ep["epoch"], dtype=float)
-        cpu = numpy.asarray(ep["cpu_time"], dtype=float)
-        for key, style in (("train_loss", "-"), ("test_loss", "--")):
-            if key in ep:
-                y = numpy.asarray(ep[key], dtype=float)
-                ax_ep.plot(epochs, y, style, color=colour, marker="o", markersize=3)
-                ax_t.plot(cpu, y, style, color=colour, marker="o", markersize=3)
+        _draw_run(ax_left, ax_t, r, colour, per_iteration)
         handles.append(Line2D([], [], color=colour, marker="o", markersize=4, label=label))
     handles += [Line2D([], [], color="0.3", linestyle="-", label="train"),
                 Line2D([], [], color="0.3", linestyle="--", label="test")]
+    if per_iteration:
+        handles.append(Line2D([], [], color="0.3", lw=0.8, alpha=0.55, label="minibatch (each step)"))
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    for ax, xlabel in ((ax_ep, "epoch"), (ax_t, "training CPU time (s)")):
+    for ax, xlabel in ((ax_left, "iteration" if per_iteration else "epoch"), (ax_t, "training CPU time (s)")):
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
@@ -91,17 +120,10 @@ def plot_runs(records, out, title: str | None = None) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (incl. 0.5 tau ||theta||^2)")
         ax.grid(True, which="both", alpha=0.3)
-    ax_ep.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_ep.set_title("loss against epoch", fontsize=10)
+    ax_left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_left.set_title("loss against iteration" if per_iteration else "loss against epoch", fontsize=10)
     ax_t.set_title("loss against training CPU time", fontsize=10)
-    if title is None:
-        nets_ = sorted({r.config["net"] for r in records})
-        sets = sorted({r.config["dataset"] for r in records})
-        sub = " (substitute data)" if any(r.config.get("dataset_substitute") for r in records) else ""
-        extras = [f"{name} {records[0].config[key]}" for key, name in (("batch_size", "batch"), ("dtype", ""))
-                  if len({str(r.config[key]) for r in records}) == 1]
-        title = f"{', '.join(nets_)} on {', '.join(sets)}{sub}" + (": " + ", ".join(e.strip() for e in extras) if extras else "")
-    fig.suptitle(title)
+    fig.suptitle(title if title is not None else _title(records))
     ncol = min(len(handles), 4)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     rows = -(-len(handles) // ncol)

@@ -107,6 +107,12 @@ class Progress:
             self.bar = None
         if self.mode == "none":
             return
+        if row["epoch"] == 0:
+            parts = [f"{self.label}initial point"]
+            parts += [f"{k.replace('_', ' ')} {row[k]:.6g}" for k in ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
+                      if k in row and row[k] == row[k]]
+            print("  ".join(parts), file=self.stream, flush=True)
+            return
         parts = [f"{self.label}epoch {row['epoch']}{self._target(trainer, epochs)}", f"iter {row['iterations']}"]
         for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
             if key in row and row[key] == row[key]:

@@ -5,7 +5,7 @@ It follows the K-BFGS reference protocol (docs/kbfgs.md sections 3.4-3.5):
 * minibatches are sequential slices of a per-epoch permutation (``data.BatchIterator``),
   remainder dropped; a solver with a warm start consumes one epoch of the iterator first, so it
   starts on a reshuffled order;
-* after every epoch the regularised loss (data loss + 0.5 tau ||theta||^2) is evaluated on the
+* before the first iteration (epoch 0: the initial point) and after every epoch the regularised loss (data loss + 0.5 tau ||theta||^2) is evaluated on the
   full training and test sets in chunks (1000 by default, remainder dropped) and averaged over
   chunks; classifiers also record accuracy;
 * two clocks are kept: process CPU time (the reference's time axis) and wall time, both
@@ -110,7 +110,7 @@ def evaluate(model, params, x, y, chunk: int = 1000, dtype=None) -> dict:
     losses, accs = [], []
     for c in range(n_chunks):
         xb = to_device(x[c * size:(c + 1) * size], xp, dtype=dtype)
-        yb = xb if y is None else to_device(y[c * size:(c + 1) * size], xp)
+        yb = xb if y is None else to_device(y[c * size:(c + 1) * size], xp, dtype=_target_dtype(y, dtype))
         out = model.predict(params, xb)
         losses.append(model.loss_fn.value(out, yb))
         if model.loss_fn.classification:
@@ -119,6 +119,11 @@ def evaluate(model, params, x, y, chunk: int = 1000, dtype=None) -> dict:
     if accs:
         result["accuracy"] = sum(accs) / n_chunks
     return host_scalars(result)
+
+
+def _target_dtype(y, dtype):
+    """Real regression targets take the run's dtype (float32 stays float32); labels keep theirs."""
+    return dtype if numpy.issubdtype(y.dtype, numpy.floating) else None
 
 
 class Trainer:
@@ -218,7 +223,7 @@ class Trainer:
         to the run's dtype, labels keep theirs); an autoencoder's target is the same array as its input."""
         xb = to_device(self.dataset.x_train[idx], self.xp, dtype=self.dtype)
         y = self.dataset.y_train
-        return xb, (xb if y is None else to_device(y[idx], self.xp))
+        return xb, (xb if y is None else to_device(y[idx], self.xp, dtype=_target_dtype(y, self.dtype)))
 
     def _warm_start_batches(self):
         for _ in range(self.iterator.batches_per_epoch):
@@ -247,6 +252,11 @@ class Trainer:
         """
         if epochs is None and max_time is None:
             raise ValueError("give a number of epochs or a time budget")
+        if self.iteration == 0 and not self.history.epochs:  # epoch 0: where the run starts from
+            row = {"epoch": 0, "iterations": 0, "cpu_time": 0.0, "wall_time": 0.0, **self.evaluate()}
+            self.history.add_epoch(row)
+            if on_epoch:
+                on_epoch(self, row)
         self.warm_start()
         per_epoch = self.iterator.batches_per_epoch
         while (epochs is None or self.epoch < epochs) and (max_time is None or self.cpu_time < max_time):

@@ -58,3 +58,17 @@ def test_load_dispatch():
         data.load("cifar")
     with pytest.raises(DataError, match="does not take those options"):
         data.load("curves", flatten=False)
+
+
+def test_float_targets_make_a_regression_set():
+    """Item 8 of the first-hour issue: data.Dataset refused float regression targets."""
+    rng = np.random.default_rng(0)
+    ds = Dataset("reg", rng.random((10, 3)), rng.random((4, 3)), y_train=rng.random((10, 2)), y_test=rng.random((4, 2)))
+    assert ds.is_regression and not ds.is_autoencoder and "regression" in repr(ds)
+    with pytest.raises(DataError, match="must be int64"):  # with n_classes, float targets are malformed labels
+        Dataset("reg", rng.random((10, 3)), rng.random((4, 3)), y_train=rng.random((10, 2)), y_test=rng.random((4, 2)),
+                n_classes=2)
+    with pytest.raises(DataError, match="same output shape"):
+        Dataset("reg", rng.random((10, 3)), rng.random((4, 3)), y_train=rng.random((10, 2)), y_test=rng.random((4, 3)))
+    with pytest.raises(DataError, match="NaN or Inf"):
+        Dataset("reg", rng.random((10, 3)), rng.random((4, 3)), y_train=np.full((10, 2), np.nan), y_test=rng.random((4, 2)))

@@ -406,9 +406,10 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
 def test_progress_lines_quiet_and_json(tmp_path, capsys):
     rc, out, err = _cstep(capsys, "train", *SMALL, "--solver", "sgd", "--epochs", 2, "--out", tmp_path / "a.h5")
     assert rc == 0
-    lines = err.strip().splitlines()  # not a terminal: one plain line per epoch
-    assert len(lines) == 2 and lines[0].startswith("epoch 1/2") and lines[1].startswith("epoch 2/2")
-    assert "train loss" in lines[1] and "test loss" in lines[1]
+    lines = err.strip().splitlines()  # not a terminal: the initial point, then one plain line per epoch
+    assert len(lines) == 3 and lines[0].startswith("initial point  train loss")
+    assert lines[1].startswith("epoch 1/2") and lines[2].startswith("epoch 2/2")
+    assert "train loss" in lines[2] and "test loss" in lines[2]
     assert "run file:" in out
 
     rc, out, err = _cstep(capsys, "train", *SMALL, "--solver", "sgd", "--epochs", 2, "--out", tmp_path / "b.h5", "--quiet")

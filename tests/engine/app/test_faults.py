@@ -72,8 +72,8 @@ def test_checkpoints_by_time(tmp_path, capsys):
         assert rc == 0, err
     often, epochs = load_run(tmp_path / "often.h5"), load_run(tmp_path / "epochs.h5")
     assert often.config["checkpoint_every_s"] == 1e-9
-    # the first, one per iteration, the epoch end and the final one; against the first, the epoch end and the final
-    assert often.progress["checkpoints"] == 3 + 6 and epochs.progress["checkpoints"] == 3
+    # the first, epoch 0's evaluation, one per iteration, the epoch end and the final one; against all but the iterations
+    assert often.progress["checkpoints"] == 4 + 6 and epochs.progress["checkpoints"] == 4
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -83,7 +83,7 @@ def test_a_signal_saves_a_checkpoint_at_the_next_iteration_and_resume_is_exact(s
     assert _cstep(capsys, "train", *common, "--epochs", 3, "--out", ref)[0] == 0
     run = tmp_path / "run.h5"
     proc, log = _start_child(["train", *common, "--epochs", 3, "--out", run], tmp_path, SLOW)
-    _wait_saved(proc, log, 2)  # the initial file and the end of epoch 1
+    _wait_saved(proc, log, 3)  # the initial file, epoch 0's evaluation and the end of epoch 1
     time.sleep(0.12)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == 128 + sig
@@ -207,7 +207,7 @@ def test_an_interrupted_comparison_is_finished_by_compare_resume(tmp_path, capsy
     assert rc == 0, err
     reference = {r["solver"]: r["run"] for r in json.loads(out)["runs"]}
     proc, log = _start_child([*map(str, common), "--out-dir", dir_], tmp_path, SLOW)
-    _wait_saved(proc, log, 4)  # both initial files, then sgd's epoch 1
+    _wait_saved(proc, log, 5)  # both initial files, then sgd's epochs 0 and 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     manifest = next(dir_.glob("compare-*.json"))

@@ -106,7 +106,7 @@ def test_json_summary_of_a_classifier_carries_its_accuracy(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(out)
     rec = load_run(tmp_path / "c.h5")
-    assert summary["test_accuracy"] == rec.history["epochs"]["test_accuracy"] and len(summary["train_accuracy"]) == 2
+    assert summary["test_accuracy"] == rec.history["epochs"]["test_accuracy"] and len(summary["train_accuracy"]) == 3  # epochs 0, 1, 2
     rc, out, _ = _cstep(capsys, "train", "--net", CLASSIFIER, "--solver", "adam", "--batch-size", 100, "--epochs", 1,
                         "--out", tmp_path / "d.h5")
     assert "test accuracy" in out

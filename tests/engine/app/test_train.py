@@ -96,6 +96,12 @@ def test_sgd_run_matches_an_independent_reference_loop(xp):
     m = numpy.zeros(model.n_params)
     order_rng = numpy.random.Generator(numpy.random.PCG64(seed))
     losses, train_evals, test_evals = [], [], []
+
+    def evaluate_here():  # chunks of 20, the remainder dropped, mean over chunks of the regularised loss
+        train_evals.append(numpy.mean([float(model.loss(params, ds.x_train[c:c + 20], ds.x_train[c:c + 20])) for c in (0, 20)]))
+        test_evals.append(float(model.loss(params, ds.x_test[:20], ds.x_test[:20])))
+
+    evaluate_here()  # epoch 0: the initial point
     for epoch in range(3):
         order = numpy.arange(50) if epoch == 0 else order_rng.permutation(50)
         for b in range(50 // batch):
@@ -104,15 +110,13 @@ def test_sgd_run_matches_an_independent_reference_loop(xp):
             losses.append(float(loss))
             m = rho * m + (1 - rho) * model.flatten(grads)
             params = model.unflatten(model.flatten(params) - lr * m)
-        # chunks of 20, the remainder dropped, mean over chunks of the regularised loss
-        train_evals.append(numpy.mean([float(model.loss(params, ds.x_train[c:c + 20], ds.x_train[c:c + 20])) for c in (0, 20)]))
-        test_evals.append(float(model.loss(params, ds.x_test[:20], ds.x_test[:20])))
+        evaluate_here()
     assert tr.history.steps["loss"] == pytest.approx(losses, rel=1e-13)
     assert tr.history.steps["iteration"] == list(range(1, 16))
     numpy.testing.assert_allclose(to_host(model.flatten(tr.params)), model.flatten(params), rtol=1e-12, atol=1e-14)
     assert tr.history.epochs["train_loss"] == pytest.approx(train_evals, rel=1e-12)
     assert tr.history.epochs["test_loss"] == pytest.approx(test_evals, rel=1e-12)
-    assert tr.history.epochs["epoch"] == [1, 2, 3] and tr.history.epochs["iterations"] == [5, 10, 15]
+    assert tr.history.epochs["epoch"] == [0, 1, 2, 3] and tr.history.epochs["iterations"] == [0, 5, 10, 15]
 
 
 def test_evaluate_averages_chunks_and_drops_the_remainder(xp):
@@ -304,3 +308,19 @@ def test_the_trainer_takes_its_batches_from_the_caller():
     tr = Trainer(model, SGD(model), ds, data.BatchIterator(50, 25, seed=1), seed=1)
     tr.run(epochs=1)
     assert tr.iteration == 2 and tr.batch_size == 25
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_a_regression_set_trains_in_the_runs_dtype(xp, dtype):
+    """Float targets are a regression set: they reach the device in the run's dtype, and the loss falls."""
+    rng = numpy.random.default_rng(3)
+    x = rng.standard_normal((60, 4))
+    y = numpy.tanh(x @ rng.standard_normal((4, 2)))
+    ds = data.Dataset("toy-regression", x[:40], x[40:], y_train=y[:40], y_test=y[40:], description="tanh teacher")
+    model = mlp([4, 8, 2], ["tanh", "linear"], "half_mse", name="toy-reg")
+    tr = make_trainer(model, SGD(model, lr=0.1), ds, batch_size=10, dtype=dtype, xp=xp)
+    xb, yb = tr._batch(numpy.arange(3))
+    assert xb.dtype == yb.dtype == numpy.dtype(dtype)
+    tr.run(epochs=20)
+    losses = tr.history.epochs["train_loss"]
+    assert losses[-1] < 0.5 * losses[0]
