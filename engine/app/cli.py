@@ -30,7 +30,7 @@ from ..backend import BackendError
 from ..init import INIT_SCHEMES
 from . import commands, compare
 from .runs import Interrupted
-from .options import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_EVERY_S, DEFAULT_LOG_EVERY_S, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
+from .options import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_EVERY_S, DEFAULT_LOG_EVERY_S, DEFAULT_THREADS, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
                       DEFAULT_NET, DEFAULT_ORDER, DEFAULT_SEED, DEFAULT_SOLVER, PRESET_BATCH_SIZES,
                       TUNED_HYPERPARAMETERS, UsageError, check_solver, dataset_names, escape_percent, hyper_flag, hyper_table,
                       nonnegative_float, nonnegative_int, positive_float, positive_int)
@@ -125,6 +125,9 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                    help=f"also write a checkpoint when SECONDS of wall time have passed since the last one (default "
                         f"{DEFAULT_CHECKPOINT_EVERY_S:g}; 0: only by iterations and epochs). SIGINT/SIGTERM always save one at "
                         "the next iteration boundary before exiting; a second signal exits at once")
+    t.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"BLAS threads (default {DEFAULT_THREADS}: the same figures on every machine; recorded in the run "
+                        "file; float32 trajectories of K-BFGS depend on the thread count)")
     _add_log_options(t)
     o = p.add_argument_group("output")
     o.add_argument("--quiet", action="store_true", help="no progress bar, no log lines, no summary (--json still prints)")
@@ -184,6 +187,8 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
                    help="checkpoint every N iterations from now on (default: the run's own setting)")
     p.add_argument("--checkpoint-every-s", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="checkpoint every SECONDS of wall time from now on (default: the run's own setting)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="BLAS threads from now on (default: the run's own; another count is not bit for bit)")
     _add_log_options(p, defaults=False)
     p.add_argument("--data-dir", default=None, metavar="DIR", help="where the data files are now (default: as recorded)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines, no summary")

@@ -15,7 +15,7 @@ from .options import DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_n
 from .plots import load_for_plot, plot_runs
 from .report import ensure_parent, info_lines, info_record, print_summary, solver_info, solver_lines
 from .runfile import RunFileLock, check_run_file, load_run
-from .runs import Run, claim_path, default_run_path, drive, summary
+from .runs import Run, claim_path, default_run_path, drive, pinned_threads, summary
 from .study import run_study
 from .study_targets import METHODS, parse_steps
 
@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
     path = Path(args.out) if args.out else default_run_path(Path("runs"), args.net, args.solver)
     if path.is_dir():
         claim_path(path, args.overwrite)  # the one-line message for a directory
-    with RunFileLock(path):  # a second writer of the same file fails here, before any check or work
+    with RunFileLock(path), pinned_threads(args.threads):  # a second writer fails here, before any check or work
         claim_path(path, args.overwrite)
         run = Run.new(args, args.net, args.solver, hyper)
         run.path = path
@@ -39,7 +39,8 @@ def cmd_train(args) -> int:
 
 def cmd_resume(args) -> int:
     check_run_file(args.run)
-    with RunFileLock(args.run):
+    threads = args.threads if args.threads is not None else load_run(args.run).config.get("threads")
+    with RunFileLock(args.run), pinned_threads(threads):
         return _resume_locked(args)
 
 
@@ -53,7 +54,7 @@ def _resume_locked(args) -> int:
         run.config["epochs"] = args.epochs
     if args.max_time is not None:
         run.config["max_time"] = args.max_time
-    for key in ("checkpoint_every", "checkpoint_every_s", "log_every_s", "log_every"):
+    for key in ("checkpoint_every", "checkpoint_every_s", "log_every_s", "log_every", "threads"):
         if getattr(args, key) is not None:
             run.config[key] = getattr(args, key)
     epochs = run.config["epochs"]

@@ -18,7 +18,7 @@ from .options import UsageError, check_data_dir, check_dataset, check_dtype, che
 from .plots import load_for_plot, plot_runs
 from .report import compare_table
 from .runfile import RunFileLock, load_run
-from .runs import STOP, Interrupted, Run, claim_path, drive, load_dataset, summary
+from .runs import STOP, Interrupted, Run, claim_path, drive, load_dataset, pinned_threads, summary
 
 MANIFEST_FORMAT = 1
 
@@ -69,7 +69,8 @@ def _read_manifest(where) -> tuple[Path, dict]:
 def _train_all(runs, manifest_path: Path, manifest: dict, args, start: float) -> list[dict]:
     """Drive each run in turn under its lock, recording each finished one in the manifest."""
     results = []
-    with contextlib.ExitStack() as locks, STOP:  # a signal between two solvers waits for the next one's first step
+    threads = args.threads if getattr(args, "threads", None) is not None else runs[0].config.get("threads")
+    with contextlib.ExitStack() as locks, STOP, pinned_threads(threads):  # a signal between two solvers waits for the next one's first step
         for run in runs:
             locks.enter_context(RunFileLock(run.path))
         for run, entry in zip(runs, manifest["runs"]):

@@ -34,6 +34,10 @@ DEFAULT_INIT = "torch"
 DEFAULT_ORDER = "reference"
 DEFAULT_COMPARE_SOLVERS = ("kbfgs", "kfac", "adam")
 SUPPORTED_DTYPES = ("float32", "float64")
+#: BLAS threads a run uses (pinned with threadpoolctl and recorded): 1 makes a run's figures the same on
+#: every machine (float32 K-BFGS trajectories depend on the summation order, hence on the thread count),
+#: and on a shared 2-core machine one thread was also the faster (two threads spin under contention)
+DEFAULT_THREADS = 1
 #: seconds of wall time between checkpoints (besides every --checkpoint-every iterations and every epoch end)
 DEFAULT_CHECKPOINT_EVERY_S = 300.0
 #: seconds between progress lines when stderr is not a terminal

@@ -78,7 +78,8 @@ def info_lines(rec) -> list[str]:
         lines.append("final        no epoch completed yet")
     lines.append(f"environment  cstep {e.get('cstep_version')}, Python {e.get('python')}, NumPy {e.get('numpy')}, "
                  f"SciPy {e.get('scipy')}, h5py {e.get('h5py')}, CuPy {e.get('cupy') or 'none'}; backend {e.get('backend')} "
-                 f"on {e.get('device')}; host {e.get('host')} ({e.get('platform')})")
+                 f"on {e.get('device')}; BLAS {e.get('blas', 'not recorded')}, {e.get('blas_threads', '?')} thread(s) "
+                 f"(--threads {c.get('threads', 'not recorded')}); host {e.get('host')} ({e.get('platform')})")
     return lines
 
 

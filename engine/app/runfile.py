@@ -44,7 +44,7 @@ from .. import __version__
 from ..backend import backend_name, get_xp, is_device_array, to_host
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "RunFileError", "RunRecord", "RunFileLock", "save_run", "load_run",
-           "check_run_file", "write_record", "read_record", "environment_info"]
+           "check_run_file", "write_record", "read_record", "environment_info", "blas_info"]
 
 #: the value of the root attribute ``magic`` that marks a cstep run file
 MAGIC = "cstep-run"
@@ -238,6 +238,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def blas_info() -> dict:
+    """The BLAS library NumPy calls and how many threads it runs now (threadpoolctl)."""
+    from threadpoolctl import threadpool_info  # noqa: PLC0415 (third-party: read when a run file is written)
+
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    if not pools:
+        return {"blas": "unknown", "blas_threads": 0}
+    p = pools[0]
+    layer = f" ({p['threading_layer']})" if p.get("threading_layer") else ""
+    return {"blas": f"{p.get('internal_api')} {p.get('version')}{layer}", "blas_threads": int(p.get("num_threads") or 0)}
+
+
 def environment_info() -> dict:
     """Where a run ran: versions, host, platform, backend and device (flat dict of strings/ints)."""
     import h5py  # noqa: PLC0415 (third-party: loaded when a run file is written)
@@ -258,6 +270,7 @@ def environment_info() -> dict:
         "cpu_count": os.cpu_count() or 0,
         "backend": backend_name(),
         "device": _cpu_name(),
+        **blas_info(),
     }
     if xp.__name__ == "cupy":
         env["cupy"] = xp.__version__

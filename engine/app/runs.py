@@ -3,6 +3,7 @@ and driving the trainer to its target (``cstep train``, ``resume`` and ``compare
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy
+from threadpoolctl import threadpool_limits
 
 import data
 import nets
@@ -35,6 +37,16 @@ def make_trainer(model, solver, dataset, batch_size: int = 1000, seed: int = 999
     draws = solver.reference_draws_per_batch if order == "reference" else 0
     batches = data.BatchIterator(n, int(batch_size), seed=seed, shuffle=shuffle, order=order, draws_per_batch=draws)
     return Trainer(model, solver, dataset, batches, seed=seed, dtype=dtype, eval_chunk=eval_chunk, init=init, xp=xp)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None):
+    """Run the block with the BLAS pool limited to ``threads`` (None: as it is)."""
+    if threads is None:
+        yield
+        return
+    with threadpool_limits(limits=int(threads), user_api="blas"):
+        yield
 
 
 def data_fingerprint(ds) -> str:
@@ -131,6 +143,7 @@ class Run:
             "batch_size": args.batch_size or PRESET_BATCH_SIZES.get(net, DEFAULT_BATCH_SIZE),
             "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
             "checkpoint_every_s": args.checkpoint_every_s, "log_every_s": args.log_every_s, "log_every": args.log_every,
+            "threads": args.threads,
             "eval_chunk": 1000, "shuffle": True,
         }
         run = cls(config, hyper, dataset)

@@ -161,3 +161,26 @@ def test_a_diverged_run_keeps_the_record_of_its_blow_up(tmp_path, capsys):
     assert rec.progress["iteration"] < at and len(rec.history["steps"].get("loss", [])) == rec.progress["iteration"]
     rc, out, _ = _cstep(capsys, "info", path)
     assert f"non-finite at iteration {at}" in out
+
+
+# --- 1. the BLAS library and its threads: recorded and pinned ------------------------------------------
+def test_blas_library_and_thread_count_are_recorded_and_pinned(tmp_path, capsys):
+    """The run uses --threads BLAS threads whatever OPENBLAS_NUM_THREADS says, and records both the
+    library and the count; runs started with different environment defaults are bit for bit equal."""
+    from tests.engine.app.test_cli import CURVES_TINY, _assert_same_run, _start_child
+
+    common = ["train", "--net", CURVES_TINY, "--n-train", 2000, "--n-test", 200, "--batch-size", 500, "--solver", "kbfgs",
+              "--epochs", 2, "--quiet"]
+    paths = []
+    for env_threads in ("1", "2"):
+        path = tmp_path / f"env{env_threads}.h5"
+        proc, log = _start_child([*common, "--out", path], tmp_path, {"OPENBLAS_NUM_THREADS": env_threads})
+        assert proc.wait(timeout=300) == 0, (log.seek(0), log.read())[1]
+        paths.append(path)
+    rec = load_run(paths[0])
+    assert rec.config["threads"] == 1 and rec.environment["blas_threads"] == 1
+    assert rec.environment["blas"].split()[0] in ("openblas", "mkl", "blis", "accelerate", "flexiblas", "unknown")
+    assert load_run(paths[1]).environment["blas_threads"] == 1
+    _assert_same_run(*paths)
+    rc, out, _ = _cstep(capsys, "info", paths[0])
+    assert f"BLAS {rec.environment['blas']}, 1 thread(s) (--threads 1)" in out
