@@ -28,7 +28,8 @@ from data.batches import ORDERS
 from .. import __version__
 from ..backend import BackendError
 from ..init import INIT_SCHEMES
-from . import commands, compare
+from . import analyze, commands, compare
+from .probes import PROBES, parse_probes
 from .runs import Interrupted
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_EVERY_S, DEFAULT_LOG_EVERY_S, DEFAULT_THREADS, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
                       DEFAULT_NET, DEFAULT_ORDER, DEFAULT_SEED, DEFAULT_SOLVER, PRESET_BATCH_SIZES,
@@ -128,6 +129,12 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
     t.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
                    help=f"BLAS threads (default {DEFAULT_THREADS}: the same figures on every machine; recorded in the run "
                         "file; float32 trajectories of K-BFGS depend on the thread count)")
+    t.add_argument("--probe-every", type=positive_int, default=None, metavar="N",
+                   help="every N iterations, record curvature probes on a fixed batch (the first 1000 training "
+                        "examples) in the run's /history/probes, outside the training clocks (default: none)")
+    t.add_argument("--probe", type=parse_probes, default=list(PROBES), metavar="top-eig,trace",
+                   help="which probes: top-eig (top Hessian eigenvalue, 20 Lanczos steps on complex-step products), "
+                        "trace (Hutchinson, 10 probes); default both")
     _add_log_options(t)
     o = p.add_argument_group("output")
     o.add_argument("--quiet", action="store_true", help="no progress bar, no log lines, no summary (--json still prints)")
@@ -210,6 +217,8 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN.h5", help="run files")
     p.add_argument("-o", "--output", required=True, metavar="FIG.png", help="image to write (format from the suffix)")
     p.add_argument("--title", default=None, help="figure title (default: network, data set, batch size, dtype)")
+    p.add_argument("--probes", action="store_true",
+                   help="plot the curvature probes recorded during training (--probe-every) against the iteration")
     p.add_argument("--per-iteration", action="store_true",
                    help="left panel: every step's minibatch loss against the iteration, with the epoch evaluations "
                         "as markers (default: loss against epoch)")
@@ -237,8 +246,37 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=compare.cmd_compare)
 
     _add_study_parser(sub)
+    _add_analyze_parser(sub)
     _add_listing_parsers(sub)
     return parser
+
+
+def _add_analyze_parser(sub) -> None:
+    p = sub.add_parser(
+        "analyze", help="curvature spectra by exact and finite-difference products, side by side",
+        description="Lanczos top eigenvalues, Hutchinson/Hutch++ trace, SLQ spectral density and per-layer blocks of "
+                    "the Hessian (complex step, R-operator, finite differences), Gauss-Newton or Fisher, at a run's "
+                    "last checkpoint or a preset's initial point, on a fixed batch; a table, JSON and a figure.")
+    p.add_argument("run", nargs="?", default=None, metavar="RUN.h5", help="the run file (or --net NET)")
+    p.add_argument("--net", default=None, metavar="NET", help="a preset at its initial point instead of a run")
+    p.add_argument("--curvature", default="cs", metavar="A,B,...",
+                   help=f"comma-separated: {', '.join(analyze.CURVATURES)} (default cs)")
+    p.add_argument("--top-k", type=nonnegative_int, default=10, metavar="K", help="top eigenvalues by Lanczos (default 10; 0: none)")
+    p.add_argument("--lanczos-iter", type=positive_int, default=None, metavar="M",
+                   help="Lanczos steps (default max(2K + 10, 30)); each is one product")
+    p.add_argument("--trace", action="store_true", help="the trace by Hutchinson and Hutch++")
+    p.add_argument("--probes", type=positive_int, default=30, metavar="N", help="products per trace estimate (default 30)")
+    p.add_argument("--density", action="store_true", help="the spectral density by stochastic Lanczos quadrature")
+    p.add_argument("--density-probes", type=positive_int, default=5, metavar="N", help="SLQ probes (default 5)")
+    p.add_argument("--per-layer", action="store_true", help="also the top eigenvalue and trace of each layer's block")
+    p.add_argument("--batch", type=positive_int, default=1000, metavar="N", help="the first N training examples (default 1000)")
+    p.add_argument("--dtype", default=None, metavar="DTYPE", help="float32 or float64 (default: the run's; float64 for a preset)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, metavar="N", help="seed of the probes (and a preset's weights)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="where the data files are (default: as recorded)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every figure as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a figure (densities or top eigenvalues; per layer)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    p.set_defaults(func=commands.cmd_analyze)
 
 
 def _add_listing_parsers(sub) -> None:

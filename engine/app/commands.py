@@ -12,7 +12,8 @@ import nets
 import solvers
 
 from .options import DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_net, check_solver, given_hyper, tuned
-from .plots import load_for_plot, plot_runs
+from . import analyze
+from .plots import load_for_plot, plot_analysis, plot_probes, plot_runs, run_labels
 from .report import ensure_parent, info_lines, info_record, print_summary, solver_info, solver_lines
 from .runfile import RunFileLock, check_run_file, load_run
 from .runs import Run, claim_path, default_run_path, drive, pinned_threads, summary
@@ -77,7 +78,12 @@ def cmd_info(args) -> int:
 
 def cmd_plot(args) -> int:
     runs = load_for_plot(args.runs)
-    out = plot_runs(runs, args.output, args.title, per_iteration=args.per_iteration)
+    if args.probes:
+        if not any(r.history.get("probes") for r in runs):
+            raise UsageError("these runs recorded no curvature probes; train with --probe-every N --probe top-eig,trace")
+        out = plot_probes(runs, run_labels(runs), args.output)
+    else:
+        out = plot_runs(runs, args.output, args.title, per_iteration=args.per_iteration)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -154,4 +160,22 @@ def cmd_solvers(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         print("\n".join(solver_lines(info)))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    if bool(args.run) == bool(args.net):
+        raise UsageError("give a run file (cstep analyze RUN.h5) or a preset (--net NET), one of them")
+    if not (args.top_k or args.trace or args.density):
+        raise UsageError("nothing to compute: give --top-k K, --trace and/or --density")
+    result = analyze.run_analysis(args)
+    if not args.quiet:
+        print(analyze.table(result))
+    if args.json:
+        ensure_parent(args.json)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_analysis(result, args.plot)}")
     return 0

@@ -255,3 +255,67 @@ def plot_study(result, path: str, dpi: int = 130) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# --- curvature analysis and probes -------------------------------------------------------------
+def plot_analysis(result: dict, out) -> Path:
+    """Left: the spectral densities of every curvature, overlaid (or the top eigenvalues by index);
+    right: the top eigenvalue of each layer's block per curvature (or the traces)."""
+    plt = pyplot()
+    fig, (ax_d, ax_l) = plt.subplots(1, 2, figsize=(12, 4.8))
+    curv = result["curvatures"]
+    for name, c in curv.items():
+        if "density" in c:
+            ax_d.plot(c["density"]["grid"], numpy.maximum(c["density"]["density"], 1e-12), label=c["label"])
+        elif "top_eigenvalues" in c:
+            vals = c["top_eigenvalues"]["values"]
+            ax_d.plot(range(1, len(vals) + 1), vals, marker="o", label=c["label"])
+        if "layers" in c:
+            layers = list(c["layers"])
+            ax_l.plot(range(len(layers)), [c["layers"][k]["top_eigenvalue"] for k in layers], marker="o", label=c["label"])
+            ax_l.set_xticks(range(len(layers)), [f"{k}" for k in layers])
+        elif "trace" in c:
+            ax_l.errorbar([c["label"]], [c["trace"]["hutchpp"]], yerr=[c["trace"]["hutchpp_std_error"]], fmt="o")
+    if any("density" in c for c in curv.values()):
+        ax_d.set_yscale("log")
+        ax_d.set(xlabel="eigenvalue", ylabel="density (SLQ, Gaussian-smoothed)", title="spectral density")
+    else:
+        ax_d.set(xlabel="index", ylabel="eigenvalue", title="top eigenvalues (Lanczos)")
+    if any("layers" in c for c in curv.values()):
+        ax_l.set_yscale("symlog", linthresh=1e-6)
+        ax_l.set(xlabel="layer", ylabel="top eigenvalue of the layer block", title="per layer")
+    else:
+        ax_l.set(ylabel="trace (Hutch++)", title="trace")
+    for ax in (ax_d, ax_l):
+        ax.grid(True, alpha=0.3)
+    ax_d.legend(fontsize=8)
+    fig.suptitle(f"curvature of {result['target']}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    ensure_parent(str(out))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_probes(records, labels, out) -> Path:
+    """The curvature probes recorded during training (``--probe-every``): top Hessian eigenvalue and
+    trace against the iteration, one colour per run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for r, label in zip(records, labels):
+        probes = r.history.get("probes", {})
+        for ax, key in zip(axes, ("top_eig", "trace")):
+            if probes.get(key):
+                ax.plot(probes["iteration"], probes[key], marker="o", markersize=3, label=label)
+    for ax, title in zip(axes, ("top Hessian eigenvalue (Lanczos, complex step)", "Hessian trace (Hutchinson)")):
+        ax.set(xlabel="iteration", title=title)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    ensure_parent(str(out))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -15,6 +15,7 @@ A run file is an ordinary HDF5 file, readable with plain ``h5py``::
                             are 0-d datasets; complex arrays are stored as complex
     /iterator/<key>         the data iterator's state (permutation, position, generator words)
     /history/steps/<col>    one 1-d resizable dataset per per-iteration column (iteration, loss, ...)
+    /history/probes/<col>   curvature probes taken during training (iteration, top_eig, trace, ...)
     /history/epochs/<col>   per-epoch columns (epoch, iterations, cpu_time, wall_time, train_loss, ...)
 
 Records (solver state, iterator state) are written by :func:`write_record`: each group carries a
@@ -384,6 +385,7 @@ def _write_file(f, record: RunRecord, created: str) -> None:
     write_record(f.create_group("iterator"), state["iterator"])
     hist = f.create_group("history")
     _write_columns(hist.create_group("steps"), state["history"]["steps"])
+    _write_columns(hist.create_group("probes"), state["history"].get("probes", {}))
     _write_columns(hist.create_group("epochs"), state["history"]["epochs"])
 
 
@@ -512,7 +514,8 @@ def load_run(path, array_module=None, solver_template: dict | None = None) -> Ru
                                     for k in range(count) if "layer" in f["params"][f"p{k:03d}"].attrs]
             solver_state = read_record(f["solver_state"], array_module, solver_template)
             iterator = read_record(f["iterator"])
-            history = {"steps": _read_columns(f["history/steps"]), "epochs": _read_columns(f["history/epochs"])}
+            history = {"steps": _read_columns(f["history/steps"]), "epochs": _read_columns(f["history/epochs"]),
+                       "probes": _read_columns(f["history/probes"]) if "probes" in f["history"] else {}}
     except RunFileError as exc:
         raise RunFileError(f"{path} is damaged: {exc}") from None
     except (KeyError, OSError, ValueError, TypeError) as exc:

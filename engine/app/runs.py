@@ -23,6 +23,7 @@ from ..backend import get_xp, to_device
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, UsageError, build_solver, check_data_dir,
                       check_dataset, check_dtype, check_net, check_solver, check_task)
 from . import runfile
+from .probes import probe
 from .progress import Progress
 from .train import Trainer, TrainingDiverged
 
@@ -143,7 +144,7 @@ class Run:
             "batch_size": args.batch_size or PRESET_BATCH_SIZES.get(net, DEFAULT_BATCH_SIZE),
             "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
             "checkpoint_every_s": args.checkpoint_every_s, "log_every_s": args.log_every_s, "log_every": args.log_every,
-            "threads": args.threads,
+            "threads": args.threads, "probe_every": args.probe_every, "probes": args.probe,
             "eval_chunk": 1000, "shuffle": True,
         }
         run = cls(config, hyper, dataset)
@@ -285,8 +286,13 @@ def drive(run: Run, quiet: bool, label: str = "") -> str:
         run.checkpoint(status)
         last[0] = time.monotonic()
 
+    probe_every, probes = cfg.get("probe_every"), cfg.get("probes") or []
+    probe_batch = _probe_batch(trainer) if probe_every and probes else None
+
     def on_step(tr, row):
         progress.step(tr, row, epochs)
+        if probe_batch is not None and tr.iteration % probe_every == 0:
+            tr.history.add_probe({"iteration": tr.iteration, **probe(tr.model, tr.params, *probe_batch, probes, seed=tr.iteration)})
         if stop.requested:
             checkpoint("interrupted")
             raise Interrupted(run.path, tr.iteration, stop.requested, saved=True)
@@ -316,6 +322,12 @@ def drive(run: Run, quiet: bool, label: str = "") -> str:
             progress.close()
     checkpoint("complete")
     return "complete"
+
+
+def _probe_batch(trainer, size: int = 1000):
+    """The fixed batch the curvature probes use: the first ``size`` training examples."""
+    n = min(size, trainer.dataset.x_train.shape[0])
+    return trainer._batch(numpy.arange(n))
 
 
 def _keep_divergence(run: Run, trainer) -> None:

@@ -36,10 +36,12 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class History:
-    """Per-iteration and per-epoch records (columns of Python floats/ints)."""
+    """Per-iteration, per-epoch and per-probe records (columns of Python floats/ints)."""
 
     steps: dict[str, list] = field(default_factory=dict)
     epochs: dict[str, list] = field(default_factory=dict)
+    #: curvature probes taken during training (``cstep train --probe-every``)
+    probes: dict[str, list] = field(default_factory=dict)
 
     @staticmethod
     def _append(table: dict[str, list], row: dict) -> None:
@@ -54,6 +56,9 @@ class History:
 
     def add_step(self, row: dict) -> None:
         self._append(self.steps, row)
+
+    def add_probe(self, row: dict) -> None:
+        self._append(self.probes, row)
 
     def add_epoch(self, row: dict) -> None:
         self._append(self.epochs, row)
@@ -183,6 +188,7 @@ class Trainer:
             "solver_state": copy(self.solver_state),
             "iterator": copy(self.iterator.state_dict()),
             "history": {"steps": {k: list(v) for k, v in self.history.steps.items()},
+                        "probes": {k: list(v) for k, v in self.history.probes.items()},
                         "epochs": {k: list(v) for k, v in self.history.epochs.items()}},
             "progress": {"iteration": self.iteration, "epoch": self.epoch, "warm_started": self.warm_started,
                          "cpu_time": self.cpu_time, "wall_time": self.wall_time},
@@ -209,6 +215,7 @@ class Trainer:
         self.solver_state = dict(state["solver_state"])
         self.iterator.load_state_dict(state["iterator"])
         self.history = History(steps={k: list(v) for k, v in state["history"]["steps"].items()},
+                               probes={k: list(v) for k, v in state["history"].get("probes", {}).items()},
                                epochs={k: list(v) for k, v in state["history"]["epochs"].items()})
         prog = state["progress"]
         self.iteration = int(prog["iteration"])
