@@ -32,7 +32,7 @@ from . import analyze, commands, compare
 from .probes import PROBES, parse_probes
 from .runs import Interrupted
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_EVERY_S, DEFAULT_LOG_EVERY_S, DEFAULT_THREADS, DEFAULT_COMPARE_SOLVERS, DEFAULT_DTYPE, DEFAULT_EPOCHS, DEFAULT_INIT,
-                      DEFAULT_NET, DEFAULT_ORDER, DEFAULT_SEED, DEFAULT_SOLVER, PRESET_BATCH_SIZES,
+                      DEFAULT_NET, DEFAULT_ORDER, DEFAULT_SEED, DEFAULT_SOLVER, PRESET_BATCH_SIZES, PRESET_EPOCHS,
                       TUNED_HYPERPARAMETERS, UsageError, check_solver, dataset_names, escape_percent, hyper_flag, hyper_table,
                       nonnegative_float, nonnegative_int, positive_float, positive_int)
 from .study_targets import DEFAULT_SEED as STUDY_SEED
@@ -99,7 +99,8 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                    help="use only the first N test examples (default: all)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=None, metavar="N",
-                   help=f"number of epochs (default {DEFAULT_EPOCHS}, or unlimited when --max-time is given)")
+                   help=f"number of epochs (default {DEFAULT_EPOCHS}; "
+                        f"{', '.join(f'{n} {e}' for n, e in PRESET_EPOCHS.items())}; unlimited when --max-time is given)")
     t.add_argument("--max-time", type=positive_float, default=None, metavar="SECONDS",
                    help="training CPU-time budget in seconds (process time, excluding evaluation and warm start), "
                         "checked at epoch ends as the reference code does")
@@ -158,7 +159,8 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
         description="cstep: complex-step curvature and second-order neural-network training "
                     "(K-BFGS, K-BFGS(L), Newton-Krylov, K-FAC, Hessian-free, Adam, RMSprop, SGD) on NumPy or CuPy.",
         epilog="Run 'cstep COMMAND --help' for the options of a command. 'cstep train' with no options trains "
-               f"{DEFAULT_NET} with {DEFAULT_SOLVER} for {DEFAULT_EPOCHS} epochs and writes runs/NET-SOLVER-TIME.h5; "
+               f"{DEFAULT_NET} with {DEFAULT_SOLVER} for {PRESET_EPOCHS.get(DEFAULT_NET, DEFAULT_EPOCHS)} epochs and "
+               "writes runs/NET-SOLVER-TIME.h5; "
                "'cstep presets' and 'cstep solvers' list the networks and solvers.",
     )
     parser.add_argument("--version", action="version", version=f"cstep {__version__}")
@@ -170,7 +172,8 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
         description=f"Train a network preset with a solver and write everything to an HDF5 run file (atomically, at "
                     f"every epoch end and every --checkpoint-every iterations), so that 'cstep resume' continues it bit "
                     f"for bit. With no options: {DEFAULT_NET} on the locally generated CURVES-like set with {DEFAULT_SOLVER}, "
-                    f"{DEFAULT_EPOCHS} epochs, batch {DEFAULT_BATCH_SIZE}, {DEFAULT_DTYPE}, written to "
+                    f"{PRESET_EPOCHS.get(DEFAULT_NET, DEFAULT_EPOCHS)} epochs, batch "
+                    f"{PRESET_BATCH_SIZES.get(DEFAULT_NET, DEFAULT_BATCH_SIZE)}, {DEFAULT_DTYPE}, written to "
                     f"runs/{DEFAULT_NET}-{DEFAULT_SOLVER}-YYYYmmdd-HHMMSS.h5.")
     p.add_argument("--solver", default=DEFAULT_SOLVER, metavar="NAME",
                    help=f"solver: {solver_list} (default {DEFAULT_SOLVER})")

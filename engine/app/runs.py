@@ -20,7 +20,7 @@ import nets
 
 from .. import __version__
 from ..backend import get_xp, to_device
-from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, UsageError, build_solver, check_data_dir,
+from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, PRESET_EPOCHS, UsageError, build_solver, check_data_dir,
                       check_dataset, check_dtype, check_net, check_solver, check_task)
 from . import runfile
 from .probes import probe
@@ -131,7 +131,7 @@ class Run:
             dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
         epochs = args.epochs
         if epochs is None and args.max_time is None:
-            epochs = DEFAULT_EPOCHS
+            epochs = PRESET_EPOCHS.get(net, DEFAULT_EPOCHS)
         model_desc = nets.PRESETS[net][2]
         config = {
             "net": net, "net_description": model_desc, "solver": solver,

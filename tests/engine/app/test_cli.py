@@ -541,9 +541,11 @@ def test_train_defaults_are_the_readme_main_job():
     args = cli.build_parser().parse_args(["train"])
     assert (args.net, args.solver, args.dtype, args.seed, args.init, args.order) == \
         ("curves-ae", "kbfgs", "float32", 9999, "torch", "reference")
-    assert args.batch_size is None and "curves-ae" not in options.PRESET_BATCH_SIZES  # -> DEFAULT_BATCH_SIZE
+    # the main job: batch 100 and 5 epochs for curves-ae (the reference protocol's 1000 leaves the plateau late)
+    assert args.batch_size is None and options.PRESET_BATCH_SIZES["curves-ae"] == 100
     assert options.DEFAULT_BATCH_SIZE == 1000 and options.PRESET_BATCH_SIZES["mnist-cnn"] == 128
-    assert args.epochs is None and args.max_time is None  # -> DEFAULT_EPOCHS
+    assert args.epochs is None and args.max_time is None and options.PRESET_EPOCHS["curves-ae"] == 5
+    assert args.threads == 1
     assert nets.PRESETS["curves-ae"][1] == "curves"
 
 

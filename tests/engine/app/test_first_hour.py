@@ -88,7 +88,7 @@ def test_help_says_what_the_default_job_is_and_narrows_to_one_solver(capsys):
     with pytest.raises(SystemExit):
         _cstep(capsys, "--help")
     top = capsys.readouterr().out
-    assert "a few epochs" not in top and "for 10 epochs" in top
+    assert "a few epochs" not in top and "curves-ae with kbfgs for 5 epochs" in top
     with pytest.raises(SystemExit):
         _cstep(capsys, "train", "--solver", "adam", "--help")
     text = capsys.readouterr().out
