@@ -173,10 +173,18 @@ class Model:
 
     # --- passes -------------------------------------------------------------------------
     def check_batch(self, x, params=None, y=None):
-        """Refuse an input of the wrong per-example shape, or a batch on the other side (host or
-        device) from the parameters, with one sentence naming the fix. No host sync."""
+        """Refuse an input of the wrong per-example shape, a host batch holding NaN or Inf (which
+        would turn every parameter into NaN, silently), or a batch on the other side (host or
+        device) from the parameters, with one sentence naming the fix. No host sync: a device batch
+        is not scanned for NaN (that would cost one); the trainer's batches come from a host data
+        set that is checked when it is built."""
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{self.name} expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        for what, a in (("x", x), ("y", y)):
+            if isinstance(a, numpy.ndarray) and a.dtype.kind in "fc" and not numpy.isfinite(a).all():
+                bad = int(a.size - numpy.count_nonzero(numpy.isfinite(a)))
+                raise ValueError(f"{self.name}: the batch's {what} holds {bad} NaN or infinite value(s); "
+                                 "clean or drop those examples before the step")
         # Data and parameters must live on the same side: the library's own error for a host
         # array meeting a device array ("Unsupported type", "Implicit conversion") names neither.
         if params:

@@ -74,16 +74,10 @@ from .base import Hyper, positive, register, unit_interval
 from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
 from .damping import double_damping, powell_damping
 from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
-from .kronecker_solver import KroneckerSolver, layer_key
+from .kronecker_solver import FLUSH_EVERY, KroneckerSolver, layer_key
 from .lbfgs import CompactLBFGS
 
 __all__ = ["KBFGS", "KBFGSL", "powell_lm_damping"]
-
-#: Subnormal entries of the EMA'd A are flushed, and H_a, H_g re-symmetrised, every this many
-#: iterations (pitfalls 19 and 16): an entry decaying by 0.9 per step spends at most this many
-#: steps subnormal, and a pass over all factors every step would cost ~1.5% of an MNIST iteration.
-FLUSH_EVERY = 10
-
 
 def powell_lm_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
     """KF-QN-CNN damping of a conv layer's pair (arXiv:2102.06737; kbfgs.md section 4.4, last paragraph).
@@ -112,7 +106,7 @@ def _kbfgs_hyperparameters() -> dict[str, Hyper]:
         "hessian_action": Hyper("V2", "Hessian-action vector: V2 (a_bar ends with 1, reference HEAD) or V1 (ends with the mean)",
                                 lambda v: v in HESSIAN_ACTION_VARIANTS, "V2 or V1"),
         "skip_constant": positive("c of the BFGS skip rule s^T y <= c s^T s ||g_ref||", SKIP_CONSTANT),
-        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors to zero (pitfall 19)"),
+        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors and of the momentum to zero (pitfall 19)"),
     }
 
 

@@ -61,6 +61,11 @@ class HessianCS(ModelOperator):
         self.h = float(DEFAULT_CS_STEP[self.dtype] if h is None else h)
         if not (self.h > 0 and numpy.isfinite(self.h)):
             raise ValueError(f"the complex step h must be a positive finite number, got {h}")
+        tiny = float(numpy.finfo(self.dtype).tiny)
+        if self.h < tiny:  # h v^ would be subnormal or zero in the parameters' precision
+            raise ValueError(f"the complex step h = {self.h:g} underflows in {self.dtype} (smallest normal number "
+                             f"{tiny:.3g}), where the imaginary part h v loses its digits; use h between {tiny:.3g} and "
+                             f"1e-8 (default {DEFAULT_CS_STEP[self.dtype]:g})")
         self.complex_dtype = complex_dtype(self.dtype)
         self._w = model.flatten(self.params)
 
