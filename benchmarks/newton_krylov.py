@@ -23,7 +23,7 @@ target, and the ratio baseline / solver of each. A ratio >= 10 is "one order fas
 Settings (``SETTINGS``) were chosen by the sweep ``--tune`` (``TUNING_GRID``) on CURVES-like data
 (5000 training examples, 3 epochs, the final training loss as the criterion, as the K-BFGS code's
 ``tuning_criterion = 'train_loss'``); the constants of the reconstruction that the sweep does not
-touch keep their documented defaults (complex-step.md 6.3; none of them are the paper's settings).
+touch keep their documented defaults (docs/complex-step.md 6.3; none of them are the paper's settings).
 
     PYTHONPATH=. python benchmarks/newton_krylov.py --nets curves --epochs 10 --max-time 300
     PYTHONPATH=. python benchmarks/newton_krylov.py --nets mnist --n-train 10000 --max-time 200
@@ -75,7 +75,7 @@ SETTINGS = {
     # 20 x 10% -> 178.83 after 3 epochs, the other grid points were cut for time) and a 10%
     # curvature chunk; lambda0 = 45.
     "hf": ("hessian_free", {"cg_max_iter": 20, "curvature_fraction": 0.1}),
-    # the K-BFGS paper's MNIST setting (kbfgs.md section 7), also used on CURVES
+    # the K-BFGS paper's MNIST setting (docs/kbfgs.md section 7), also used on CURVES
     "kbfgs": ("kbfgs", {"lr": 0.3, "damping": 0.3}),
     # sweep lr in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2}: 538.7, 523.0, 343.2, 183.6, 179.3
     "adam": ("adam", {"lr": 1e-2, "variant": "standard"}),

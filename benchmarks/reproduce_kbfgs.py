@@ -1,7 +1,7 @@
 """Reproduce the published MNIST-autoencoder numbers of K-BFGS, K-BFGS(L) and K-FAC.
 
 Goldfarb, Ren, Bahamou, "Practical Quasi-Newton Methods for Training Deep Neural Networks"
-(NeurIPS 2020), official ``Demo.ipynb`` (kbfgs.md section 7): MNIST autoencoder
+(NeurIPS 2020), official ``Demo.ipynb`` (docs/kbfgs.md section 7): MNIST autoencoder
 784-1000-500-250-30 (mirrored, ReLU, sigmoid cross-entropy), batch 1000, float32,
 weight decay tau = 1e-5, seed 9999; K-BFGS and K-BFGS(L) with alpha = 0.3, lambda = 0.3, K-FAC
 with alpha = 1, lambda = 3. The training loop is :class:`engine.app.train.Trainer` (built by :func:`engine.app.runs.make_trainer`) (the reference
@@ -9,7 +9,7 @@ protocol: warm-start methods consume one epoch of the batch iterator first; per 
 with 0.5 tau ||theta||^2 on the full training and test sets in chunks of 1000).
 
 Per epoch it prints training and test loss next to the published Demo numbers, the numbers of
-the measured reference run (kbfgs.md pitfall 20) and the seconds per epoch, both process CPU time
+the measured reference run (docs/kbfgs.md pitfall 20) and the seconds per epoch, both process CPU time
 (the reference's time axis; with multi-threaded BLAS it counts every thread) and wall time,
 training iterations only (evaluation and warm start excluded). At the end it checks the issue's
 targets and exits non-zero if one is missed.
@@ -23,7 +23,7 @@ differs from the reference run. This matters because K-BFGS and K-BFGS(L) at the
 alpha = 0.3, lambda = 0.3 sit at the edge of stability in their first ~100 iterations, and the
 dynamics are chaotic: from the same initial point and batches, this solver and an op-for-op
 PyTorch port of the official code (kept outside this repository; it reproduces the
-measured reference run of pitfall 20 to the printed digits: K-BFGS 166.80 / 110.01, K-BFGS(L)
+measured reference run of docs/kbfgs.md pitfall 20 to the printed digits: K-BFGS 166.80 / 110.01, K-BFGS(L)
 164.08 / 107.55 after epochs 1 / 2) agree to 1e-7 for 8 iterations in float32 and then drift apart
 as rounding errors grow (3e-3 at iteration 20); the port itself ends epoch 1 at 166.80 with two
 threads and 167.19 with one. The official method diverges off the published seed: the port
@@ -63,7 +63,7 @@ PUBLISHED = {
     "kfac": {1: (183.17, 182.72), 2: (135.13, 134.33), 5: (73.97, 73.68), 10: (61.65, 62.48), 20: (56.72, 58.52),
              30: (55.14, 57.65), 50: (53.75, 57.38), 75: (52.90, 57.60)},
 }
-#: The official code run on a 2-core x86-64 CPU (kbfgs.md pitfall 20): epoch -> training loss.
+#: The official code run on a 2-core x86-64 CPU (docs/kbfgs.md pitfall 20): epoch -> training loss.
 REFERENCE_RUN = {
     "kbfgs": {1: 166.80, 2: 110.01, 5: 68.34, 10: 60.07},
     "kbfgs_l": {1: 164.08, 2: 107.55, 5: 66.21, 10: 59.18},

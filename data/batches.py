@@ -1,4 +1,4 @@
-"""Deterministic, resumable minibatch order (the K-BFGS reference protocol, kbfgs.md section 3.4).
+"""Deterministic, resumable minibatch order (the K-BFGS reference protocol, docs/kbfgs.md section 3.4).
 
 Batches are sequential slices of a per-epoch order; the remainder that does not fill a batch is
 dropped (``n_examples // batch_size`` batches per epoch: MNIST 60, FACES 103, CURVES 20 at
@@ -12,7 +12,7 @@ Two sources of the order (``order=``):
 
 * ``"pcg64"`` (default): each epoch's permutation comes from the iterator's own
   ``numpy.random.Generator`` (PCG64) seeded with ``seed``, independent of every other stream.
-* ``"reference"``: **the batches of the reference code**, exactly (kbfgs.md section 3.4). Its
+* ``"reference"``: **the batches of the reference code**, exactly (docs/kbfgs.md section 3.4). Its
   ``DataSet.next_batch`` draws ``numpy.random.shuffle`` of ``arange(n)`` from the global NumPy
   generator (``numpy.random.seed(seed)``, legacy MT19937) when an epoch is exhausted and applies
   it to the *current* order, so the permutations compose; and its second-order methods

@@ -5,7 +5,7 @@ The FACES benchmark (Hinton & Salakhutdinov, Science 313:504-507, 2006, supporti
 holds 165600 25x25 images made from the Olivetti database (40 people x 10 images of 64x64) by
 random rotation (-90 to +90 degrees), scaling (1.4 to 1.8), cropping and subsampling; 414 images
 per source face. Its first 30 people form the training pool and the last 10 the test set. The
-reference protocol (kbfgs.md section 3.4; J. Martens' K-FAC demo) reads ``newfaces_single``
+reference protocol (docs/kbfgs.md section 3.4; J. Martens' K-FAC demo) reads ``newfaces_single``
 (625 x 165600, column-major 25x25 images), transposes it to rows and takes train = the first
 total/40*25 = 103500 rows (people 1-25) and test = the last total/40*10 = 41400 (people 31-40),
 values as stored. That file is used when it is in the data or cache directory

@@ -9,7 +9,7 @@ Every file is verified by the SHA-256 of its decompressed content (the table in 
 IDX format: big-endian uint32 magic ``0x00000803`` (uint8, 3-d: images) or ``0x00000801``
 (uint8, 1-d: labels), then one uint32 per dimension, then the uint8 data row-major.
 
-Autoencoder set (K-BFGS reference protocol, kbfgs.md section 3.4): pixels / 255 as float,
+Autoencoder set (K-BFGS reference protocol, docs/kbfgs.md section 3.4): pixels / 255 as float,
 *not* binarised; 60000 train / 10000 test; the target is the input.
 """
 

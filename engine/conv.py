@@ -4,7 +4,7 @@ and re-exported here).
 The pure-layer contract of :mod:`engine.layers` (forward/backward, the R-operator rules
 ``jvp``/``backward_rop``) with the Kronecker view of a :class:`engine.layers.KroneckerLayer`. Everything is written on
 the array module of the operands, so one code path runs on NumPy and on CuPy (CuPy 14 has no
-cuDNN, and cuDNN has no complex support anyway: complex-step.md section 10).
+cuDNN, and cuDNN has no complex support anyway: docs/complex-step.md section 10).
 
 Convolution is im2col plus one matrix multiply (GEMM). The patch matrix ``P`` of an input has one
 row per (example n, output location t), ``N * L`` rows with ``L = H_out * W_out``, and

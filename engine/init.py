@@ -1,7 +1,7 @@
 """Initial weights: the fan-in uniform rule of ``nn.Linear`` / ``nn.Conv2d``, from two generators.
 
 Every weight layer draws ``W`` then ``b``, both ~ U(-1/sqrt(fan_in), +1/sqrt(fan_in)), layer by
-layer (kbfgs.md section 3.3). Two sources of those numbers are supported:
+layer (docs/kbfgs.md section 3.3). Two sources of those numbers are supported:
 
 * ``"numpy"`` (the default of :meth:`engine.model.Model.init` and :class:`engine.train.Trainer`):
   ``numpy.random.default_rng(seed)`` (PCG64), in double precision, cast to the run's dtype;

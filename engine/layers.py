@@ -125,7 +125,7 @@ class Dense(KroneckerLayer):
     """Fully connected layer ``y = x W^T + b`` with W of shape (d_out, d_in), as torch.nn.Linear.
 
     Initialisation is PyTorch's Linear default, W, b ~ U(-1/sqrt(d_in), +1/sqrt(d_in)), which the
-    K-BFGS reference code uses (kbfgs.md section 3.3). The Kronecker view is the homogeneous
+    K-BFGS reference code uses (docs/kbfgs.md section 3.3). The Kronecker view is the homogeneous
     weight matrix [W | b] of shape (d_out, d_in + 1) acting on the homogeneous input [x, 1].
     """
 
@@ -213,7 +213,7 @@ class Activation(Layer):
 
 
 class ReLU(Activation):
-    """max(z, 0) with the mask taken from Re z (complex-step.md section 4.3)."""
+    """max(z, 0) with the mask taken from Re z (docs/complex-step.md section 4.3)."""
 
     name = "relu"
 

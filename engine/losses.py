@@ -1,7 +1,7 @@
 """Losses on the network output, complex-safe, each returning value and d(value)/d(output).
 
 All losses are means over the batch of a per-example loss, as in the K-BFGS reference code
-(kbfgs.md section 3.2): the autoencoder losses sum over the output units first. Targets stay
+(docs/kbfgs.md section 3.2): the autoencoder losses sum over the output units first. Targets stay
 real (integer class labels for softmax cross-entropy). Each loss also provides what curvature
 needs: the Hessian of the mean loss with respect to the output applied to a direction (for
 Gauss-Newton and the R-operator), and targets sampled from the model's predictive distribution

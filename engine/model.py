@@ -44,7 +44,7 @@ class Capture:
 
     ``a``: the layer input (N x d_in; patches for convolutions), ``z``: the pre-activation
     (N x d_out), ``g``: the per-example pre-activation gradient, i.e. N * d(mean loss)/dz
-    (kbfgs.md pitfall 3: per-example scale, not the gradient of the mean). ``layer`` is the
+    (docs/kbfgs.md pitfall 3: per-example scale, not the gradient of the mean). ``layer`` is the
     index in ``model.layers`` and ``param_index`` the index of its first parameter.
     """
 
@@ -88,7 +88,7 @@ class Model:
     """Layers + loss + optional L2 weight decay ``weight_decay`` (tau) on all parameters.
 
     The regularised objective is ``data loss + 0.5 tau ||theta||^2`` with gradient
-    ``grad(data loss) + tau theta`` (kbfgs.md section 3.2); pass ``regularized=False`` for the
+    ``grad(data loss) + tau theta`` (docs/kbfgs.md section 3.2); pass ``regularized=False`` for the
     bare data loss (what the curvature passes of K-BFGS and K-FAC use).
     """
 
@@ -253,12 +253,12 @@ class Model:
         * ``capture``: True collects the :class:`Capture` of every Kronecker layer passed (the
           forward pass must keep ``kron_outputs``); a callable receives each one instead, as the
           sweep passes the layer (top first), and nothing is collected. ``per_example``: g = N dL/dz
-          (pitfall 3), else the layer's unscaled rows (dL/dz for Dense, sqrt(L) dL/dz for Conv2d)
+          (docs/kbfgs.md pitfall 3), else the layer's unscaled rows (dL/dz for Dense, sqrt(L) dL/dz for Conv2d)
           for a caller that only needs their mean.
         * ``stop``: the lowest layer the sweep reaches (its dx is not formed). Default: the first
           layer with parameters (nothing below it needs dL/dx), or, without parameter gradients
           but with captures, the first Kronecker layer (the K-BFGS second pass: about 2/3 of a
-          full backward, kbfgs.md section 4.3).
+          full backward, docs/kbfgs.md section 4.3).
         * ``keep_deltas``: keep dL/d(output of layer i) for every layer passed (``deltas``).
         """
         if stop is None:

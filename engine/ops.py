@@ -1,7 +1,7 @@
 """Complex-safe elementwise operations, each with the derivative its backward pass uses.
 
 Every function here is the analytic continuation of its real counterpart
-(``../shared/reference/complex-step.md`` section 4): branches are decided on the real part and
+(``docs/complex-step.md`` section 4): branches are decided on the real part and
 the whole complex value is carried through, so a complex-step pass differentiates exactly.
 Nothing here conjugates or takes a modulus, ``sign`` or ``maximum`` of a complex value. On real
 input each function returns the ordinary real result, with the input's dtype.
@@ -59,7 +59,7 @@ def sigmoid(z):
 
     With e = exp(-|z|_cs) (Re <= 0, so it never overflows): 1/(1 + e) where Re z >= 0 and
     e/(1 + e) where Re z < 0. The textbook 1/(1 + exp(-z)) overflows to complex inf/inf = NaN
-    at Re z = -1000 (complex-step.md section 4.3), and 0.5 (1 + tanh(z/2)) is finite but loses
+    at Re z = -1000 (docs/complex-step.md section 4.3), and 0.5 (1 + tanh(z/2)) is finite but loses
     all relative accuracy in the left tail (1 + tanh(-15) cancels); this form keeps full
     relative precision on both sides.
     """

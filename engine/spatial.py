@@ -4,7 +4,7 @@ and the window geometry they share with :class:`engine.conv.Conv2d`.
 Same pure-layer contract as :mod:`engine.layers` (forward/backward and the R-operator rules
 ``jvp``/``backward_rop``), written on the array module of the operands: one code path for NumPy
 and CuPy. Complex-analytic: max-pooling chooses the arg-max on real parts and carries the whole
-complex value (complex-step.md section 4.3).
+complex value (docs/complex-step.md section 4.3).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class MaxPool2d(_Pool2d):
     ``y[n, c, h, w] = x_pad[n, c, s h + i*, s w + j*]`` with ``(i*, j*) = argmax_{i,j} Re x_pad[...]``
     (first maximum on ties; padding is -inf, PyTorch's convention). The index is fixed by the real
     point, so the complex step and the R-operator differentiate the current linear piece
-    (complex-step.md section 4.3). Computed by kh kw passes over strided views (no window copy);
+    (docs/complex-step.md section 4.3). Computed by kh kw passes over strided views (no window copy);
     cache: the arg-max offset per output (int8) and the input shape.
     """
 

@@ -1,4 +1,4 @@
-"""Network builders and the K-BFGS paper's presets (kbfgs.md section 3.1), plus the CNN presets."""
+"""Network builders and the K-BFGS paper's presets (docs/kbfgs.md section 3.1), plus the CNN presets."""
 
 from .mlp import mlp, autoencoder
 from .presets import PRESETS, build, preset_names

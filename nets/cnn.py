@@ -12,7 +12,7 @@ The presets take the flat ``(N, 784)`` rows that ``data.load("mnist-classify")``
 LeNet-5 is LeCun, Bottou, Bengio, Haffner (Proc. IEEE 1998) with the modern substitutions
 (ReLU for the scaled tanh, max-pooling for the trainable subsampling, full C3 connectivity, a
 softmax output instead of the RBF layer). Every weight layer has a bias; weight decay defaults to
-the reference protocol's tau = 1e-5 (kbfgs.md section 3.2), like the autoencoder presets.
+the reference protocol's tau = 1e-5 (docs/kbfgs.md section 3.2), like the autoencoder presets.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def autoencoder(encoder: Sequence[int], loss: str, hidden: str = "relu", weight_
     """A symmetric deep autoencoder: encoder widths mirrored into the decoder.
 
     Hidden layers use ``hidden``, the code layer and the output layer are linear, as in the
-    K-BFGS reference models (kbfgs.md section 3.1).
+    K-BFGS reference models (docs/kbfgs.md section 3.1).
     """
     enc = list(encoder)
     sizes = enc + enc[-2::-1]

@@ -1,7 +1,7 @@
 """Named network presets.
 
 The three deep autoencoders are those of Goldfarb, Ren, Bahamou (NeurIPS 2020) as their code
-builds them (kbfgs.md section 3.1): ReLU hidden layers, a linear code layer, a linear output,
+builds them (docs/kbfgs.md section 3.1): ReLU hidden layers, a linear code layer, a linear output,
 every weight layer with a bias, weight decay tau = 1e-5 on all parameters.
 
 | preset | widths | loss | parameters |
@@ -19,7 +19,7 @@ from engine.model import Model
 
 from .mlp import autoencoder
 
-#: The reference protocol's L2 weight decay (kbfgs.md section 3.2).
+#: The reference protocol's L2 weight decay (docs/kbfgs.md section 3.2).
 PAPER_WEIGHT_DECAY = 1e-5
 
 #: name -> (builder(weight_decay) -> Model, default dataset name, one-line description)

@@ -1,4 +1,4 @@
-"""Adam, in the K-BFGS paper's variant and in the standard form (kbfgs.md section 6, pitfall 15).
+"""Adam, in the K-BFGS paper's variant and in the standard form (docs/kbfgs.md section 6, docs/kbfgs.md pitfall 15).
 
 ``variant="paper"`` (the reference code's ``RMSprop_update`` used for Adam): the second moment is
 taken of the **bias-corrected momentum**, with beta2 = 0.9 and a tuned epsilon (default 1e-4):

@@ -7,7 +7,7 @@ A solver is a small object built from a model and named hyper-parameters:
   ``int``/``float``/``bool`` appear, so the state round-trips through HDF5 exactly and a resumed run
   continues bit for bit on the same backend.
 * ``warm_start(params, state, batches) -> state``: solvers with ``needs_warm_start`` get one
-  full pass over the training batches before iteration 0 (K-FAC, K-BFGS, RMSprop; kbfgs.md
+  full pass over the training batches before iteration 0 (K-FAC, K-BFGS, RMSprop; docs/kbfgs.md
   section 3.4: this consumes one epoch of the data iterator).
 * ``step(params, state, x, y) -> (params, state, info)``: one iteration on the minibatch.
   ``params`` may be updated in place and returned. ``info`` is a flat dict of scalars (0-d arrays

@@ -1,4 +1,4 @@
-"""The BFGS inverse update with the K-BFGS skip rule (kbfgs.md section 4.6).
+"""The BFGS inverse update with the K-BFGS skip rule (docs/kbfgs.md section 4.6).
 
 With rho = 1 / (s^T y) and h = H y,
 
@@ -16,7 +16,7 @@ s^T y > 0. The update is *skipped* (H returned unchanged) when
 Everything is decided on the device (``where`` instead of ``if``), so the update never forces a
 host synchronisation; ``skipped`` is a 0-d boolean array.
 
-Symmetry (kbfgs.md pitfall 16): the update is applied as H + s w^T + w s^T with
+Symmetry (docs/kbfgs.md pitfall 16): the update is applied as H + s w^T + w s^T with
 ``w = (rho^2 y^T H y + rho)/2 s - rho h``, computed by :func:`add_symmetric_rank2` so that the
 result is *exactly* symmetric whenever H is: H stays symmetric through any number of updates
 (the official float32 code lets H drift away from symmetry instead).
@@ -31,7 +31,7 @@ from engine.curvature.kernels import symmetric_rank2_update_
 
 __all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
 
-#: The constant c of the skip rule s^T y <= c s^T s ||g_ref|| (kbfgs.md section 4.6).
+#: The constant c of the skip rule s^T y <= c s^T s ||g_ref|| (docs/kbfgs.md section 4.6).
 SKIP_CONSTANT = 1e-4
 
 
@@ -103,7 +103,7 @@ def bfgs_inverse_update(H, s, y, g_ref, skip_constant: float = SKIP_CONSTANT, Hy
     """One BFGS update of the inverse-Hessian approximation ``H`` with the pair (s, y).
 
     Returns ``(H_new, skipped)``: ``H_new`` equals H+ above, or equals ``H`` when the skip rule of
-    kbfgs.md section 4.6 fires; ``skipped`` is a 0-d boolean array. ``Hy`` may be passed when the
+    docs/kbfgs.md section 4.6 fires; ``skipped`` is a 0-d boolean array. ``Hy`` may be passed when the
     caller already has ``H @ y``.
 
     ``inplace=False`` (default): ``H`` is not modified; H+ is formed as a new array and checked

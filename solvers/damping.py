@@ -1,10 +1,10 @@
 """Damping of BFGS pairs: Powell damping, the "B = I" Powell (LM) damping, and the double damping
-of K-BFGS (Goldfarb, Ren, Bahamou, NeurIPS 2020, section 3.2; kbfgs.md section 4.4).
+of K-BFGS (Goldfarb, Ren, Bahamou, NeurIPS 2020, section 3.2; docs/kbfgs.md section 4.4).
 
 All decisions are made on the device with ``where`` (no host synchronisation); each function
 returns the damped vector(s) and 0-d boolean "fired" flags.
 
-Division guards (kbfgs.md pitfall 18; the official code has none):
+Division guards (docs/kbfgs.md pitfall 18; the official code has none):
 
 * Powell: when y^T H y <= 0 (for a positive definite H this means y = 0) damping does not fire
   and s is returned unchanged; the BFGS skip rule then discards the pair (s^T y = 0).
@@ -64,11 +64,11 @@ def lm_damping(s, y, mu2: float):
 
 
 def double_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
-    """K-BFGS double damping (kbfgs.md section 4.4): Powell on s with H, then B = I on y.
+    """K-BFGS double damping (docs/kbfgs.md section 4.4): Powell on s with H, then B = I on y.
 
     ``H`` is a matrix or a callable ``v -> H v`` (the L-BFGS operator of K-BFGS(L)). The second
     step uses the already damped s~. ``mu2`` (keyword, required) is sqrt(lambda) in K-BFGS. The inputs are not modified
-    (the solver keeps the undamped EMA pair as state, pitfall 5).
+    (the solver keeps the undamped EMA pair as state, docs/kbfgs.md pitfall 5).
     Returns ``(s~, y~, powell_fired, lm_fired)``.
     """
     Hy = H(y) if callable(H) else matvec(H, y)

@@ -1,4 +1,4 @@
-"""The Hessian-action update of the activation-side factor H_a (kbfgs.md section 4.5).
+"""The Hessian-action update of the activation-side factor H_a (docs/kbfgs.md section 4.5).
 
 H_a approximates (A + sqrt(lambda) I)^{-1} without re-inverting A: every iteration does one BFGS
 inverse update with
@@ -10,7 +10,7 @@ No damping is needed since s_a^T y_a >= sqrt(lambda) ||s_a||^2 > 0. The skip rul
 g_ref = a_bar.
 
 a_bar is the batch mean of the homogeneous layer input. Two variants exist in the reference code
-(kbfgs.md section 8.2): V2 (HEAD, default) ends a_bar with 1, the homogeneous coordinate;
+(docs/kbfgs.md section 8.2): V2 (HEAD, default) ends a_bar with 1, the homogeneous coordinate;
 V1 (the first Demo and probably the paper's figures) ends it with the mean of the activation means.
 """
 

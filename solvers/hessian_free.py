@@ -1,7 +1,7 @@
 """Martens' Hessian-free optimisation (Martens, "Deep learning via Hessian-free optimization", ICML 2010).
 
 The established baseline for :mod:`solvers.newton_krylov`, with the constants of Martens' public
-demo code (``nnet_train_2.m`` / ``conjgrad_1.m``; complex-step.md section 6.2, cross-checked with
+demo code (``nnet_train_2.m`` / ``conjgrad_1.m``; docs/complex-step.md section 6.2, cross-checked with
 ``drasmuss/hessianfree`` and ``ltatzel/PyTorchHessianFree``; docs/newton-krylov.md section 7). Steps
 1-3 and the damping rule of step 5 are those of the Newton-CG base,
 :class:`solvers.newton_cg.NewtonCG`, shared with Newton-Krylov:

@@ -1,6 +1,6 @@
 """K-BFGS and K-BFGS(L): Kronecker-factored quasi-Newton (Goldfarb, Ren, Bahamou, "Practical
 Quasi-Newton Methods for Training Deep Neural Networks", NeurIPS 2020, arXiv:2006.08877), exactly
-as the authors' code runs them (kbfgs.md sections 4 and 5).
+as the authors' code runs them (docs/kbfgs.md sections 4 and 5).
 
 Per Kronecker layer (Dense; Conv2d as below), with homogeneous weights W~ = [W | b] and momentum M^ = [m_W | m_b]:
 
@@ -46,7 +46,7 @@ with L = H_out W_out, patches a (d_in = C_in kh kw) and pre-activations z (d_out
   - mean_rows(g+)), and the skip rule's reference gradient is sqrt(L) mean_rows(g) likewise;
   L = ``Conv2d.locations(rows, batch size)`` (:func:`engine.curvature.kronecker.secant_pair`);
 * damping: Powell on s with H_g (mu1, step 1 of the double damping), then "LM damping on
-  H^{-1}", y~ = y + sqrt(lambda) s~ (kbfgs.md section 4.4, last paragraph; :func:`powell_lm_damping`),
+  H^{-1}", y~ = y + sqrt(lambda) s~ (docs/kbfgs.md section 4.4, last paragraph; :func:`powell_lm_damping`),
   instead of the B = I Powell step. This is the damping the KF-QN-CNN paper prescribes for conv
   layers: (s~, y~) is the secant pair of B_g + sqrt(lambda) I for the curvature B_g = inv(H_g) seen
   by (s~, y), i.e. the same Tikhonov term sqrt(lambda) I that A gets, and it gives
@@ -80,7 +80,7 @@ from .lbfgs import CompactLBFGS
 __all__ = ["KBFGS", "KBFGSL", "powell_lm_damping"]
 
 def powell_lm_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
-    """KF-QN-CNN damping of a conv layer's pair (arXiv:2102.06737; kbfgs.md section 4.4, last paragraph).
+    """KF-QN-CNN damping of a conv layer's pair (arXiv:2102.06737; docs/kbfgs.md section 4.4, last paragraph).
 
     Powell damping in inverse form on s with ``H`` (a matrix or a callable ``v -> H v``), as step 1
     of :func:`solvers.damping.double_damping`, then "LM damping on H^{-1}": y~ = y + mu2 s~, so
@@ -106,7 +106,7 @@ def _kbfgs_hyperparameters() -> dict[str, Hyper]:
         "hessian_action": Hyper("V2", "Hessian-action vector: V2 (a_bar ends with 1, reference HEAD) or V1 (ends with the mean)",
                                 lambda v: v in HESSIAN_ACTION_VARIANTS, "V2 or V1"),
         "skip_constant": positive("c of the BFGS skip rule s^T y <= c s^T s ||g_ref||", SKIP_CONSTANT),
-        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors and of the momentum to zero (pitfall 19)"),
+        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors and of the momentum to zero (docs/kbfgs.md pitfall 19)"),
     }
 
 
@@ -151,7 +151,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
     def step_factors(self, state, i) -> tuple:
         return self.g_factor(state, i), state[layer_key(i, "H_a")]
 
-    # --- the iteration (kbfgs.md section 4.3) -------------------------------------------------
+    # --- the iteration (docs/kbfgs.md section 4.3) -------------------------------------------------
     def step(self, params, state, x, y):
         model = self.model
         xp = array_module(*params)
@@ -202,7 +202,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 xp = array_module(A)
                 A_lm = A + self.sqrt_damping * xp.eye(A.shape[0], dtype=A.dtype)
                 state[layer_key(i, "H_a")] = symmetrize(xp.linalg.inv(A_lm))
-            elif k % FLUSH_EVERY == 0:  # pitfall 16: guard against any BLAS-order asymmetry
+            elif k % FLUSH_EVERY == 0:  # docs/kbfgs.md pitfall 16: guard against any BLAS-order asymmetry
                 state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
                 self._symmetrize_g_side(state, i)
 

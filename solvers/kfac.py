@@ -1,4 +1,4 @@
-"""K-FAC as the K-BFGS reference code runs it (kbfgs.md section 6; Martens & Grosse, "Optimizing
+"""K-FAC as the K-BFGS reference code runs it (docs/kbfgs.md section 6; Martens & Grosse, "Optimizing
 Neural Networks with Kronecker-factored Approximate Curvature", ICML 2015, arXiv:1503.05671).
 
 Per Kronecker layer (Dense; Conv2d below), with homogeneous weights W~ = [W | b] and the EMA momentum M^ = [m_W | m_b]:
@@ -71,7 +71,7 @@ class KFAC(KroneckerSolver):
         "G_decay": unit_interval("EMA decay of G", 0.9),
         "inverse_freq": positive("recompute the damped factor inverses every this many iterations (and at k <= it)", 20, type=int),
         "seed": Hyper(9999, "seed of the generator that samples the Fisher targets", lambda v: v >= 0, ">= 0", int),
-        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors and of the momentum to zero (pitfall 19)"),
+        "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors and of the momentum to zero (docs/kbfgs.md pitfall 19)"),
     }
 
     # --- KroneckerSolver hooks ----------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The Kronecker-factored solvers' shared base: K-FAC, K-BFGS and K-BFGS(L) (DESIGN.md convention 5).
 
-What the three share, as the K-BFGS reference code runs them (kbfgs.md sections 4.2, 4.7 and 6):
+What the three share, as the K-BFGS reference code runs them (docs/kbfgs.md sections 4.2, 4.7 and 6):
 
 * the Kronecker layers (:class:`engine.layers.KroneckerLayer`: Dense, Conv2d), which of them are
   ``spatial`` (Conv2d: one row per example and location), and the parameters outside them;
 * the state record: ``k``, ``warm_started``, the flat momentum ``m`` and per Kronecker layer the
   factor arrays, under keys built by :func:`layer_key` alone (``layer{i}/{name}``);
 * the warm start: per-layer statistics of one pass over the data at the initial weights,
-  averaged over the batches (A for K-BFGS; A and G for K-FAC), subnormals flushed (pitfall 19);
+  averaged over the batches (A for K-BFGS; A and G for K-FAC), subnormals flushed (docs/kbfgs.md pitfall 19);
 * the EMA momentum m <- rho m + (1 - rho) g, no bias correction (section 4.7);
 * the step through the curvature-operator interface: the subclass builds, from its state, the
   :class:`engine.curvature.KroneckerBlockOperator` of its inverse factors (:meth:`step_factors`,
@@ -127,7 +127,7 @@ class KroneckerSolver(Solver):
         return state
 
     def warm_start(self, params, state, batches) -> dict:
-        """Per-layer statistics averaged over one pass over the data at the initial weights (kbfgs.md
+        """Per-layer statistics averaged over one pass over the data at the initial weights (docs/kbfgs.md
         section 4.2; section 6 for K-FAC). ``batches`` yields (x, y) pairs covering one epoch."""
         return self.average_statistics(params, state, batches, self.batch_statistics)
 

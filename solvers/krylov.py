@@ -5,7 +5,7 @@ Solves the damped Newton system
     (H + lambda I) p = b,        b = -g,
 
 by (preconditioned) conjugate gradient and stops early as soon as a direction appears that the
-quadratic model cannot use (complex-step.md sections 6.2-6.3; Nocedal & Wright 2006, Alg. 7.1;
+quadratic model cannot use (docs/complex-step.md sections 6.2-6.3; Nocedal & Wright 2006, Alg. 7.1;
 Martens 2010, section 4):
 
 * **"negative_curvature"** - a search direction d with d^T (H + lambda I) d <= threshold ||d||^2
@@ -333,7 +333,7 @@ CURVATURES = ("cs", "fd-forward", "fd-central", "rop", "gn")
 #: The weights follow the arithmetic of each pass and were checked on the reference 2-core CPU
 #: (NumPy 2.4 / OpenBLAS, CURVES autoencoder, batch 1000, float64; measured in brackets):
 #: a forward-only loss is 1/2 (0.42-0.53); a complex-step product is one complex128 gradient,
-#: 4 real multiply-adds per complex one (4.06; complex-step.md section 8 measured 3.4 on a wider
+#: 4 real multiply-adds per complex one (4.06; docs/complex-step.md section 8 measured 3.4 on a wider
 #: MLP); forward FD is one extra gradient (1.3-1.5 with the vector work), central FD two
 #: (2.0-3.0); the R-operator runs an R-forward and an R-backward next to cached forward/backward
 #: data (1.8-1.9), the Gauss-Newton product an R-forward and one backward (1.2-1.8).

@@ -1,5 +1,5 @@
 """Compact representation of the L-BFGS inverse Hessian (Byrd, Nocedal, Schnabel 1994,
-Math. Programming 63:129-156, Theorem 2.2), as K-BFGS(L) uses it (kbfgs.md section 5).
+Math. Programming 63:129-156, Theorem 2.2), as K-BFGS(L) uses it (docs/kbfgs.md section 5).
 
 With m stored pairs, S, Y in R^{m x d} (rows = pairs, oldest first), R the upper triangle of
 S Y^T (R_ij = s_i^T y_j for i <= j), D = diag(s_i^T y_i) and initial matrix gamma I,

@@ -24,7 +24,7 @@ each weighted by the rows of its pass relative to |B_g| (docs/newton-krylov.md s
 the ``n_grad_passes`` of the step's info.
 
 Host synchronisation: one transfer in the prologue, those of CG (one per product,
-complex-step.md section 10) and one per trial loss; the products stay on the device.
+docs/complex-step.md section 10) and one per trial loss; the products stay on the device.
 """
 
 from __future__ import annotations

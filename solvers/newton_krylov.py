@@ -1,11 +1,11 @@
 """Truncated Newton-Krylov on complex-step Hessian-vector products (Shen et al. 2020, reconstructed).
 
 Shen, Shao, Zhou, Jiang, Luo, Yang, "Second-order Neural Network Training Using Complex-step
-Directional Derivative", arXiv:2009.07098. Only the abstract is public (complex-step.md section 6.1): a
+Directional Derivative", arXiv:2009.07098. Only the abstract is public (docs/complex-step.md section 6.1): a
 stochastic Krylov iteration on complex-step (CSFD) Hessian-vector products that stops "as soon
 as a disturbing direction is found", and a step size adjusted by "monitor[ing] the approximation
 error in the Taylor expansion". The loop below is this project's reconstruction from standard
-published rules (complex-step.md section 6.3; docs/newton-krylov.md sections 3-4); **none of its
+published rules (docs/complex-step.md section 6.3; docs/newton-krylov.md sections 3-4); **none of its
 constants are the paper's settings**. Steps 1-3 and the damping rule of step 5 are those of the
 Newton-CG base, :class:`solvers.newton_cg.NewtonCG`, shared with Hessian-free.
 
@@ -148,7 +148,7 @@ class NewtonKrylov(NewtonCG):
         "rho_damped": Hyper(False, "use p^T (H + lambda I) p in Delta_pred instead of the undamped p^T H p"),
         "rho_noise": positive("Delta_pred below rho_noise eps |L| is treated as unresolvable by the loss", 100.0),
         # CG
-        "cg_max_iter": positive("CG iteration cap (complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
+        "cg_max_iter": positive("CG iteration cap (docs/complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
         "cg_rtol": nonnegative("CG residual rule ||r|| <= eta ||g||, eta = min(cg_rtol, sqrt(||g||)) when adaptive", 0.5),
         "cg_adaptive_rtol": Hyper(True, "forcing term eta = min(cg_rtol, sqrt(||g||)) (else eta = cg_rtol)"),
         "cg_curvature_threshold": nonnegative("exit CG on d^T (H + lambda I) d <= threshold ||d||^2", 0.0),

@@ -1,4 +1,4 @@
-"""RMSprop as the K-BFGS reference code runs it (kbfgs.md section 6, pitfall 15).
+"""RMSprop as the K-BFGS reference code runs it (docs/kbfgs.md section 6, docs/kbfgs.md pitfall 15).
 
 The second moment is of the EMA **momentum**, warm-started by one pass over the data:
 

@@ -1,4 +1,4 @@
-"""SGD with momentum, as the K-BFGS reference code runs it (kbfgs.md section 6).
+"""SGD with momentum, as the K-BFGS reference code runs it (docs/kbfgs.md section 6).
 
 m <- rho m + (1 - rho) g with g = grad(data loss) + tau theta (an EMA, no bias correction);
 theta <- theta - lr m. With ``heavy_ball=True`` the classical m <- rho m + g is used instead.

@@ -148,3 +148,71 @@ def test_the_checker_sees_a_wrong_arrow(tmp_path, monkeypatch):
     names = _resolve(fake, "engine.model", is_package=False)
     assert "engine.app.runfile" in names
     assert _layer("engine.app.runfile") == "app" and "app" not in ALLOWED["core"]
+
+
+#: the one long function the layout allows: the command line's table of options
+LONG_FUNCTIONS_ALLOWED = {("engine/app/cli.py", "build_parser")}
+
+
+def test_modules_and_functions_stay_readable():
+    """No module over 500 lines, no function over 80 (the parser's option table aside)."""
+    too_long = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            rel = str(path.relative_to(REPO))
+            text = path.read_text()
+            if len(text.splitlines()) > 500:
+                too_long.append(f"{rel}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > 80 and (rel, node.name) not in LONG_FUNCTIONS_ALLOWED:
+                        too_long.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_solvers_and_operators_do_not_dispatch_on_layer_types():
+    """The layer contract decides, not isinstance(..., Dense/Conv2d); and the model's privates stay in engine/."""
+    import re
+
+    found = []
+    for folder in ("solvers", "engine/curvature"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for k, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"isinstance\(.*\b(Dense|Conv2d)\b", line):
+                    found.append(f"{path.relative_to(REPO)}:{k}: {line.strip()}")
+    for folder in ("solvers", "nets", "data"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for k, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"model\._[a-z]", line):
+                    found.append(f"{path.relative_to(REPO)}:{k}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_citations_resolve_inside_the_repository():
+    """Every 'docs/kbfgs.md section N' / 'docs/complex-step.md section N' / 'pitfall N' in the code names a
+    section or pitfall of docs/ (the notes the code was written from are not part of a clone)."""
+    import re
+
+    docs = {name: (REPO / "docs" / name).read_text() for name in ("kbfgs.md", "complex-step.md", "newton-krylov.md")}
+    headings = {name: set(re.findall(r"^#+ (\d+(?:\.\d+)*)[. ]", text, flags=re.M)) for name, text in docs.items()}
+    pitfalls = set(re.findall(r"^\*\*?(?:Pitfall )?(\d+)[.)]", docs["kbfgs.md"], flags=re.M))
+    pitfalls |= set(re.findall(r"^(\d+)\. ", docs["kbfgs.md"][docs["kbfgs.md"].index("## 9."):], flags=re.M))
+    bad = []
+    for folder in ("engine", "solvers", "nets", "data", "benchmarks", "tests"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path == pathlib.Path(__file__).resolve():
+                continue  # this checker names the forms it looks for
+            text = path.read_text()
+            where = path.relative_to(REPO)
+            if "shared/reference" in text:
+                bad.append(f"{where}: cites ../shared/reference (not in the repository)")
+            for name, number in re.findall(r"(kbfgs\.md|complex-step\.md|newton-krylov\.md),? (?:sections? )?(\d+(?:\.\d+)*)", text):
+                if number not in headings[name] and number.split(".")[0] not in headings[name]:
+                    bad.append(f"{where}: {name} section {number} does not exist")
+                if not re.search(rf"docs/{re.escape(name)}", text):
+                    bad.append(f"{where}: cites {name} without its docs/ path")
+            for number in re.findall(r"pitfalls? (\d+)", text):
+                if number not in pitfalls:
+                    bad.append(f"{where}: pitfall {number} does not exist in docs/kbfgs.md")
+    assert not bad, "\n".join(sorted(set(bad)))

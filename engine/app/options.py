@@ -24,8 +24,8 @@ class UsageError(Exception):
 DEFAULT_NET = "curves-ae"
 DEFAULT_SOLVER = "kbfgs"
 DEFAULT_EPOCHS = 10
-DEFAULT_BATCH_SIZE = 1000  # the reference protocol's minibatch (kbfgs.md section 3.4)
-DEFAULT_SEED = 9999  # the reference code's seed (kbfgs.md section 3.3)
+DEFAULT_BATCH_SIZE = 1000  # the reference protocol's minibatch (docs/kbfgs.md section 3.4)
+DEFAULT_SEED = 9999  # the reference code's seed (docs/kbfgs.md section 3.3)
 DEFAULT_DTYPE = "float32"
 #: The initial weights: PyTorch's own values for the seed (the reference code's initial point at
 #: its seed 9999; engine/init.py), or NumPy's PCG64 draws of the same distribution.

@@ -23,6 +23,7 @@ from ..backend import get_xp, to_device
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, PRESET_EPOCHS, UsageError, build_solver, check_data_dir,
                       check_dataset, check_dtype, check_net, check_solver, check_task)
 from . import runfile
+from .environment import environment_info
 from .probes import probe
 from .progress import Progress
 from .train import Trainer, TrainingDiverged
@@ -151,7 +152,7 @@ class Run:
         config["n_params"] = run.model.n_params
         config["param_shapes"] = [list(s) for s in run.model.shapes]
         config["weight_decay"] = run.model.weight_decay
-        run.environment = runfile.environment_info()
+        run.environment = environment_info()
         config["backend"] = run.environment["backend"]
         config["cstep_version"] = __version__
         config["command"] = " ".join(["cstep"] + list(getattr(args, "argv", []) or []))
@@ -185,7 +186,7 @@ class Run:
         run.path = Path(path)
         run.meta = dict(record.meta)
         run.checkpoints = int(record.progress.get("checkpoints", 0))
-        run.environment = runfile.environment_info()
+        run.environment = environment_info()
         if run.environment["backend"] != header.environment.get("backend", run.environment["backend"]):
             print(f"cstep resume: note: the run was made on the {header.environment.get('backend')} backend and continues "
                   f"on {run.environment['backend']}; it will not be bit-for-bit what the original backend gives", file=sys.stderr)

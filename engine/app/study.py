@@ -1,7 +1,7 @@
 """Precision study: the complex step against forward and central differences (``cstep study``).
 
 For every target and every step h of a grid reaching from 1e-1 down to the subnormal range the
-study measures the relative error of three derivative approximations (complex-step.md section 7.1):
+study measures the relative error of three derivative approximations (docs/complex-step.md section 7.1):
 
 * complex step   ``f'(x) ~ Im f(x + i h) / h``            (Lyness & Moler 1967; Squire & Trapp 1998)
 * forward FD     ``f'(x) ~ (f(x + h) - f(x)) / h``          error (h/2)|f''| + 2 eps |f| / h
@@ -11,11 +11,11 @@ in float64 (the complex step in complex128) and float32 (complex64). Targets:
 
 * ``demo``: f(x) = e^x / sqrt(sin^3 x + cos^3 x) at x = 1.5 (Martins, Sturdza & Alonso 2003);
 * ``st-power``, ``st-exp``: Squire & Trapp's (1998) x^(9/2) and e^x / (sin^3 x + cos^3 x) at 1.5;
-  the references for these three are 50-digit mpmath derivatives (complex-step.md section 7.2);
+  the references for these three are 50-digit mpmath derivatives (docs/complex-step.md section 7.2);
 * ``mlp-hvp-<act>``: the Hessian-vector product H v of a small softmax cross-entropy MLP along a
   unit-norm random v, by the complex step of the gradient ``Im grad L(w + i h v) / h`` and by
   forward/central differences of the gradient, against Pearlmutter's exact R-operator product
-  (complex-step.md sections 2 and 7.3);
+  (docs/complex-step.md sections 2 and 7.3);
 * ``mlp-grad-<act>``: the directional derivative <grad L, v> of the same loss, against backprop.
 
 The error is ``|approx - exact| / |exact|`` (vector 2-norms for H v). Results come back as a

@@ -34,7 +34,7 @@ DEFAULT_SEED = 1
 def default_steps() -> list[float]:
     """1e-1 ... 1e-20 every decade, then 1e-30 ... 1e-100 every ten decades, 1e-150 ... 1e-300
     every fifty, 1e-305 (just above the float64 normal range, 2.2e-308) and the subnormal 1e-310,
-    where the complex step finally loses digits (complex-step.md section 3)."""
+    where the complex step finally loses digits (docs/complex-step.md section 3)."""
     exps = list(range(1, 21)) + list(range(30, 101, 10)) + [150, 200, 250, 300, 305, 310]
     return [float(f"1e-{k}") for k in exps]
 
@@ -64,7 +64,7 @@ def _check_steps(steps) -> list[float]:
     return sorted(set(steps), reverse=True)
 
 
-# --- scalar test functions (complex-step.md section 7.2) -----------------------------------------
+# --- scalar test functions (docs/complex-step.md section 7.2) -----------------------------------------
 
 def _demo(x):
     """e^x / sqrt(sin^3 x + cos^3 x): analytic near x = 1.5 (the root's argument is ~0.997 > 0)."""
@@ -120,7 +120,7 @@ def scalar_reference(name: str, dps: int = 50):
     """f'(1.5) of the scalar function ``name`` as an mpmath number with ``dps`` digits.
 
     ``mpmath.diff`` differentiates at a raised working precision, so all ``dps`` digits are
-    correct; the test suite checks them against the literature values of complex-step.md 7.2.
+    correct; the test suite checks them against the literature values of docs/complex-step.md 7.2.
     """
     mpmath = _mpmath()
     f_mp = SCALAR_FUNCTIONS[name][1]
@@ -168,7 +168,7 @@ def _check_mlp(sizes, act, batch, seed):
 def mlp_setup(sizes=(6, 10, 10, 4), act: str = "tanh", batch: int = 16, seed: int = DEFAULT_SEED) -> MLPSetup:
     """A softmax cross-entropy MLP with hidden activation ``act`` and a linear output layer,
     PyTorch-default initial weights from ``seed``, standard normal inputs, uniform random labels
-    and a unit-norm Gaussian direction v (complex-step.md section 7.3's setup)."""
+    and a unit-norm Gaussian direction v (docs/complex-step.md section 7.3's setup)."""
     sizes, batch, seed = _check_mlp(sizes, act, batch, seed)
     layers = []
     for k, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):

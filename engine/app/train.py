@@ -238,7 +238,7 @@ class Trainer:
 
     # --- loop ---------------------------------------------------------------------------
     def warm_start(self) -> None:
-        """The solver's one-epoch warm-start pass (kbfgs.md section 4.2), if it has one."""
+        """The solver's one-epoch warm-start pass (docs/kbfgs.md section 4.2), if it has one."""
         if not self.warm_started:
             self.solver_state = self.solver.warm_start(self.params, self.solver_state, self._warm_start_batches())
             self.warm_started = True

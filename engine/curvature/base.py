@@ -3,7 +3,7 @@
 Every curvature in cstep is a square linear operator on the flat parameter vector of a model:
 ``matvec(v)``, ``matmat(V)``, ``shape``, ``dtype`` (real), ``dense()`` for small models and
 ``to_scipy()`` for ``scipy.sparse.linalg`` (``cupyx.scipy.sparse.linalg`` on CuPy), as in
-curvlinops (complex-step.md section 9). Vectors are real: the complex step, where used, lives
+curvlinops (docs/complex-step.md section 9). Vectors are real: the complex step, where used, lives
 inside an operator and never leaks out.
 
 :class:`ModelOperator` is the base of the operators built *at* given parameters on a given batch
@@ -194,7 +194,7 @@ class ModelOperator(CurvatureOperator):
     def _data(self, a):
         a = self._on_device(a)
         if a.dtype.kind == "c":
-            raise TypeError(f"data stay real (complex-step.md section 2.2), got {a.dtype}")
+            raise TypeError(f"data stay real (docs/complex-step.md section 2.2), got {a.dtype}")
         if a.dtype.kind == "f" and a.dtype != self.dtype:
             a = a.astype(self.dtype)
         return a

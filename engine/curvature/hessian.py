@@ -1,10 +1,10 @@
 """Hessian-vector products three ways: complex step, finite differences, R-operator.
 
-* :class:`HessianCS` - H v = ||v|| Im g(w + i h v^) / h, v^ = v / ||v|| (complex-step.md
+* :class:`HessianCS` - H v = ||v|| Im g(w + i h v^) / h, v^ = v / ||v|| (docs/complex-step.md
   sections 2-3): no subtraction, so h can be tiny and the product is exact to rounding; the real
   part of the same pass is the gradient.
 * :class:`HessianFD` - forward (g(w + h v^) - g(w)) / h or central (g(w + h v^) - g(w - h v^)) / 2h
-  differences of the gradient (complex-step.md section 7.1): the comparison method.
+  differences of the gradient (docs/complex-step.md section 7.1): the comparison method.
 * :class:`HessianRop` - Pearlmutter (1994), "Fast exact multiplication by the Hessian": the
   R-operator R{.} = d/dr (.)(w + r v)|_{r=0} applied to the forward and backward equations,
   in real arithmetic through the layers' ``jvp`` / ``backward_rop`` and the loss's
@@ -31,17 +31,17 @@ class HessianCS(ModelOperator):
         H v = ||v|| Im[ grad L(w + i h v^) ] / h,   v^ = v / ||v||,
         grad L(w) = Re[ grad L(w + i h v^) ] + O(h^2)
 
-    (complex-step.md sections 2.1-2.2; Squire & Trapp 1998 for the step, applied to the
+    (docs/complex-step.md sections 2.1-2.2; Squire & Trapp 1998 for the step, applied to the
     gradient). The normalisation makes the step size independent of the scale of v: ||v|| is
     computed with a max-scaling (:func:`engine.curvature.base.split_norm`), so directions with
     components from 1e-200 to 1e+50 neither underflow nor overflow, and the perturbation
     h v^ is built in an explicitly complex array (NEP 50: a float32 + Python complex would be
-    silently complex64, complex-step.md 4.4). Nothing is conjugated.
+    silently complex64, docs/complex-step.md 4.4). Nothing is conjugated.
 
     Default h (``h=None``):
 
     * float64 models run in complex128 with h = 1e-30 (the authors' group's value,
-      complex-step.md section 3): the h^2 truncation is ~1e-60 relative, and the imaginary parts,
+      docs/complex-step.md section 3): the h^2 truncation is ~1e-60 relative, and the imaginary parts,
       about h |v^_i| (local derivative), stay normal (> 2.2e-308) for components down to ~1e-250.
     * float32 models run in complex64 with h = 1e-12. complex64's exponent range is narrow: the
       smallest normal is 1.2e-38 (and GPUs flush float32 subnormals to zero), so the imaginary
@@ -109,8 +109,8 @@ class HessianFD(ModelOperator):
     Default step (Pernice & Walker 1998, NITSOL; Knoll & Keyes 2004, JFNK review, section 2.2,
     for a directional difference along a unit direction): h = sqrt(eps (1 + ||w||)) forward and
     h = (eps (1 + ||w||))^(1/3) central, the classical optima sqrt(eps) and eps^(1/3)
-    (complex-step.md section 7.1) scaled by the size of the point. For a tiny float64 MLP that is
-    ~3e-8 and ~1e-5, the measured optima of complex-step.md 7.3 (relative errors ~1e-8 and
+    (docs/complex-step.md section 7.1) scaled by the size of the point. For a tiny float64 MLP that is
+    ~3e-8 and ~1e-5, the measured optima of docs/complex-step.md 7.3 (relative errors ~1e-8 and
     ~1e-10); in float32 ~7e-4 and ~8e-3.
     """
 

@@ -3,7 +3,7 @@ with every check of many factors read in ONE host sync (no reliance on the libra
 CuPy's linear algebra does not).
 
 K-FAC inverts its damped factors (A + sqrt(lambda) I, G + sqrt(lambda) I) through
-:func:`factor_inverses` at every refresh (kbfgs.md section 6); :class:`engine.curvature.kronecker.
+:func:`factor_inverses` at every refresh (docs/kbfgs.md section 6); :class:`engine.curvature.kronecker.
 KroneckerBlockOperator` inverts its curvature factors on first use.
 """
 

@@ -2,7 +2,7 @@
 block-diagonal operator through which K-FAC, K-BFGS and K-BFGS(L) apply their steps.
 
 Statistics (Martens & Grosse 2015, K-FAC, section 3; Goldfarb, Ren & Bahamou 2020, K-BFGS,
-section 3; kbfgs.md sections 2 and 4). For a layer with homogeneous weight matrix
+section 3; docs/kbfgs.md sections 2 and 4). For a layer with homogeneous weight matrix
 M = [W | b] (d_out x (d_in + 1)), input rows a_n, pre-activation rows z_n and per-example
 pre-activation gradients g_n = N dL/dz_n (``engine.model.Capture``), with N the number of rows:
 
@@ -10,12 +10,12 @@ pre-activation gradients g_n = N dL/dz_n (``engine.model.Capture``), with N the 
     G = (1/N) sum_n g_n g_n^T                              (d_out x d_out)
     a_mean = mean_n a~_n (last entry 1), z_mean = mean_n z_n, g_mean = mean_n g_n
 
-The batch means are what K-BFGS's H_g update differences between two passes (kbfgs.md 4.2).
+The batch means are what K-BFGS's H_g update differences between two passes (docs/kbfgs.md section 4.3 (d)).
 
 Factor updates (what the solvers keep in their state, updated in place): :func:`ema_`,
 :func:`ema_homogeneous_second_moment_` (A's EMA fused with its statistic), :func:`flush_subnormals_`
-(pitfall 19), and the pre-activation-side secant pair of K-BFGS with the convolution scaling
-(:func:`row_means`, :func:`secant_pair`; kbfgs.md section 4.3 (d)).
+(docs/kbfgs.md pitfall 19), and the pre-activation-side secant pair of K-BFGS with the convolution scaling
+(:func:`row_means`, :func:`secant_pair`; docs/kbfgs.md section 4.3 (d)).
 
 Block operator. One block per layer, acting on the layer's homogeneous matrix:
 
@@ -28,7 +28,7 @@ converts with ``layer.to_matrix`` / ``layer.from_matrix``.
 Two ways to give a block, one operator type:
 
 * **curvature factors** (default; K-FAC): (L, R) are the factors of C, e.g. (G, A) with
-  ``damping=sqrt(lambda)`` giving (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) (kbfgs.md 5).
+  ``damping=sqrt(lambda)`` giving (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) (docs/kbfgs.md section 6).
   ``matvec`` multiplies by the factors; ``solve`` applies inv(L) M inv(R), with the inverses
   cached (Cholesky for symmetric positive definite factors, LU otherwise).
 * **inverse factors** (``inverse=True`` or :meth:`KroneckerBlockOperator.from_inverse_factors`;
@@ -167,7 +167,7 @@ def ema_homogeneous_second_moment_(A, a, decay: float, a_mean=None):
 def flush_subnormals_(a):
     """Set entries with |a| below the smallest normal number to zero, in place.
 
-    kbfgs.md pitfall 19: entries of EMA'd factors that decay (e.g. rows of dead ReLU units)
+    docs/kbfgs.md pitfall 19: entries of EMA'd factors that decay (e.g. rows of dead ReLU units)
     drift into the subnormal range, where x86 arithmetic is many times slower; the official
     K-FAC doubles its epoch time on CPU after epoch 11 because of it.
     """
@@ -182,7 +182,7 @@ def row_means(capture, batch_size: int):
 
     The rows hold dL/dz (Dense: N rows) or sqrt(L) dL/dz (Conv2d: N L rows), and g = N dL/dz,
     so mean_rows(g) = (N / rows) sum_rows: the per-example scale is applied to the d_out sums,
-    not to the rows (K-BFGS's second pass, kbfgs.md section 4.3 (c)).
+    not to the rows (K-BFGS's second pass, docs/kbfgs.md section 4.3 (c)).
     """
     rows = capture.z.shape[0]
     g_sum = capture.g.sum(axis=0)
@@ -194,10 +194,10 @@ def row_means(capture, batch_size: int):
 def secant_pair(layer, old: KronFactors, z_mean_new, g_mean_new, rows: int, batch_size: int):
     """(s, y, g_ref): the pre-activation-side pair of K-BFGS between two passes of one batch.
 
-    s = mean_rows(z) - mean_rows(z+), y = mean_rows(g) - mean_rows(g+) (old minus new, kbfgs.md
+    s = mean_rows(z) - mean_rows(z+), y = mean_rows(g) - mean_rows(g+) (old minus new, docs/kbfgs.md
     section 4.3 (d)) and g_ref = mean_rows(g) for the skip rule. For a ``spatial`` layer
     (Conv2d, KF-QN-CNN) y and g_ref are scaled by sqrt(L), L = ``layer.locations(rows,
-    batch_size)``: y = sum_t mean_n dDs_t matches G = E_n sum_t Ds Ds^T (kbfgs.md section 4.3).
+    batch_size)``: y = sum_t mean_n dDs_t matches G = E_n sum_t Ds Ds^T (docs/kbfgs.md section 4.3).
     """
     y = old.g_mean - g_mean_new
     g_ref = old.g_mean
@@ -243,7 +243,7 @@ class KroneckerBlockOperator(CurvatureOperator):
     factor may be a linear operator (``shape``, ``dtype``, ``apply(X)``, ``dense()``).
 
     ``damping`` (curvature factors only) is added to both factors: (left + d I), (right + d I);
-    K-FAC with damping lambda uses d = sqrt(lambda) (kbfgs.md section 5).
+    K-FAC with damping lambda uses d = sqrt(lambda) (docs/kbfgs.md section 6).
     ``missing``: what to do with parameters of layers without a block: "raise" (default) or
     "identity" (they pass through unchanged in both ``matvec`` and ``solve``).
     ``order``: "left_first" (L M) R or "right_first" L (M R), the floating-point order of every

@@ -110,7 +110,7 @@ def test_bad_state_or_settings_raise():
 #: a transcription of the official DataSet.next_batch loop (numpy.random.seed, compounding shuffles,
 #: one numpy.random.permutation(batch) per training iteration for its second-order methods after
 #: their warm-start epoch). That transcription, as part of an op-for-op PyTorch port of the official
-#: K-BFGS, reproduces the measured reference run (kbfgs.md pitfall 20) to the printed digits.
+#: K-BFGS, reproduces the measured reference run (docs/kbfgs.md pitfall 20) to the printed digits.
 REFERENCE_BATCHES = {
     (9999, 60000, 1000, 1): {0: ([57526, 4472, 32767], 30928267), 1: ([18035, 37823, 12435], 29583848),
                              59: ([39781, 16862, 7340], 29512439), 60: ([23095, 23547, 58156], 30295385),

@@ -73,7 +73,7 @@ def test_model_init_torch_is_the_reference_initial_point_in_both_dtypes():
     _check(p32[0], TORCH_9999["l1.w"])
     _check(p32[3], TORCH_9999["l2.b"])
     assert all(a.dtype == numpy.float64 and numpy.array_equal(a, b.astype(numpy.float64)) for a, b in zip(p64, p32))
-    # the 0.5 tau ||theta||^2 and loss scale the reference starts from (kbfgs.md 3.2): about 784 ln 2
+    # the 0.5 tau ||theta||^2 and loss scale the reference starts from (docs/kbfgs.md 3.2): about 784 ln 2
     assert 1.0 < float(sum((p.astype(numpy.float64) ** 2).sum() for p in p64)) < 1e4
 
 

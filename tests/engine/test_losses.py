@@ -44,7 +44,7 @@ def test_stable_at_plus_minus_1000(xp, loss):
 
 
 def test_sigmoid_xent_initial_autoencoder_value():
-    """At zero logits the per-example loss is 784 ln 2 ~ 543.4 (kbfgs.md section 3.2)."""
+    """At zero logits the per-example loss is 784 ln 2 ~ 543.4 (docs/kbfgs.md section 3.2)."""
     loss = SigmoidCrossEntropy()
     value = loss.value(numpy.zeros((3, 784)), numpy.random.default_rng(0).random((3, 784)))
     assert abs(value - 784 * numpy.log(2)) < 1e-9

@@ -1,4 +1,4 @@
-"""nets: the K-BFGS paper's autoencoders exactly as kbfgs.md section 3.1 lists them."""
+"""nets: the K-BFGS paper's autoencoders exactly as docs/kbfgs.md section 3.1 lists them."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""K-FAC, Adam (paper and standard) and RMSprop against plain re-implementations of kbfgs.md
+"""K-FAC, Adam (paper and standard) and RMSprop against plain re-implementations of docs/kbfgs.md
 section 6 (float64, explicit homogeneous inputs, numpy.linalg.inv, textbook update formulas).
 
 The solvers run under the ``xp`` fixture, the references on the host; the device run is also
@@ -119,7 +119,7 @@ def adam_run(xp, variant):
         g = flat(model, model.loss_and_grad(model.unflatten(theta), x, y)[1])
         m = 0.9 * m + 0.1 * g
         m_hat = m / (1 - 0.9 ** (k + 1))
-        if variant == "paper":  # v of the bias-corrected momentum (kbfgs.md section 6)
+        if variant == "paper":  # v of the bias-corrected momentum (docs/kbfgs.md section 6)
             v = beta2 * v + (1 - beta2) * m_hat ** 2
         else:
             v = beta2 * v + (1 - beta2) * g ** 2

@@ -1,4 +1,4 @@
-"""solvers.damping: Powell, B = I and double damping (kbfgs.md section 4.4, pitfalls 5 and 18).
+"""solvers.damping: Powell, B = I and double damping (docs/kbfgs.md section 4.4, docs/kbfgs.md pitfalls 5 and 18).
 
 Each body runs under the ``xp`` fixture and returns what it computed; on the CuPy half that must
 agree with the NumPy run (``twinned``, tests/solvers/common.py)."""
@@ -94,7 +94,7 @@ def test_division_guards(xp):
 
 @twinned
 def test_double_damping_order_and_inputs_untouched(xp):
-    """Powell on s with H first, then B = I on y with the damped s~ (pitfall 5)."""
+    """Powell on s with H first, then B = I on y with the damped s~ (docs/kbfgs.md pitfall 5)."""
     rng = numpy.random.default_rng(11)
     d = 6
     H = spd(rng, d)

@@ -1,4 +1,4 @@
-"""solvers.hessian_action: the H_a update is exact on its direction (kbfgs.md section 4.5).
+"""solvers.hessian_action: the H_a update is exact on its direction (docs/kbfgs.md section 4.5).
 
 Each body runs under the ``xp`` fixture and returns what it computed; on the CuPy half that must
 agree with the NumPy run (``twinned``, tests/solvers/common.py)."""

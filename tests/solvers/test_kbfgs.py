@@ -1,4 +1,4 @@
-"""solvers.kbfgs: K-BFGS and K-BFGS(L) against a plain float64 re-implementation of kbfgs.md
+"""solvers.kbfgs: K-BFGS and K-BFGS(L) against a plain float64 re-implementation of docs/kbfgs.md
 section 4.3, plus one test per testable pitfall of section 9.
 
 The reference below is written from the note, the slow and obvious way: a model copy for the
@@ -52,7 +52,7 @@ def ref_double_damping(s, y, H, mu1, mu2):
 
 
 class ReferenceKBFGS:
-    """kbfgs.md section 4.3 in float64, dense H_g (memory=None) or L-BFGS from pairs (memory=p)."""
+    """docs/kbfgs.md section 4.3 in float64, dense H_g (memory=None) or L-BFGS from pairs (memory=p)."""
 
     def __init__(self, model, lr, lam, memory=None, variant="V2"):
         self.model, self.lr, self.lam, self.memory, self.variant = model, lr, lam, memory, variant
@@ -74,7 +74,7 @@ class ReferenceKBFGS:
         self.init_state(params)
 
     def init_state(self, params):
-        """Momentum, H_g = I, empty L-BFGS memory and (s, y) EMAs at zero (kbfgs.md section 4.2)."""
+        """Momentum, H_g = I, empty L-BFGS memory and (s, y) EMAs at zero (docs/kbfgs.md section 4.2)."""
         self.m = [numpy.zeros_like(p) for p in params]
         self.H_g = {i: numpy.eye(self.model.layers[i].d_out) for i in self.kron}
         self.H_a = {}
@@ -171,7 +171,7 @@ def test_matches_reference_implementation(name, memory, variant, xp):
 
 def first_iteration(xp):
     """Pitfalls 2, 6, 7: homogeneous A averaged over the epoch, H_a = inv(A + sqrt(lambda) I) at
-    k = 0, A not EMA-updated at k = 0, H_g = I to start; state keeps the undamped EMA (pitfall 5)."""
+    k = 0, A not EMA-updated at k = 0, H_g = I to start; state keeps the undamped EMA (docs/kbfgs.md pitfall 5)."""
     model = tiny_model()
     data = batches()
     solver = make_solver("kbfgs", model, lr=0.3, damping=0.3)
@@ -197,7 +197,7 @@ def first_iteration(xp):
     _, _, caps_new = model.loss_and_grad([to_np(p) for p in params], x, y, regularized=False, capture=True)
     s = caps[0].z.mean(0) - caps_new[0].z.mean(0)
     numpy.testing.assert_allclose(to_np(state[f"layer{i}/s_ema"]), 0.1 * s, rtol=1e-10, atol=1e-15)
-    # y uses the per-example scale N dL/dz (pitfall 3)
+    # y uses the per-example scale N dL/dz (docs/kbfgs.md pitfall 3)
     yv = caps[0].g.mean(0) - caps_new[0].g.mean(0)
     numpy.testing.assert_allclose(to_np(state[f"layer{i}/y_ema"]), 0.1 * yv, rtol=1e-10, atol=1e-15)
     assert int(to_np(info["powell_damping"])) + int(to_np(info["lm_damping"])) >= 0

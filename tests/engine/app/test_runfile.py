@@ -11,6 +11,7 @@ import numpy
 import pytest
 
 from engine.app import runfile
+from engine.app.environment import environment_info
 from engine.backend import to_host
 from engine.app.runfile import (FORMAT_VERSION, MAGIC, RunFileError, RunRecord, check_run_file, load_run, read_record,
                             save_run, write_record)
@@ -206,7 +207,7 @@ def test_foreign_and_damaged_files_are_rejected(tmp_path):
 
 
 def test_environment_names_versions_and_backend():
-    env = runfile.environment_info()
+    env = environment_info()
     assert env["numpy"] == numpy.__version__ and env["h5py"] == h5py.__version__
     assert env["backend"] in ("numpy", "cupy")
     for key in ("cstep_version", "python", "scipy", "cupy", "host", "platform", "device", "cpu_count"):

@@ -1,5 +1,5 @@
 """Tests for engine/app/study.py: the precision study must show the classical shape of the error
-curves (complex-step.md section 7), against references that share no code with the study:
+curves (docs/complex-step.md section 7), against references that share no code with the study:
 literature values of the scalar derivatives, a 40-digit mpmath dense Hessian and gradient of the
 MLP (tests/reference.py), and a NumPy re-implementation of the MLP's pre-activations for the
 ReLU kink count.
@@ -20,7 +20,7 @@ from engine.app import cli, study
 from engine.layers import Dense
 from tests.reference import mp_dense_hessian, mp_gradient
 
-# complex-step.md section 7.2 (50-digit mpmath values quoted in the note)
+# docs/complex-step.md section 7.2 (50-digit mpmath values quoted in the note)
 LITERATURE = {
     "demo": "4.0534278938986206577",
     "st-power": "18.6008127342597586831856",
