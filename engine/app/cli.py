@@ -243,6 +243,11 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs", metavar="DIR", help="where the run files go (default runs)")
     p.add_argument("-o", "--output", default=None, metavar="FIG.png",
                    help="comparison plot (default OUT_DIR/compare-NET-YYYYmmdd-HHMMSS.png)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run every solver on each seed (initial weights and batch order); the table and figure give "
+                        "per solver the median and range over seeds, the diverged runs and the CPU time (default: --seed)")
+    p.add_argument("--budget", default=None, metavar="cpu=SECONDS|epochs=N",
+                   help="the same budget for every solver: training CPU seconds (cpu=60) or epochs (epochs=5)")
     p.add_argument("--resume", default=None, metavar="MANIFEST",
                    help="finish an interrupted comparison: its manifest (compare-NET-TIME.json, written next to the "
                         "run files) or the folder holding it (the newest); the other options are then taken from it")

@@ -1,10 +1,13 @@
 """``cstep compare``: several solvers on the same data, initial weights, batch-order rule and
-budget, one run file each, a manifest that lets an interrupted comparison be finished with
+budget (``--budget cpu=SECONDS`` for equal training CPU time), over one seed or several
+(``--seeds 1,2,3``: per solver the median and range of the final losses, the diverged runs, the
+CPU time, and a median curve with its band), one run file each, a manifest that lets an interrupted comparison be finished with
 ``cstep compare --resume``, one figure and a table."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -15,8 +18,8 @@ import nets
 import solvers
 
 from .options import UsageError, check_data_dir, check_dataset, check_dtype, check_net, check_solver, tuned
-from .plots import load_for_plot, plot_runs
-from .report import compare_table
+from .plots import load_for_plot, plot_runs, plot_seeds
+from .report import compare_table, seed_statistics, seed_table
 from .runfile import RunFileLock, load_run
 from .runs import STOP, Interrupted, Run, claim_path, drive, load_dataset, pinned_threads, summary
 
@@ -82,18 +85,62 @@ def _train_all(runs, manifest_path: Path, manifest: dict, args, start: float) ->
                 raise
             entry["status"] = status
             _write_manifest(manifest_path, manifest)
-            results.append(summary(run, status, time.perf_counter() - start))
+            results.append({**summary(run, status, time.perf_counter() - start), "seed": run.config["seed"]})
             run.trainer = None  # free the model state before the next solver
     return results
 
 
-def _finish(results: list[dict], plot_path: Path, args) -> int:
-    plot_runs([load_run(r["run"]) for r in results if r["epochs"] > 0] or load_for_plot([]), plot_path)
+def _finish(results: list[dict], plot_path: Path, args, over_seeds: bool = False) -> int:
+    records = [load_run(r["run"]) for r in results if r["epochs"] > 0] or load_for_plot([])
+    if over_seeds:
+        plot_seeds(records, plot_path)
+        by_solver = seed_statistics(results)
+    else:
+        plot_runs(records, plot_path)
+        by_solver = None
     if args.json:
-        print(json.dumps({"plot": str(plot_path), "runs": results}, indent=2))
+        print(json.dumps({"plot": str(plot_path), "runs": results, **({"by_solver": by_solver} if by_solver else {})},
+                         indent=2))
     elif not args.quiet:
-        print(compare_table(results, plot_path))
+        print(seed_table(by_solver, plot_path) if by_solver else compare_table(results, plot_path))
     return 0
+
+
+def _parse_seeds(text) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        seeds = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r} is not a comma-separated list of integers, e.g. 1,2,3") from None
+    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise UsageError(f"--seeds {text!r}: give distinct seeds >= 0, e.g. 1,2,3")
+    return seeds
+
+
+def _apply_budget(args) -> None:
+    """``--budget cpu=SECONDS`` (the same training CPU time for every solver) or ``--budget epochs=N``."""
+    if not args.budget:
+        return
+    kind, sep, value = str(args.budget).partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not sep or kind not in ("cpu", "epochs") or number <= 0:
+        raise UsageError(f"--budget {args.budget!r} is not cpu=SECONDS or epochs=N (e.g. --budget cpu=60)")
+    if kind == "cpu":
+        args.max_time = number
+    else:
+        args.epochs = int(number)
+
+
+def _plan(args, solver_list, seeds, out_dir: Path, stamp: str) -> list[tuple[str, int, Path]]:
+    tag = (lambda seed: f"-seed{seed}") if len(seeds) > 1 else (lambda seed: "")
+    plan = [(s, seed, out_dir / f"{args.net}-{s}{tag(seed)}-{stamp}.h5") for s in solver_list for seed in seeds]
+    for _, _, path in plan:
+        claim_path(path, False)
+    return plan
 
 
 def cmd_compare(args) -> int:
@@ -107,31 +154,33 @@ def cmd_compare(args) -> int:
     if len(set(solver_list)) < len(solver_list):
         raise UsageError(f"--solvers {args.solvers} names a solver twice; name each once")
     sets = _parse_sets(args.set, solver_list)
+    seeds = _parse_seeds(args.seeds) or [args.seed]
+    _apply_budget(args)
     out_dir = Path(args.out_dir)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    paths = {s: out_dir / f"{args.net}-{s}-{stamp}.h5" for s in solver_list}
-    for p in paths.values():
-        claim_path(p, False)
+    plan = _plan(args, solver_list, seeds, out_dir, stamp)
     # build every run before training any, so a bad hyper-parameter fails before work is done
     dtype = check_dtype(args.dtype)
     data_dir = check_data_dir(args.data_dir)
     ds_name = check_dataset(args.data) if args.data else nets.PRESETS[args.net][1]
     dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
     runs = []
-    for s in solver_list:
-        run = Run.new(args, args.net, s, tuned(args.net, s, sets[s]), dataset=dataset)
-        run.path = paths[s]
+    for s, seed, path in plan:
+        run_args = copy.copy(args)
+        run_args.seed = seed
+        run = Run.new(run_args, args.net, s, tuned(args.net, s, sets[s]), dataset=dataset)
+        run.path = path
         runs.append(run)
     plot_path = Path(args.output) if args.output else out_dir / f"compare-{args.net}-{stamp}.png"
     manifest_path = out_dir / f"compare-{args.net}-{stamp}.json"
-    manifest = {"format": MANIFEST_FORMAT, "net": args.net, "plot": str(plot_path),
+    manifest = {"format": MANIFEST_FORMAT, "net": args.net, "plot": str(plot_path), "seeds": seeds,
                 "command": " ".join(["cstep"] + list(getattr(args, "argv", []) or [])),
-                "runs": [{"solver": run.config["solver"], "run": str(run.path), "status": "pending"} for run in runs]}
+                "runs": [{"solver": s, "seed": seed, "run": str(path), "status": "pending"} for s, seed, path in plan]}
     out_dir.mkdir(parents=True, exist_ok=True)
     for run in runs:
         run.checkpoint()  # every run file exists before the first solver trains: all are resumable
     _write_manifest(manifest_path, manifest)
-    return _finish(_train_all(runs, manifest_path, manifest, args, start), plot_path, args)
+    return _finish(_train_all(runs, manifest_path, manifest, args, start), plot_path, args, len(seeds) > 1)
 
 
 def _resume_comparison(args) -> int:
@@ -140,4 +189,4 @@ def _resume_comparison(args) -> int:
     manifest_path, manifest = _read_manifest(args.resume)
     runs = [Run.resume(entry["run"]) for entry in manifest["runs"]]
     results = _train_all(runs, manifest_path, manifest, args, start)
-    return _finish(results, Path(manifest["plot"]), args)
+    return _finish(results, Path(manifest["plot"]), args, len(manifest.get("seeds", [0])) > 1)

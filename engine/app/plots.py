@@ -139,6 +139,42 @@ def plot_runs(records, out, title: str | None = None, per_iteration: bool = Fals
     return out
 
 
+def plot_seeds(records, out) -> Path:
+    """Per solver over its seeds: the median training loss (solid) and test loss (dashed) with a
+    min-max band, against epoch and against the median training CPU time (runs cut to the shortest)."""
+    plt = pyplot()
+    fig, (ax_ep, ax_t) = plt.subplots(1, 2, figsize=(12, 5.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(r.config["solver"], []).append(r)
+    for k, (solver, runs) in enumerate(groups.items()):
+        colour = colours[k % len(colours)]
+        n = min(len(r.history["epochs"]["epoch"]) for r in runs)
+        epochs = numpy.asarray(runs[0].history["epochs"]["epoch"][:n], dtype=float)
+        cpu = numpy.median([numpy.asarray(r.history["epochs"]["cpu_time"][:n], dtype=float) for r in runs], axis=0)
+        for key, style in (("train_loss", "-"), ("test_loss", "--")):
+            ys = numpy.asarray([r.history["epochs"][key][:n] for r in runs if key in r.history["epochs"]], dtype=float)
+            if not len(ys):
+                continue
+            med = numpy.median(ys, axis=0)
+            for ax, x in ((ax_ep, epochs), (ax_t, cpu)):
+                ax.plot(x, med, style, color=colour, label=f"{solver} ({len(runs)} seeds)" if key == "train_loss" and ax is ax_ep else None)
+                ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=colour, alpha=0.15 if key == "train_loss" else 0.07)
+    for ax, xlabel in ((ax_ep, "epoch"), (ax_t, "training CPU time (s, median over seeds)")):
+        ax.set_yscale("log")
+        ax.set(xlabel=xlabel, ylabel="loss (incl. 0.5 tau ||theta||^2)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_ep.legend(fontsize=8)
+    fig.suptitle(f"{_title(records)}: median over seeds, band = min-max (solid train, dashed test)", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 # --- the precision study --------------------------------------------------------------------
 _TAIL_DECADES = 10  # decades per plot unit beyond 1e-20
 _FLOOR = 1e-18  # errors below it (an exact 0 too) are drawn on it

@@ -129,3 +129,48 @@ def solver_lines(info: dict) -> list[str]:
     for net, values in info["tuned"].items():
         lines.append(f"tuned for {net}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items()))
     return lines
+
+
+def _median_range(values: list[float]) -> dict:
+    import statistics  # noqa: PLC0415 (stdlib; only for seed tables)
+
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    if not finite:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(finite), "min": min(finite), "max": max(finite)}
+
+
+def seed_statistics(results: list[dict]) -> dict:
+    """Per solver over its seeds: median and range of the final train/test loss (and accuracy), the
+    diverged runs, the median training CPU time."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(r["solver"], []).append(r)
+    stats = {}
+    for solver, rows in out.items():
+        last = lambda key: [row[key][-1] if row.get(key) else float("nan") for row in rows]  # noqa: E731
+        entry = {"seeds": [row["seed"] for row in rows], "diverged": sum(row["status"] == "diverged" for row in rows),
+                 "train_loss": _median_range(last("train_loss")), "test_loss": _median_range(last("test_loss")),
+                 "cpu_seconds": _median_range([row["training_cpu_seconds"] for row in rows])}
+        if any(row.get("test_accuracy") for row in rows):
+            entry["test_accuracy"] = _median_range(last("test_accuracy"))
+        stats[solver] = entry
+    return stats
+
+
+def seed_table(stats: dict, plot_path) -> str:
+    """``cstep compare --seeds``: one row per solver, medians with [min, max] over the seeds."""
+    def cell(d, fmt="{:.5g}"):
+        return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}, {fmt.format(d['max'])}]"
+
+    acc = any("test_accuracy" in e for e in stats.values())
+    acc_head = f" {'test accuracy':<27}" if acc else ""
+    header = (f"{'solver':<14} {'seeds':>5} {'diverged':>8}  {'train loss (median [range])':<30} "
+              f"{'test loss (median [range])':<30}{acc_head} CPU s (median)")
+    rows = [header, "-" * len(header)]
+    for solver, e in stats.items():
+        extra = f" {cell(e['test_accuracy'], '{:.4f}'):<27}" if acc else ""
+        rows.append(f"{solver:<14} {len(e['seeds']):>5} {e['diverged']:>8}  {cell(e['train_loss']):<30} "
+                    f"{cell(e['test_loss']):<30}{extra} {e['cpu_seconds']['median']:.1f}")
+    rows.append(f"plot: {plot_path}")
+    return "\n".join(rows)

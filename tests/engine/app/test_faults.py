@@ -219,3 +219,28 @@ def test_an_interrupted_comparison_is_finished_by_compare_resume(tmp_path, capsy
     for r in result["runs"]:
         _assert_same_run(reference[r["solver"]], r["run"])
     assert [e["status"] for e in json.loads(manifest.read_text())["runs"]] == ["complete", "complete"]
+
+
+# --- cstep compare over seeds, with a CPU budget ------------------------------------------------------
+def test_compare_over_seeds_reports_median_and_range(tmp_path, capsys):
+    rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                          "--solvers", "sgd,adam", "--seeds", "1,2,3", "--budget", "epochs=2", "--quiet", "--json",
+                          "--out-dir", tmp_path)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert len(result["runs"]) == 6 and sorted({r["seed"] for r in result["runs"]}) == [1, 2, 3]
+    for solver in ("sgd", "adam"):
+        stats = result["by_solver"][solver]
+        finals = sorted(r["train_loss"][-1] for r in result["runs"] if r["solver"] == solver)
+        assert stats["train_loss"] == {"median": finals[1], "min": finals[0], "max": finals[2]}
+        assert stats["diverged"] == 0 and stats["seeds"] == [1, 2, 3]
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    seeds_used = {load_run(r["run"]).config["seed"] for r in result["runs"]}
+    assert seeds_used == {1, 2, 3}
+    rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                          "--solvers", "sgd", "--seeds", "4,5", "--budget", "cpu=0.05", "--out-dir", tmp_path / "b")
+    assert rc == 0, err
+    assert "median [range]" in out and "sgd" in out
+    assert all(load_run(p).config["max_time"] == 0.05 for p in (tmp_path / "b").glob("*.h5"))
+    rc, _, err = _cstep(capsys, "compare", "--net", TINY, "--solvers", "sgd", "--budget", "gpu=3", "--out-dir", tmp_path)
+    assert rc == 2 and "cpu=SECONDS or epochs=N" in err
