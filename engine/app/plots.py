@@ -25,6 +25,22 @@ def pyplot():
     return plt
 
 
+def _save(fig, out, tight: bool = True) -> Path:
+    """Lay the figure out, write it (format from the suffix; the folder must exist) and close it."""
+    plt = pyplot()
+    if tight:
+        fig.tight_layout()
+    out = Path(out)
+    ensure_parent(str(out))
+    try:
+        fig.savefig(out, dpi=120)
+    except ValueError as exc:  # unknown image format from the suffix
+        raise UsageError(f"cannot write {out}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
 def load_for_plot(paths):
     runs, empty = [], []
     for path in paths:
@@ -167,12 +183,7 @@ def plot_seeds(records, out) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     ax_ep.legend(fontsize=8)
     fig.suptitle(f"{_title(records)}: median over seeds, band = min-max (solid train, dashed test)", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 # --- the precision study --------------------------------------------------------------------
@@ -326,12 +337,7 @@ def plot_analysis(result: dict, out) -> Path:
         ax.grid(True, alpha=0.3)
     ax_d.legend(fontsize=8)
     fig.suptitle(f"curvature of {result['target']}", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    ensure_parent(str(out))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_probes(records, labels, out) -> Path:
@@ -349,9 +355,4 @@ def plot_probes(records, labels, out) -> Path:
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    ensure_parent(str(out))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
