@@ -119,11 +119,12 @@ def martens_schedule(start: float = 5.0, ratio: float = 1.3):
         nxt *= ratio
 
 
-def _residual_target(b, max_iter: int, damping: float, rtol: float, adaptive_rtol: bool):
+def _residual_target(b, max_iter: int, damping: float, rtol: float, adaptive_rtol: bool, exponent: float = 0.5):
     """Check the system; (||b||, (eta ||b||)^2) with the forcing term eta (one host sync).
 
-    eta = min(rtol, sqrt(||b||)) (Nocedal & Wright 2006, eq. 7.3 with the choice of Alg. 7.1) or
-    eta = rtol; ||b|| sets the residual target for the whole solve.
+    eta = min(rtol, ||b||^exponent) (Nocedal & Wright 2006, eq. 7.3; exponent 1/2 is the choice
+    of Alg. 7.1, superlinear; 1 is quadratic) or eta = rtol; ||b|| sets the residual target for
+    the whole solve.
     """
     xp = array_module(b)
     if b.ndim != 1:
@@ -135,7 +136,7 @@ def _residual_target(b, max_iter: int, damping: float, rtol: float, adaptive_rto
     b_norm = float(to_host(xp.sqrt(b @ b)))
     if not math.isfinite(b_norm):
         raise ValueError("the right-hand side (the gradient) contains NaN or Inf; check the loss and the step size")
-    eta = min(rtol, math.sqrt(b_norm)) if adaptive_rtol else rtol
+    eta = min(rtol, b_norm ** exponent) if adaptive_rtol else rtol
     return b_norm, (eta * b_norm) ** 2
 
 
@@ -214,6 +215,18 @@ class _Recurrence:
         """SciPy Newton-CG's fallback at the first iteration: x + (r^T z / |curv|) d. A direction of
         exactly zero curvature gets no scale from it; it keeps the unit step."""
         scale = rz / abs(t.curv_h) if t.curv_h != 0 else 1.0
+        self.move(t, d, scale)
+
+    def curvature_step(self, t: _Trial, d, rz):
+        """The step along the disturbing direction d: x + (r^T z / d^T (|H| + lambda I) d) d, the
+        minimiser of the model along d with the curvature's sign reversed (saddle-free Newton,
+        Dauphin et al. 2014) and the damping kept; |d^T H d| + lambda ||d||^2 >= 2 lambda ||d||^2 at
+        a negative-curvature exit. Without damping and at exactly zero curvature: the unit step."""
+        curv = abs(t.curv_h - self.damping * t.dd_h) + self.damping * t.dd_h
+        self.move(t, d, rz / curv if curv > 0 else 1.0)
+
+    def move(self, t: _Trial, d, scale):
+        """x <- x + scale d with H x and r kept exact from the trial's products."""
         self.x = self.x + scale * d
         self.Hx = self.Hx + scale * t.Hd
         self.r = self.r - scale * t.Ad
@@ -267,7 +280,8 @@ def _stalled(phis: list, phi: float, done: int, min_iter: int, eps: float, k_min
 
 
 def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter: int = 250, min_iter: int = 1,
-                 rtol: float = 0.5, adaptive_rtol: bool = True, curvature_threshold: float = 0.0,
+                 rtol: float = 0.5, adaptive_rtol: bool = True, forcing_exponent: float = 0.5,
+                 curvature_threshold: float = 0.0, negative_curvature: str = "stop",
                  model_decrease_check: bool = False, model_eps: float = 5e-4, model_k_min: int = 10,
                  model_k_frac: float = 0.1, preconditioner: Callable | None = None,
                  keep_iterates: bool = False, iterate_start: float = 5.0, iterate_ratio: float = 1.3) -> CGResult:
@@ -277,14 +291,19 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
     module. ``b`` is -g. ``x0``: warm start (e.g. beta p_{k-1}); costs one extra product.
     ``rtol``/``adaptive_rtol``: residual rule ||r|| <= eta ||b||, eta = min(rtol, sqrt(||b||))
     (adaptive) or rtol; ``rtol=0`` disables it except for an exactly zero residual.
-    ``curvature_threshold``: exit on d^T (H + damping I) d <= threshold ||d||^2.
+    ``forcing_exponent``: e of eta = min(rtol, ||b||^e) (adaptive).
+    ``curvature_threshold``: exit on d^T (H + damping I) d <= threshold ||d||^2;
+    ``negative_curvature``: what that exit returns after the first iteration: "stop" (the current
+    iterate) or "step" (the iterate plus the step along d, :meth:`_Recurrence.curvature_step`).
     ``model_decrease_check``: Martens' progress rule with ``model_eps``, ``model_k_min``,
     ``model_k_frac``. ``min_iter``: no residual/progress exit before this many updates (Martens'
     miniters = 1). ``preconditioner(r)`` applies M^{-1} (symmetric positive definite).
     ``keep_iterates``: store copies of x at Martens' schedule (``iterate_start``,
     ``iterate_ratio``; see :func:`martens_schedule`) and at exit.
     """
-    b_norm, r_target_sq = _residual_target(b, max_iter, damping, rtol, adaptive_rtol)
+    if negative_curvature not in ("stop", "step"):
+        raise ValueError(f"negative_curvature must be 'stop' or 'step', got {negative_curvature!r}")
+    b_norm, r_target_sq = _residual_target(b, max_iter, damping, rtol, adaptive_rtol, forcing_exponent)
     run = _Recurrence(matvec, b, x0, damping)
     store = _IterateStore(iterate_start, iterate_ratio) if keep_iterates else None
     z = preconditioner(run.r) if preconditioner is not None else run.r
@@ -300,7 +319,9 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
         if not math.isfinite(t.curv_h):
             raise FloatingPointError(f"the curvature product returned NaN/Inf at CG iteration {i}; check the operator and its step size h")
         if t.curv_h <= curvature_threshold * t.dd_h:
-            if i == 0:
+            if negative_curvature == "step":
+                run.curvature_step(t, d, rz)
+            elif i == 0:
                 run.steepest_descent(t, d, rz)
             return run.result("negative_curvature", i, store)
         run.commit(t)

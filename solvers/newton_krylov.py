@@ -124,6 +124,8 @@ class NewtonKrylov(NewtonCG):
         "curvature_batch_size": nonnegative("curvature batch rows (overrides curvature_fraction when > 0)", 0, int),
         # damping (Levenberg-Marquardt, Martens 2010 constants)
         "damping": nonnegative("initial Tikhonov damping lambda in (H + lambda I) p = -g", 1.0),
+        "damping_rule": _choice("constant", "lambda of CG: constant (the adapted lambda) or gradient (the adapted lambda "
+                                "times ||g||, a regularised Newton method)", ("constant", "gradient")),
         "damping_min": nonnegative("lower bound of lambda", 1e-8),
         "damping_max": positive("upper bound of lambda", 1e8),
         "damping_increase": _above_one("lambda factor when rho < rho_low (Martens: 3/2)", 1.5),
@@ -151,7 +153,10 @@ class NewtonKrylov(NewtonCG):
         "cg_max_iter": positive("CG iteration cap (docs/complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
         "cg_rtol": nonnegative("CG residual rule ||r|| <= eta ||g||, eta = min(cg_rtol, sqrt(||g||)) when adaptive", 0.5),
         "cg_adaptive_rtol": Hyper(True, "forcing term eta = min(cg_rtol, sqrt(||g||)) (else eta = cg_rtol)"),
+        "cg_forcing_exponent": positive("e of the forcing term eta = min(cg_rtol, ||g||^e) (1/2 superlinear, 1 quadratic)", 0.5),
         "cg_curvature_threshold": nonnegative("exit CG on d^T (H + lambda I) d <= threshold ||d||^2", 0.0),
+        "negative_curvature": _choice("stop", "at a negative-curvature exit after the first CG iteration: stop (the iterate) or "
+                                      "step (the iterate plus the step along the disturbing direction)", ("stop", "step")),
         "cg_model_check": Hyper(False, "also exit CG when the quadratic model stalls (Martens 2010 section 4.4)"),
         "cg_model_eps": positive("epsilon of Martens' model-progress rule", 5e-4),
         "warm_start_beta": Hyper(0.0, "start CG from beta p_{k-1} (0 = from zero; Martens HF: 0.95)", lambda v: 0 <= v <= 1, "in [0, 1]", float),
@@ -191,13 +196,17 @@ class NewtonKrylov(NewtonCG):
 
     def newton_step(self, params, state, x, y, start: GradientStart):
         """Steps 2-5 of the module docstring after the prologue of :meth:`NewtonCG.step`."""
+        if self.damping_rule == "gradient":  # lambda = mu ||g||, mu the adapted state (Li et al. 2004)
+            start.damping = float(state["damping"]) * start.grad_norm
+            start.info["damping"] = start.damping
         op = self.build_operator(params, x, y, start, self.h)
         precond = self._preconditioner(params, state, x, start)
         x0 = None
         if self.warm_start_beta > 0 and state["k"] > 0:
             x0 = self.warm_start_beta * state["p_prev"]
         cg = self.solve(op, start, x0, precond, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
-                        adaptive_rtol=self.cg_adaptive_rtol, curvature_threshold=self.cg_curvature_threshold,
+                        adaptive_rtol=self.cg_adaptive_rtol, forcing_exponent=self.cg_forcing_exponent,
+                        curvature_threshold=self.cg_curvature_threshold, negative_curvature=self.negative_curvature,
                         model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps)
         p, gTp = cg.x, cg.gTp
         pHp = cg.pHp if self.rho_damped else cg.curvature
@@ -213,7 +222,7 @@ class NewtonKrylov(NewtonCG):
         if search.accepted:
             self.assign(params, search.outcome[0])  # w + alpha p of the accepted trial
         verdict = update.verdict
-        state["damping"] = update.damping if self.adapt in ("damping", "both") else start.damping
+        state["damping"] = update.damping if self.adapt in ("damping", "both") else float(state["damping"])
         state["alpha"] = self._next_alpha(state, search, verdict)
         if radius > 0:
             if verdict == "shrink":
@@ -262,6 +271,7 @@ class NewtonKrylov(NewtonCG):
         alpha = float(state["alpha"])
         noise = self.rho_noise * float(numpy.finfo(numpy.dtype(w.dtype)).eps) * max(abs(start.loss), 1e-300)
         rule = self.rho_rule()
+        damping = float(state["damping"])  # lambda, or mu of lambda = mu ||g|| (damping_rule)
 
         def trial(alpha, _):
             w_trial = w + alpha * p
@@ -269,7 +279,7 @@ class NewtonKrylov(NewtonCG):
             start.passes += PASS_COST["loss"]
             pred = -(alpha * gTp + 0.5 * alpha * alpha * pHp)
             act = start.loss - loss1 if math.isfinite(loss1) else -math.inf
-            update = adapt_damping(pred, act, start.damping, rule, noise)
+            update = adapt_damping(pred, act, damping, rule, noise)
             if update.case == "measured":
                 ok = (update.rho > self.eta) if self.accept == "rho" else (act >= -self.armijo_c * alpha * gTp)
             else:
@@ -277,7 +287,7 @@ class NewtonKrylov(NewtonCG):
             return ok, (w_trial, update, pred, act)
 
         if not gTp < 0:  # not a descent direction: no trial, nothing predicted; rho is unmeasurable
-            return LineSearch(False, alpha, 0), adapt_damping(0.0, 0.0, start.damping, rule, noise), 0.0, 0.0
+            return LineSearch(False, alpha, 0), adapt_damping(0.0, 0.0, damping, rule, noise), 0.0, 0.0
         search = backtracking(trial, alpha, self.backtrack_factor, self.max_backtracks)
         _, update, pred, act = search.outcome  # of the last trial
         return search, update, pred, act

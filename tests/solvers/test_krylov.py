@@ -179,6 +179,62 @@ def test_indefinite_matrix_exits_on_first_nonpositive_direction_with_descent_ste
 
 
 @twinned
+def test_negative_curvature_step_along_the_disturbing_direction_lowers_model_and_loss(xp):
+    """negative_curvature="step": the iterate plus t d, t = r^T z / (|d^T H d| + lambda ||d||^2), on
+    indefinite systems built by hand; the model and a quartic loss with that quadratic part fall
+    below those of the iterate "stop" returns, and the step stays a descent direction."""
+    n, lam, kappa = 12, 0.1, 1e-2
+    results, later = [], 0
+    for seed in range(12):
+        A = indefinite(n, seed, negative=2)
+        g = numpy.random.default_rng(100 + seed).standard_normal(n)
+        mv, _ = counted(xp, A)
+        stop = truncated_cg(mv, xp.asarray(-g), damping=lam, rtol=1e-14, adaptive_rtol=False, max_iter=3 * n)
+        step = truncated_cg(mv, xp.asarray(-g), damping=lam, rtol=1e-14, adaptive_rtol=False, max_iter=3 * n,
+                            negative_curvature="step")
+        assert stop.exit_reason == step.exit_reason == "negative_curvature"
+        assert step.iterations == stop.iterations and step.n_matvec == stop.n_matvec
+        if stop.iterations == 0:
+            continue
+        later += 1
+        xs, xt = to_host(stop.x), to_host(step.x)
+
+        def model(p):
+            return g @ p + 0.5 * p @ (A + lam * numpy.eye(n)) @ p
+
+        def loss(p):
+            return g @ p + 0.5 * p @ A @ p + 0.25 * kappa * (p @ p) ** 2
+
+        assert model(xt) < model(xs) < 0
+        assert loss(xt) < loss(xs) < 0
+        assert g @ xt < g @ xs < 0
+        assert step.model_value == pytest.approx(model(xt), rel=1e-10)
+        assert step.curvature == pytest.approx(xt @ A @ xt, rel=1e-10)
+        d = xt - xs  # along the disturbing direction, with the reflected-curvature length
+        assert d @ A @ d < -lam * (d @ d)
+        assert numpy.linalg.norm(d) > 0
+        results.append(step)
+    assert later >= 3, "too few seeds met negative curvature after the first iteration"
+    with pytest.raises(ValueError, match="negative_curvature"):
+        truncated_cg(mv, xp.asarray(-g), negative_curvature="walk")
+    return record(*results)
+
+
+@twinned
+def test_forcing_exponent_one_is_the_quadratic_forcing_term(xp):
+    n = 40
+    A = spd_matrix(n, 11, cond=1e4)
+    g = 1e-2 * numpy.random.default_rng(12).standard_normal(n)
+    mv, _ = counted(xp, A)
+    res = truncated_cg(mv, xp.asarray(-g), max_iter=200, forcing_exponent=1.0)
+    half = truncated_cg(mv, xp.asarray(-g), max_iter=200)
+    gn = numpy.linalg.norm(g)
+    assert numpy.linalg.norm(A @ to_host(res.x) + g) <= min(0.5, gn) * gn * (1 + 1e-8)
+    assert res.iterations > half.iterations  # eta = ||g|| = 0.06 is tighter than sqrt(||g||) = 0.25
+    return record(res, half)
+
+
+@twinned
 def test_negative_curvature_at_first_direction_returns_scaled_steepest_descent(xp):
     n = 6
     A = -numpy.eye(n) * 2.0 + 0.1 * spd_matrix(n, 9, cond=2.0)
