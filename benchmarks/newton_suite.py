@@ -1,0 +1,254 @@
+"""Newton-Krylov on the small-network Newton suite against SciPy's Newton methods, L-BFGS-B and Adam.
+
+The regime where Newton methods should win (docs/newton-krylov.md section 10): the problems of
+``benchmarks/newton_problems.py`` (small tanh networks, one full batch, float64, target
+||g|| <= 1e-8; float32 at 10x the samples, target: the loss). Each problem runs in its own process
+(``--problem NAME`` is the worker; the driver starts one per problem), every method from the same
+starting point:
+
+* cstep ``newton_krylov`` with its documented defaults, and ``hessian_free`` with its defaults;
+* SciPy ``trust-ncg``, ``trust-krylov`` and ``Newton-CG`` with cstep's gradient and with
+  ``hessp`` = cstep's :class:`engine.curvature.HessianCS` at the iterate (one complex pass per
+  product, the same product Newton-Krylov uses);
+* SciPy ``L-BFGS-B`` with cstep's loss and gradient;
+* cstep ``adam`` (lr from ``ADAM_LR``, the best of {1e-3, 3e-3, 1e-2, 3e-2} on the suite).
+
+Measured per method: iterations, Hessian-vector products, gradient passes (gradient evaluations
+for SciPy; cstep's own ``n_grad_passes`` in gradient equivalents, where a complex-step product
+counts 4, is reported next to it), CPU seconds (``time.process_time``) to the target, and the
+trace of ||g|| against CPU time. A method that does not reach the target within ``--max-cpu``
+seconds is reported with its last ||g||.
+
+    PYTHONPATH=. python benchmarks/newton_suite.py                       # all problems, float64
+    PYTHONPATH=. python benchmarks/newton_suite.py --dtype float32       # large batch, float32
+    PYTHONPATH=. python benchmarks/newton_suite.py --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+# one BLAS thread, as the README's measurements: with threads, SciPy's L-BFGS-B spent 7 ms per
+# iteration in setulb on the 2-core machine (0.2 ms with one)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from engine.curvature import HessianCS  # noqa: E402
+from newton_problems import PROBLEMS, problem  # noqa: E402
+from solvers import make_solver  # noqa: E402
+
+METHODS = ("newton_krylov", "hessian_free", "trust-ncg", "trust-krylov", "Newton-CG", "L-BFGS-B", "adam")
+SCIPY_HESSP = ("trust-ncg", "trust-krylov", "Newton-CG")
+ADAM_LR = 1e-2
+GTOL = {"float64": 1e-8, "float32": 1e-4}
+
+
+class Reached(Exception):
+    """Raised from inside a SciPy callback when the target is met (ends the run)."""
+
+
+class Recorder:
+    """The trace of one run: (CPU seconds, ||g||, loss) at each gradient, and the counters."""
+
+    def __init__(self, gtol: float, loss_target: float, max_cpu: float):
+        self.gtol, self.loss_target, self.max_cpu = gtol, loss_target, max_cpu
+        self.t0 = time.process_time()
+        self.trace, self.hvp, self.grads, self.iters, self.passes = [], 0, 0, 0, 0.0
+        self.reached = None
+
+    def record(self, loss: float, gnorm: float) -> bool:
+        """Log a gradient; True when the target is met or the budget spent."""
+        t = time.process_time() - self.t0
+        self.trace.append((t, gnorm, loss))
+        if self.reached is None and (gnorm <= self.gtol or loss <= self.loss_target):
+            self.reached = {"cpu": t, "iters": self.iters, "hvp": self.hvp, "grads": self.grads,
+                            "passes": self.passes, "grad_norm": gnorm, "loss": loss}
+        return self.reached is not None or t > self.max_cpu
+
+    def summary(self) -> dict:
+        last = self.trace[-1] if self.trace else (math.nan, math.nan, math.nan)
+        return {"reached": self.reached, "final_grad_norm": last[1], "final_loss": last[2], "cpu": last[0],
+                "iters": self.iters, "hvp": self.hvp, "grads": self.grads, "trace": self.trace}
+
+
+def run_cstep(pr, name: str, rec: Recorder, hyper: dict | None = None, max_steps: int = 100000) -> dict:
+    """cstep's solver ``name`` full batch from the problem's start."""
+    params = pr.init()
+    solver = make_solver(name, pr.model, **(hyper or {}))
+    state = solver.init(params)
+    for _ in range(max_steps):
+        params, state, info = solver.step(params, state, pr.x, pr.y)
+        rec.grads += 1
+        # the info's loss and gradient are those at the start of the step
+        if rec.record(info["loss"], info["grad_norm"]):
+            break
+        rec.iters += 1
+        rec.hvp += info.get("n_hvp", 0)
+        rec.passes += info.get("n_grad_passes", 1.0)
+    return rec.summary()
+
+
+def run_scipy(pr, method: str, rec: Recorder) -> dict:
+    """SciPy ``method`` on the flat parameters, cstep's loss/gradient and complex-step hessp."""
+    from scipy.optimize import minimize
+
+    model, x, y = pr.model, pr.x, pr.y
+    cache = {}
+
+    def fun(w):
+        params = model.unflatten(numpy.asarray(w, dtype=pr.dtype))
+        loss, grads = model.loss_and_grad(params, x, y)[:2]
+        g = numpy.asarray(model.flatten(grads), dtype=numpy.float64)
+        rec.grads += 1
+        if rec.record(float(loss), float(numpy.linalg.norm(g))):
+            raise Reached
+        return float(loss), g
+
+    def hessp(w, v):
+        key = w.tobytes()
+        if key not in cache:
+            cache.clear()
+            cache[key] = HessianCS(model, model.unflatten(numpy.asarray(w, dtype=pr.dtype)), x, y)
+        rec.hvp += 1
+        return numpy.asarray(cache[key].matvec(numpy.asarray(v, dtype=pr.dtype)), dtype=numpy.float64)
+
+    def callback(*_):
+        rec.iters += 1
+
+    w0 = numpy.asarray(model.flatten(pr.init()), dtype=numpy.float64)
+    options = {"maxiter": 100000}
+    if method == "L-BFGS-B":
+        options.update(gtol=0.0, ftol=0.0, maxfun=10 ** 7)
+    elif method == "Newton-CG":
+        options.update(xtol=1e-300)
+    else:
+        options.update(gtol=0.0)
+    try:
+        minimize(fun, w0, jac=True, method=method, hessp=hessp if method in SCIPY_HESSP else None,
+                 callback=callback, options=options)
+    except Reached:
+        pass
+    return rec.summary()
+
+
+def warm_up_scipy(methods):
+    """Run each SciPy method once on a 2-d quadratic: the first call of L-BFGS-B in a process
+    costs ~2.5 s of one-time set-up (measured), which is not the method's cost."""
+    from scipy.optimize import minimize
+
+    for method in methods:
+        if method in METHODS[2:6]:
+            minimize(lambda w: (float(w @ w), 2 * w), numpy.ones(2), jac=True, method=method,
+                     hessp=(lambda w, v: 2 * v) if method in SCIPY_HESSP else None)
+
+
+def run_problem(name: str, dtype: str, max_cpu: float, methods) -> dict:
+    warm_up_scipy(methods)
+    scale = 1.0 if dtype == "float64" else 10.0
+    pr = problem(name, dtype=dtype, scale=scale)
+    out = {"problem": name, "dtype": dtype, "n": int(pr.x.shape[0]), "n_params": int(pr.model.n_params)}
+    for method in methods:
+        rec = Recorder(GTOL[dtype], -math.inf, max_cpu)
+        if method in ("newton_krylov", "hessian_free"):
+            res = run_cstep(pr, method, rec)
+        elif method == "adam":
+            res = run_cstep(pr, "adam", rec, {"lr": ADAM_LR, "variant": "standard"})
+        else:
+            res = run_scipy(pr, method, rec)
+        res["trace"] = _thin(res["trace"])
+        out[method] = res
+        got = res["reached"]
+        print(f"  {name:12s} {method:14s} " + (f"cpu {got['cpu']:7.2f}s iters {got['iters']:6d} hvp {got['hvp']:7d} "
+              f"grads {got['grads']:7d}" if got else f"not reached: ||g|| {res['final_grad_norm']:.2e} "
+              f"after {res['cpu']:.1f}s"), file=sys.stderr, flush=True)
+    return out
+
+
+def _thin(trace, keep: int = 400):
+    if len(trace) <= keep:
+        return trace
+    idx = numpy.unique(numpy.linspace(0, len(trace) - 1, keep).astype(int))
+    return [trace[i] for i in idx]
+
+
+def table(results: list) -> str:
+    """A markdown table: per problem and method, CPU s / iterations / HVPs / gradients to target."""
+    lines = ["| problem | method | CPU s | iterations | HVPs | gradients | reached |", "|---|---|---|---|---|---|---|"]
+    for res in results:
+        for method in METHODS:
+            if method not in res:
+                continue
+            r = res[method]
+            got = r["reached"]
+            if got:
+                lines.append(f"| {res['problem']} | {method} | {got['cpu']:.2f} | {got['iters']} | {got['hvp']} | "
+                             f"{got['grads']} | yes |")
+            else:
+                lines.append(f"| {res['problem']} | {method} | >{r['cpu']:.1f} | {r['iters']} | {r['hvp']} | "
+                             f"{r['grads']} | no (||g|| {r['final_grad_norm']:.1e}) |")
+    return "\n".join(lines)
+
+
+def plot(results: list, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for method in METHODS:
+            if method in res and res[method]["trace"]:
+                t, g, _ = zip(*res[method]["trace"])
+                ax.loglog([max(v, 1e-4) for v in t], g, label=method, lw=1)
+        ax.axhline(GTOL[res["dtype"]], color="k", lw=0.5, ls=":")
+        ax.set_title(f"{res['problem']} ({res['dtype']})")
+        ax.set_xlabel("CPU s")
+    axes[0][0].set_ylabel("||g||")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
+    ap.add_argument("--max-cpu", type=float, default=20.0, help="CPU seconds per method and problem")
+    ap.add_argument("--problem", help=argparse.SUPPRESS)  # the worker: one problem, JSON on stdout
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+    methods = args.methods.split(",")
+    if args.problem:
+        print(json.dumps(run_problem(args.problem, args.dtype, args.max_cpu, methods)))
+        return
+    results = []
+    for name in args.problems.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--problem", name, "--dtype", args.dtype,
+               "--max-cpu", str(args.max_cpu), "--methods", args.methods]
+        results.append(json.loads(subprocess.run(cmd, check=True, capture_output=False, stdout=subprocess.PIPE,
+                                                 text=True).stdout))
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f)
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
