@@ -22,6 +22,8 @@ HYPER = {
     "kbfgs": {"lr": 0.3, "damping": 0.3},
     "kbfgs_l": {"lr": 0.3, "damping": 0.3, "memory": 4},
     "kfac": {"lr": 0.3, "damping": 0.3, "inverse_freq": 3},
+    "shampoo": {"lr": 0.01, "precondition_every": 3},
+    "soap": {"lr": 0.01, "precondition_frequency": 3},
 }
 OURS = sorted(HYPER)
 

@@ -33,7 +33,7 @@ from tests.solvers import test_conv_solvers as conv
 from tests.solvers import test_solvers as mlp_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ZERO_SYNC = ["sgd", "adam", "rmsprop", "kbfgs", "kbfgs_l", "kfac"]
+ZERO_SYNC = ["sgd", "adam", "rmsprop", "kbfgs", "kbfgs_l", "kfac", "shampoo", "soap"]
 
 
 # --- the checker --------------------------------------------------------------------------------
