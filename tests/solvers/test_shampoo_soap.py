@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from threadpoolctl import threadpool_limits
 
 import data
 import nets
@@ -358,10 +359,11 @@ def test_trains_mnist_mlp_with_its_defaults(name):
     params = model.init(seed=9999, dtype=numpy.float32, xp=numpy)
     state = solver.init(params)
     rng = numpy.random.default_rng(0)
-    for _ in range(2):
-        order = rng.permutation(len(ds.x_train))
-        for i in range(0, len(order), 100):
-            batch = order[i:i + 100]
-            params, state, info = solver.step(params, state, ds.x_train[batch], ds.y_train[batch])
+    with threadpool_limits(1):  # as cstep runs (engine/app/options.py DEFAULT_THREADS); faster on a shared machine
+        for _ in range(2):
+            order = rng.permutation(len(ds.x_train))
+            for i in range(0, len(order), 100):
+                batch = order[i:i + 100]
+                params, state, info = solver.step(params, state, ds.x_train[batch], ds.y_train[batch])
     accuracy = float(numpy.mean(model.predict(params, ds.x_test).argmax(axis=1) == ds.y_test))
     assert accuracy >= MNIST_THRESHOLD[name], f"{name}: test accuracy {accuracy:.4f} after 2 epochs of 6000 examples"
