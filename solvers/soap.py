@@ -1,7 +1,6 @@
-"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas, Morwani, Zhao, Kwun, Shapira,
-Brandfonbrener, Janson, Kakade, "SOAP: Improving and Stabilizing Shampoo using Adam",
-arXiv:2409.11321), as the paper's algorithm and the authors' code (github.com/nikhilvyas/SOAP,
-``soap.py``) run it. docs/preconditioners.md describes it as implemented here.
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., "SOAP: Improving and
+Stabilizing Shampoo using Adam", arXiv:2409.11321), as the paper's algorithm and the authors' code
+(github.com/nikhilvyas/SOAP, ``soap.py``) run it. docs/preconditioners.md describes it as implemented here.
 
 Every parameter with two or more axes is a matrix G of shape (rows, cols) (a Dense W; a Conv2d
 kernel as (C_out, C_in kh kw), the authors' ``merge_dims`` of the trailing axes); 1-D parameters
