@@ -41,7 +41,7 @@ class Sophia(Solver):
     name = "sophia"
     summary = "Sophia-H: momentum over an EMA of a Hutchinson Hessian diagonal, clipped per coordinate"
     hyperparameters = {
-        "lr": positive("learning rate eta (the largest step per coordinate)", 1e-3),
+        "lr": positive("learning rate eta (the largest step per coordinate; tuned on mnist-mlp)", 2e-3),
         "beta1": unit_interval("EMA decay of the gradient", 0.965),
         "beta2": unit_interval("EMA decay of the Hessian-diagonal estimate", 0.99),
         "gamma": positive("gamma (rho in the authors' code): the update is clip(m / max(gamma h, eps), 1)", 0.01),
