@@ -24,6 +24,9 @@ HYPER = {
     "kfac": {"lr": 0.3, "damping": 0.3, "inverse_freq": 3},
     "shampoo": {"lr": 0.01, "precondition_every": 3},
     "soap": {"lr": 0.01, "precondition_frequency": 3},
+    "muon": {"lr": 0.05, "adam_lr": 0.05},
+    "adahessian": {},
+    "sophia": {"lr": 0.01},
 }
 OURS = sorted(HYPER)
 
