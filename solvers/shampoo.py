@@ -94,6 +94,7 @@ def inverse_root(A, root: int, epsilon: float):
 
 
 def _sq_norm(a):
+    """sum(a * a) over all entries, as a 0-d array (no host sync)."""
     f = a.reshape(-1)
     return f @ f
 

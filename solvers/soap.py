@@ -48,7 +48,7 @@ from engine.backend import array_module
 
 from .base import Hyper, Solver, positive, register, unit_interval
 from .kronecker_solver import check_real_params
-from .shampoo import matrix_parameters, matrix_view, param_key
+from .shampoo import _sq_norm, matrix_parameters, matrix_view, param_key
 
 __all__ = ["SOAP", "descending_eigenvectors", "refresh_eigenbasis"]
 
@@ -71,11 +71,6 @@ def refresh_eigenbasis(F, Q, V, axis: int):
     V = xp.take(V, order, axis=axis)
     Q_new, _ = xp.linalg.qr(xp.take(FQ, order, axis=1))
     return Q_new, V
-
-
-def _sq_norm(a):
-    f = a.reshape(-1)
-    return f @ f
 
 
 @register
