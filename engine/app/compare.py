@@ -165,12 +165,13 @@ def cmd_compare(args) -> int:
     ds_name = check_dataset(args.data) if args.data else nets.PRESETS[args.net][1]
     dataset = load_dataset(ds_name, data_dir, dtype, args.n_train, args.n_test)
     runs = []
-    for s, seed, path in plan:
-        run_args = copy.copy(args)
-        run_args.seed = seed
-        run = Run.new(run_args, args.net, s, tuned(args.net, s, sets[s]), dataset=dataset)
-        run.path = path
-        runs.append(run)
+    with pinned_threads(args.threads):  # the environment each run records names the BLAS threads it trains with
+        for s, seed, path in plan:
+            run_args = copy.copy(args)
+            run_args.seed = seed
+            run = Run.new(run_args, args.net, s, tuned(args.net, s, sets[s]), dataset=dataset)
+            run.path = path
+            runs.append(run)
     plot_path = Path(args.output) if args.output else out_dir / f"compare-{args.net}-{stamp}.png"
     manifest_path = out_dir / f"compare-{args.net}-{stamp}.json"
     manifest = {"format": MANIFEST_FORMAT, "net": args.net, "plot": str(plot_path), "seeds": seeds,

@@ -20,13 +20,14 @@ import nets
 
 from .. import __version__
 from ..backend import get_xp, to_device
-from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, PRESET_EPOCHS, UsageError, build_solver, check_data_dir,
-                      check_dataset, check_dtype, check_net, check_solver, check_task)
 from . import runfile
 from .environment import environment_info
+from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, PRESET_EPOCHS, UsageError, build_solver,
+                      check_data_dir, check_dataset, check_dtype, check_net, check_solver, check_task)
 from .probes import probe
 from .progress import Progress
 from .train import Trainer, TrainingDiverged
+
 
 def make_trainer(model, solver, dataset, batch_size: int = 1000, seed: int = 9999, dtype=numpy.float32,
                  eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy", order: str = "pcg64", xp=None) -> Trainer:
