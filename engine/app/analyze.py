@@ -139,7 +139,7 @@ def product_cost(model, params, x, y, op) -> dict:
 def run_analysis(args) -> dict:
     curvatures = parse_curvatures(args.curvature)
     model, params, x, y, where = load_target(args)
-    n_layers = len(layer_blocks(CURVATURES[curvatures[0]][1](model, params, x, y, args.seed), model))
+    n_layers = sum(1 for layer in model.layers if layer.param_shapes())
     bar = _Bar(estimated_products(args, n_layers) * len(curvatures), args.quiet)
     result = {"target": where, "n_params": model.n_params, "curvatures": {}}
     try:
