@@ -76,3 +76,16 @@ for tag in ("lo", "x1", "hi"):
 d = json.load(open(f"{out}/compare.json"))
 print(seed_table(d["by_solver"], d["plot"]))
 EOF
+
+# --- 3. mnist-cnn test accuracy after one epoch (batch 128, the preset's),
+# seed 1, each solver's default (tuned where engine/app/options.py has it) lr,
+# no sweep; one process per solver so that one slow solver cannot cost the rest
+if [ "${SKIP_CNN:-0}" != 1 ]; then
+mkdir -p "$OUT/cnn"
+uptime > "$OUT/cnn.uptime"
+for s in adam kfac kbfgs kbfgs_l muon shampoo soap; do
+    nice -n 10 timeout 150 cstep compare --net mnist-cnn --solvers "$s" --seeds 1 \
+        --budget epochs=1 --threads 1 --json --out-dir "$OUT/cnn" > "$OUT/cnn/$s.json" || true
+done
+uptime >> "$OUT/cnn.uptime"
+fi
