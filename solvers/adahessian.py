@@ -34,9 +34,9 @@ import numpy
 from engine.backend import array_module
 from engine.curvature import HessianCS, HessianFD, HessianRop
 
-from .base import Hyper, Solver, nonnegative, positive, register, rng_from_state_array, rng_state_array, unit_interval
+from .base import Hyper, Solver, positive, register, rng_from_state_array, rng_state_array, unit_interval
 
-__all__ = ["AdaHessian", "CURVATURES", "hessian_operator", "rademacher_probe", "hutchinson_diagonal_sample",
+__all__ = ["AdaHessian", "CURVATURES", "hessian_operator", "rademacher_probe", "hutchinson_diagonal_sample", "diagonal_sample",
            "curvature_hyper", "seed_hyper"]
 
 #: the Hessian-vector products AdaHessian and Sophia can take (``curvature`` hyper-parameter)
@@ -76,6 +76,16 @@ def hutchinson_diagonal_sample(op, z):
     return z * op.matvec(z)
 
 
+def diagonal_sample(model, params, x, y, curvature: str, state: dict):
+    """One Hutchinson sample z * (H z) of the Hessian diagonal at ``params`` on the batch, its probe drawn
+    from the generator words ``state["rng"]``, which advance (so a resumed run draws the same probes)."""
+    xp = array_module(*params)
+    rng = rng_from_state_array(state["rng"])
+    z = rademacher_probe(rng, model.n_params, xp, params[0].dtype)
+    state["rng"] = rng_state_array(rng)
+    return hutchinson_diagonal_sample(hessian_operator(model, params, x, y, curvature), z)
+
+
 def spatial_average(model, d) -> None:
     """In place on the flat vector ``d``: every 4-axis parameter (a conv kernel c_out x c_in x kh x kw)
     replaced by its mean over each kh x kw block (AdaHessian's spatial averaging)."""
@@ -108,13 +118,10 @@ class AdaHessian(Solver):
     def step(self, params, state, x, y):
         model = self.model
         xp = array_module(*params)
-        dtype = params[0].dtype
         k = int(state["k"])
         loss, grads = model.loss_and_grad(params, x, y)
         g = model.flatten(grads)
-        rng = rng_from_state_array(state["rng"])
-        z = rademacher_probe(rng, model.n_params, xp, dtype)
-        d = hutchinson_diagonal_sample(hessian_operator(model, params, x, y, self.curvature), z)
+        d = diagonal_sample(model, params, x, y, self.curvature, state)
         if self.spatial_average:
             spatial_average(model, d)
         m, v = state["m"], state["v"]
@@ -131,5 +138,4 @@ class AdaHessian(Solver):
         for p, s in zip(params, model.unflatten(step)):
             p -= s
         state["k"] = k + 1
-        state["rng"] = rng_state_array(rng)
         return params, state, {"loss": loss, "grad_norm": xp.sqrt(xp.dot(g, g)), "step_norm": xp.sqrt(xp.dot(step, step))}

@@ -30,8 +30,8 @@ import numpy
 
 from engine.backend import array_module
 
-from .adahessian import curvature_hyper, hessian_operator, hutchinson_diagonal_sample, rademacher_probe, seed_hyper
-from .base import Hyper, Solver, positive, register, rng_from_state_array, rng_state_array, unit_interval
+from .adahessian import curvature_hyper, diagonal_sample, seed_hyper
+from .base import Hyper, Solver, positive, register, rng_state_array, unit_interval
 
 __all__ = ["Sophia"]
 
@@ -67,12 +67,9 @@ class Sophia(Solver):
         m *= self.beta1
         m += (1 - self.beta1) * g
         if k % self.hessian_every == 0:
-            rng = rng_from_state_array(state["rng"])
-            z = rademacher_probe(rng, model.n_params, xp, dtype)
-            h_hat = hutchinson_diagonal_sample(hessian_operator(model, params, x, y, self.curvature), z)
+            h_hat = diagonal_sample(model, params, x, y, self.curvature, state)
             h *= self.beta2
             h += (1 - self.beta2) * h_hat
-            state["rng"] = rng_state_array(rng)
         denom = xp.maximum(dtype.type(self.gamma) * h, dtype.type(self.eps))
         step = xp.clip(m / denom, -1, 1)
         step *= dtype.type(self.lr)

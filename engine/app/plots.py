@@ -26,12 +26,12 @@ def pyplot():
 
 
 def _save(fig, out, tight: bool = True) -> Path:
-    """Lay the figure out, write it (format from the suffix; the folder must exist) and close it."""
+    """Lay the figure out, write it (format from the suffix; missing folders are made) and close it."""
     plt = pyplot()
     if tight:
         fig.tight_layout()
     out = Path(out)
-    ensure_parent(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(out, dpi=120)
     except ValueError as exc:  # unknown image format from the suffix
@@ -144,15 +144,7 @@ def plot_runs(records, out, title: str | None = None, per_iteration: bool = Fals
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     rows = -(-len(handles) // ncol)
     fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(out, dpi=120)
-    except ValueError as exc:  # unknown image format from the suffix
-        raise UsageError(f"cannot write {out}: {exc}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return _save(fig, out, tight=False)
 
 
 def plot_seeds(records, out) -> Path:
