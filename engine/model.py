@@ -34,6 +34,7 @@ from .backend import array_module, get_xp, is_device_array
 from .init import make_generator
 from .layers import Layer
 from .losses import Loss, get_loss
+from .parallel import DataParallel
 
 __all__ = ["Model", "Capture", "ForwardPass", "BackwardPass"]
 
@@ -120,6 +121,9 @@ class Model:
         #: backward passes stop at the first layer with parameters: nobody needs dL/dx below it
         self.first_param_layer = next((i for i, layer in enumerate(self.layers) if layer.param_shapes()), len(self.layers))
         self._kron_layers = tuple(i for i, layer in enumerate(self.layers) if layer.kronecker)
+        #: data parallelism (engine/parallel.py): batch means over this rank's shard become global
+        #: means where they are formed (loss, gradient here; the solvers' statistics there)
+        self.parallel = DataParallel()
 
     def __repr__(self) -> str:
         body = ", ".join(map(repr, self.layers))
@@ -324,6 +328,8 @@ class Model:
         out = self.forward_pass(params, x, y).out
         self.loss_fn.check_target(out, y)
         value = self.loss_fn.value(out, y)
+        if self.parallel.active:
+            value = self.parallel.mean([value])[0]
         return value + self.regularizer(params) if regularized and self.weight_decay else value
 
     def loss_and_grad(self, params, x, y, regularized: bool = True, capture: bool = False, forward: ForwardPass | None = None):
@@ -341,6 +347,8 @@ class Model:
         value, dy = self.loss_fn.value_and_grad(fwd.out, y)
         back = self.backward(params, fwd, dy, capture=capture)
         grads = back.grads
+        if self.parallel.active:  # the global batch's loss and gradient (curvature products by complex step too)
+            value, *grads = self.parallel.mean([value, *grads])
         if regularized and self.weight_decay:
             value = value + self.regularizer(params)
             for g, p in zip(grads, params):

@@ -162,7 +162,10 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch
         loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True)
         m_views, grad_sq = self.momentum_(state, grads)
-        factors = kron_factors(captures, which=("A", "means") if k == 0 and not state["warm_started"] else ("means",))
+        parallel = model.parallel
+        with_a = (k == 0 and not state["warm_started"]) or parallel.active
+        factors = kron_factors(captures, which=("A", "means") if with_a else ("means",))
+        parallel.mean_fields(factors, ("A", "a_mean", "z_mean", "g_mean"))  # the global batch's (data parallel)
         rows_of = {c.layer: c.z.shape[0] for c in captures}  # N (Dense) or N L (Conv2d)
 
         # (b) step 1: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0; theta <- theta - alpha H_g M^ H_a
@@ -176,6 +179,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         means_new = {}
         model.backward(params, fwd, dout, param_grads=False, per_example=False,
                        capture=lambda c: means_new.__setitem__(c.layer, row_means(c, n)))
+        trial_loss, means_new = parallel.mean_tree((trial_loss, means_new))
 
         # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action)
         for f in factors:
@@ -193,7 +197,10 @@ class _KroneckerQuasiNewton(KroneckerSolver):
             i = f.layer
             A = state[layer_key(i, "A")]
             if k > 0:
-                ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean[:-1])
+                if self.model.parallel.active:
+                    ema_(A, f.A, self.A_decay)  # the global batch's A, reduced over the ranks
+                else:
+                    ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean[:-1])
                 if self.flush_subnormals and k % FLUSH_EVERY == 0:
                     flush_subnormals_(A)
             elif not state["warm_started"]:

@@ -88,7 +88,7 @@ class KFAC(KroneckerSolver):
 
     def _sampled_captures(self, params, fwd, rng):
         """Captures of the backward pass of the loss with targets sampled from the model."""
-        targets = self.model.loss_fn.sample_targets(fwd.out, rng)
+        targets = self.model.loss_fn.sample_targets(fwd.out, self.model.parallel.generator(rng))
         _, dout = self.model.loss_fn.value_and_grad(fwd.out, targets)
         return self.model.backward(params, fwd, dout, param_grads=False, capture=True).captures
 
@@ -119,7 +119,9 @@ class KFAC(KroneckerSolver):
         state["rng"] = rng_state_array(rng)
 
         # A from the data pass (identical rows), G from the sampled pass; EMAs, then the inverses
-        for fa, fg in zip(kron_factors(caps, which="A"), kron_factors(caps_sampled, which="G")):
+        stats_a, stats_g = kron_factors(caps, which="A"), kron_factors(caps_sampled, which="G")
+        model.parallel.mean_fields(stats_a + stats_g, ("A", "G"))  # the global batch's (data parallel)
+        for fa, fg in zip(stats_a, stats_g):
             for name, new, decay in (("A", fa.A, self.A_decay), ("G", fg.G, self.G_decay)):
                 F = ema_(state[layer_key(fa.layer, name)], new, decay)
                 if self.flush_subnormals:

@@ -135,7 +135,7 @@ class KroneckerSolver(Solver):
         """state[layer i / name] <- mean over ``batches`` of ``statistics(params, x)``, flushed."""
         sums, count = None, 0
         for x, _ in batches:
-            stats = statistics(params, x)
+            stats = self.model.parallel.mean_tree(statistics(params, x))  # the global batch's (data parallel)
             if sums is None:
                 sums = stats
             else:

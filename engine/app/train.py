@@ -227,7 +227,9 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------
     def _batch(self, idx):
         """``(x[idx], y[idx])`` gathered on the host and copied to the device once each (inputs cast
-        to the run's dtype, labels keep theirs); an autoencoder's target is the same array as its input."""
+        to the run's dtype, labels keep theirs); an autoencoder's target is the same array as its input.
+        In a data-parallel run only this rank's rows of the global batch are gathered (engine/parallel.py)."""
+        idx = idx[self.model.parallel.shard(len(idx))]
         xb = to_device(self.dataset.x_train[idx], self.xp, dtype=self.dtype)
         y = self.dataset.y_train
         return xb, (xb if y is None else to_device(y[idx], self.xp, dtype=_target_dtype(y, self.dtype)))
@@ -266,15 +268,18 @@ class Trainer:
                 on_epoch(self, row)
         self.warm_start()
         per_epoch = self.iterator.batches_per_epoch
+        comm = self.model.parallel.comm
         while (epochs is None or self.epoch < epochs) and (max_time is None or self.cpu_time < max_time):
             # an epoch may have been interrupted by a checkpoint: finish what is left of it
             start_it = self.iteration - self.epoch * per_epoch
             for _ in range(start_it, per_epoch):
                 x, y = self._batch(self.iterator.next_indices())
-                c0, w0 = time.process_time(), time.perf_counter()
+                c0, w0, b0 = time.process_time(), time.perf_counter(), comm.bytes
                 self.params, self.solver_state, info = self.solver.step(self.params, self.solver_state, x, y)
                 # the one host sync per iteration: it also waits for the step, so the clocks are honest
                 row = host_scalars(info)
+                if comm.size > 1:
+                    row["comm_bytes"] = comm.bytes - b0  # what this rank sent in the step's collectives
                 self.cpu_time += time.process_time() - c0
                 self.wall_time += time.perf_counter() - w0
                 self.iteration += 1
