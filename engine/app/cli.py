@@ -27,6 +27,7 @@ from data.batches import ORDERS
 
 from .. import __version__
 from ..backend import BackendError
+from ..communicator import CommunicatorError
 from ..init import INIT_SCHEMES
 from . import analyze, commands, compare
 from .probes import PROBES, parse_probes
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cstep {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except BackendError as exc:  # e.g. CSTEP_BACKEND=cupy without a GPU: still one line
+    except (BackendError, CommunicatorError) as exc:  # e.g. CSTEP_BACKEND=cupy without a GPU, no mpi4py under mpiexec: one line
         print(f"cstep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import nets
 import solvers
 
+from .distributed import barrier, quiet_unless_root, root_lock, root_value
 from .options import DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_net, check_solver, given_hyper, tuned
 from . import analyze
 from .plots import load_for_plot, plot_analysis, plot_probes, plot_runs, run_labels
 from .report import ensure_parent, info_lines, info_record, print_summary, solver_info, solver_lines
-from .runfile import RunFileLock, check_run_file, load_run
+from .runfile import check_run_file, load_run
 from .runs import Run, claim_path, default_run_path, drive, pinned_threads, summary
 from .study import run_study
 from .study_targets import METHODS, parse_steps
@@ -25,11 +26,13 @@ def cmd_train(args) -> int:
     start = time.perf_counter()
     args.net, args.solver = check_net(args.net), check_solver(args.solver)
     hyper = tuned(args.net, args.solver, given_hyper(args, args.solver))
-    path = Path(args.out) if args.out else default_run_path(Path("runs"), args.net, args.solver)
+    path = Path(root_value(str(args.out) if args.out else str(default_run_path(Path("runs"), args.net, args.solver))))
+    quiet_unless_root(args)
     if path.is_dir():
         claim_path(path, args.overwrite)  # the one-line message for a directory
-    with RunFileLock(path), pinned_threads(args.threads):  # a second writer fails here, before any check or work
+    with root_lock(path), pinned_threads(args.threads):  # a second writer fails here, before any check or work
         claim_path(path, args.overwrite)
+        barrier()  # data parallel: every rank has checked the path before rank 0 creates the file
         run = Run.new(args, args.net, args.solver, hyper)
         run.path = path
         run.checkpoint()  # the run file exists from the start: a crash at any later moment leaves a resumable file
@@ -41,7 +44,8 @@ def cmd_train(args) -> int:
 def cmd_resume(args) -> int:
     check_run_file(args.run)
     threads = args.threads if args.threads is not None else load_run(args.run).config.get("threads")
-    with RunFileLock(args.run), pinned_threads(threads):
+    quiet_unless_root(args)
+    with root_lock(args.run), pinned_threads(threads):
         return _resume_locked(args)
 
 

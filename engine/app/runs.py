@@ -21,6 +21,7 @@ import nets
 from .. import __version__
 from ..backend import get_xp, to_device
 from . import runfile
+from .distributed import is_root, join_world, world_note
 from .environment import environment_info
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, PRESET_EPOCHS, UsageError, build_solver,
                       check_data_dir, check_dataset, check_dtype, check_net, check_solver, check_task)
@@ -100,6 +101,7 @@ class Run:
         self.dtype = check_dtype(config["dtype"])
         config["net"], config["solver"] = check_net(config["net"]), check_solver(config["solver"])
         self.model = nets.build(config["net"])
+        self.comm = join_world(self.model)  # data parallel under mpiexec/srun (engine/app/distributed.py)
         if dataset is None:
             dataset = load_dataset(config["dataset"], config.get("data_dir"), self.dtype,
                                     config.get("n_train"), config.get("n_test"))
@@ -151,6 +153,7 @@ class Run:
         }
         run = cls(config, hyper, dataset)
         config["n_params"] = run.model.n_params
+        config["world_size"] = run.comm.size
         config["param_shapes"] = [list(s) for s in run.model.shapes]
         config["weight_decay"] = run.model.weight_decay
         run.environment = environment_info()
@@ -188,7 +191,8 @@ class Run:
         run.meta = dict(record.meta)
         run.checkpoints = int(record.progress.get("checkpoints", 0))
         run.environment = environment_info()
-        if run.environment["backend"] != header.environment.get("backend", run.environment["backend"]):
+        world_note(path, record.progress.get("world_size", config.get("world_size", 1)), run.comm.size)
+        if is_root() and run.environment["backend"] != header.environment.get("backend", run.environment["backend"]):
             print(f"cstep resume: note: the run was made on the {header.environment.get('backend')} backend and continues "
                   f"on {run.environment['backend']}; it will not be bit-for-bit what the original backend gives", file=sys.stderr)
         return run
@@ -204,14 +208,16 @@ class Run:
             "status": self.status, "checkpoints": self.checkpoints,
             "target_epochs": self.config.get("epochs"),
             "checkpoint_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "world_size": self.comm.size,
         })
         meta = dict(self.meta)
         meta["param_layers"] = [(i, type(layer).__name__) for i, layer in enumerate(self.model.layers)
                                 for _ in layer.param_shapes()]
         record = runfile.RunRecord(config=self.config, hyperparameters=self.hyper, state=state,
                            environment=self.environment, meta=meta)
-        runfile.save_run(self.path, record)
-        self.meta["created"] = record.meta["created"]
+        if self.comm.rank == 0:  # data parallel: every rank holds the same run; rank 0 writes it
+            runfile.save_run(self.path, record)
+            self.meta["created"] = record.meta["created"]
 
 
 class Interrupted(Exception):

@@ -54,4 +54,4 @@ def trainer(net: str, solver: str, batch: int = BATCH, comm=None, **extra):
     if comm is not None:
         m.parallel = DataParallel(comm)
     s = make_solver(solver, m, **{**HYPER[solver], **extra})
-    return make_trainer(m, s, dataset(net), batch_size=batch, seed=3, dtype=numpy.float64, eval_chunk=BATCH)
+    return make_trainer(m, s, dataset(net), batch_size=batch, seed=3, dtype=numpy.float64, eval_chunk=BATCH, xp=numpy)
