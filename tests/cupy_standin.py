@@ -269,6 +269,8 @@ class ndarray:
     nbytes = property(lambda self: self._a.nbytes)
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: _Flags(self._a))
+    #: the device pointer NCCL's bindings take (``a.data.ptr``); here the host buffer's address
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.ctypes.data))
     base = property(lambda self: None if self._a.base is None else ndarray._of(self._a.base))
     T = property(lambda self: ndarray._of(self._a.T))
     mT = property(lambda self: ndarray._of(self._a.mT))
@@ -752,6 +754,8 @@ def _cupyx_scipy():
 
 # --- cuda: one pretend device -------------------------------------------------------------------
 class _Stream:
+    ptr = 0  # the default stream's handle
+
     def synchronize(self):
         counters.syncs["stream.synchronize"] += 1
 
