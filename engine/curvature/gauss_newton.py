@@ -33,5 +33,5 @@ class GaussNewton(ModelOperator):
         model = self.model
         _, jv = model.r_forward(self.params, self._fwd, model.unflatten(v))
         dy = model.loss_fn.hessian_vp(self._fwd.out, self.y, jv)
-        grads = model.backward(self.params, self._fwd, dy).grads
+        grads = model.parallel.mean(model.backward(self.params, self._fwd, dy).grads)  # summed over the ranks' shards
         return self._add_weight_decay(model.flatten(grads), v)

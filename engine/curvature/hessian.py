@@ -177,7 +177,7 @@ class HessianRop(ModelOperator):
         # deltas[i] = dL/d(output of layer i); the gradient comes for free on the way down.
         back = model.backward(self.params, self._fwd, dy, keep_deltas=True)
         self._deltas = back.deltas
-        g = model.flatten(back.grads)
+        g = model.flatten(model.parallel.mean(back.grads))  # data parallel: the global batch's
         if self.tau:
             g += self.tau * model.flatten(self.params)
         self._grad = g
@@ -188,4 +188,4 @@ class HessianRop(ModelOperator):
         r_inputs, r_out = model.r_forward(self.params, self._fwd, rparams)
         rdy = model.loss_fn.hessian_vp(self._fwd.out, self.y, r_out)
         hv = model.backward_rop(self.params, self._fwd, self._deltas, rdy, r_inputs, rparams)
-        return self._add_weight_decay(model.flatten(hv), v)
+        return self._add_weight_decay(model.flatten(model.parallel.mean(hv)), v)  # summed over the ranks' shards

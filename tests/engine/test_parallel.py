@@ -10,6 +10,7 @@ import threading
 import numpy
 import pytest
 
+from engine import curvature
 from engine.backend import to_host
 from engine.communicator import Communicator
 from engine.curvature.kronecker import kron_factors
@@ -155,3 +156,29 @@ def test_greedy_assignment_is_the_longest_processing_time_rule(costs, size):
     exhaustive = min(max(sum(c for c, r in zip(costs.values(), a) if r == q) for q in range(size))
                      for a in itertools.product(range(size), repeat=len(costs)))
     assert makespan <= 4 / 3 * exhaustive + 1e-12
+
+
+@pytest.mark.parametrize("operator", ["HessianCS", "HessianRop", "GaussNewton"])
+def test_two_shards_give_the_global_curvature_products(operator):
+    """A Newton-Krylov / Hessian-free curvature product on two shards, summed over the ranks where
+    it is formed, equals the whole batch's (and so does the operator's gradient)."""
+    cls = getattr(curvature, operator)
+    n = 9
+    model = mlp([4, 5, 2], "tanh", "softmax_xent", weight_decay=0.01)
+    params = model.init(seed=2, dtype=numpy.float64)
+    rng = numpy.random.default_rng(1)
+    x, y = rng.standard_normal((n, 4)), rng.integers(0, 2, n)
+    v = rng.standard_normal(model.n_params)
+    full = cls(model, params, x, y)
+    want_hv, want_g = full.matvec(v), full.gradient()
+
+    def body(rank, dp):
+        m = mlp([4, 5, 2], "tanh", "softmax_xent", weight_decay=0.01)
+        m.parallel = dp
+        rows = dp.shard(n)
+        op = cls(m, params, x[rows], y[rows])
+        return op.matvec(v), op.gradient()
+
+    for hv, g in on_two_ranks(body):
+        numpy.testing.assert_allclose(hv, want_hv, rtol=1e-10, atol=1e-13)
+        numpy.testing.assert_allclose(g, want_g, rtol=1e-12, atol=1e-14)
