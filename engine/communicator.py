@@ -50,14 +50,22 @@ class Communicator:
     #: rank within this node (the GPU a CuPy rank drives)
     local_rank = 0
 
-    def __init__(self):
-        #: bytes handed to the transport by this rank so far, and the number of collectives
+    def __init__(self, parent: "Communicator | None" = None):
+        #: bytes handed to the transport by this rank so far, and the number of collectives (a
+        #: sub-communicator from :meth:`split` adds its traffic to its parent's too)
         self.bytes = 0
         self.calls = 0
+        self.parent = parent
 
     def _count(self, nbytes: int) -> None:
         self.bytes += int(nbytes)
         self.calls += 1
+        if self.parent is not None:
+            self.parent._count(nbytes)
+
+    def split(self, color: int, key: int) -> "Communicator":
+        """The sub-communicator of the ranks with the same ``color``, ranked by ``key`` (collective)."""
+        return self
 
     def allreduce(self, a):
         """Sum of ``a`` over the ranks, in place; returns ``a``."""
@@ -98,13 +106,16 @@ class MPICommunicator(Communicator):
 
     name = "mpi"
 
-    def __init__(self, comm=None):
-        super().__init__()
+    def __init__(self, comm=None, parent=None):
+        super().__init__(parent)
         self.MPI = _import_mpi()
         self.comm = comm if comm is not None else self.MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        self.local_rank = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank() if self.size > 1 else 0
+        if parent is not None:  # a sub-communicator: the process (and its GPU) stays where it is
+            self.local_rank = parent.local_rank
+        else:
+            self.local_rank = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank() if self.size > 1 else 0
 
     def _host(self, a, what: str):
         if not isinstance(a, numpy.ndarray):
@@ -140,6 +151,9 @@ class MPICommunicator(Communicator):
     def bcast_object(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)
 
+    def split(self, color: int, key: int) -> "MPICommunicator":
+        return MPICommunicator(self.comm.Split(color, key), parent=self)
+
 
 class NCCLCommunicator(Communicator):
     """NCCL collectives on CuPy arrays (``cupy.cuda.nccl``), rendezvous through ``mpi``.
@@ -150,11 +164,12 @@ class NCCLCommunicator(Communicator):
 
     name = "nccl"
 
-    def __init__(self, mpi: MPICommunicator, cupy):
-        super().__init__()
+    def __init__(self, mpi: MPICommunicator, cupy, parent=None):
+        super().__init__(parent)
         nccl = _import_nccl(cupy)
         self.mpi, self.cupy, self.nccl = mpi, cupy, nccl
-        self.rank, self.size, self.local_rank = mpi.rank, mpi.size, mpi.local_rank
+        self.rank, self.size = mpi.rank, mpi.size
+        self.local_rank = parent.local_rank if parent is not None else mpi.local_rank
         cupy.cuda.Device(self.local_rank).use()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = mpi.bcast_object(uid, root=0)
@@ -201,6 +216,10 @@ class NCCLCommunicator(Communicator):
 
     def bcast_object(self, obj, root: int = 0):
         return self.mpi.bcast_object(obj, root)
+
+    def split(self, color: int, key: int) -> "NCCLCommunicator":
+        """A new NCCL communicator over an MPI split (its own unique id, drawn by its rank 0)."""
+        return NCCLCommunicator(self.mpi.split(color, key), self.cupy, parent=self)
 
 
 # --- selection ------------------------------------------------------------------------------

@@ -67,11 +67,15 @@ class DataParallel:
 
     ``comm``: a :class:`engine.communicator.Communicator` (default single-process). The trainer
     calls :meth:`shard` with each global batch's size before the solver step; the passes and the
-    solvers then call :meth:`mean` where they have formed a batch mean.
+    solvers then call :meth:`mean` where they have formed a batch mean. ``grad_worker_fraction``:
+    KAISA's split of the Kronecker solvers' factor work (solvers/kaisa.py), None for none.
     """
 
-    def __init__(self, comm: Communicator | None = None):
+    def __init__(self, comm: Communicator | None = None, grad_worker_fraction: float | None = None):
         self.comm = comm if comm is not None else SingleProcess()
+        #: KAISA's fraction of ranks holding each layer's inverse factors (solvers/kaisa.py); None: every
+        #: rank does every layer's factor work itself
+        self.grad_worker_fraction = grad_worker_fraction
         self.rows = (0, 0, 0)
         self.weight = 1.0
 

@@ -151,6 +151,10 @@ class _KroneckerQuasiNewton(KroneckerSolver):
     def step_factors(self, state, i) -> tuple:
         return self.g_factor(state, i), state[layer_key(i, "H_a")]
 
+    def step_keys(self, state, i) -> list:
+        g_side = layer_key(i, "lbfgs/")
+        return [layer_key(i, "H_a")] + [k for k in state if k == layer_key(i, "H_g") or k.startswith(g_side)]
+
     # --- the iteration (docs/kbfgs.md section 4.3) -------------------------------------------------
     def step(self, params, state, x, y):
         model = self.model
@@ -181,9 +185,15 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                        capture=lambda c: means_new.__setitem__(c.layer, row_means(c, n)))
         trial_loss, means_new = parallel.mean_tree((trial_loss, means_new))
 
-        # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action)
+        # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action); under KAISA by each
+        # layer's owner, who shares the result (solvers/kaisa.py)
+        plan = self.factor_plan()
         for f in factors:
-            self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, info)
+            if plan is None or plan.owns(f.layer):
+                self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, info)
+        if plan is not None:
+            plan.share_factors(state, lambda i: self.step_keys(state, i))
+            plan.sum_counts(info, ("powell_damping", "lm_damping", "skipped_H_g", "skipped_H_a"), xp)
 
         state["k"] = k + 1
         info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=step_norm)

@@ -86,6 +86,13 @@ class KFAC(KroneckerSolver):
     def step_factors(self, state, i) -> tuple:
         return state[layer_key(i, "G_inv")], state[layer_key(i, "A_inv")]
 
+    def step_keys(self, state, i) -> list:
+        return [layer_key(i, "A_inv"), layer_key(i, "G_inv")]
+
+    def factor_cost(self, i) -> float:
+        layer = self.model.layers[i]
+        return float((layer.d_in + 1) ** 3 + layer.d_out ** 3)  # the inversions
+
     def _sampled_captures(self, params, fwd, rng):
         """Captures of the backward pass of the loss with targets sampled from the model."""
         targets = self.model.loss_fn.sample_targets(fwd.out, self.model.parallel.generator(rng))
@@ -141,17 +148,21 @@ class KFAC(KroneckerSolver):
         All factors go through :func:`engine.curvature.kronecker.factor_inverses` together: one
         host sync per refresh for the checks of all of them, not one per factor.
         """
+        plan = self.factor_plan()  # KAISA: each rank inverts its own layers' factors and shares them
+        mine = [i for i in self.kron if plan is None or plan.owns(i)]
         damped, names = [], []
-        for i in self.kron:
+        for i in mine:
             for name in ("A", "G"):
                 F = state[layer_key(i, name)]
                 xp = array_module(F)
                 damped.append(F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype))
                 names.append(f"{name} of layer {i}")
         inverses = factor_inverses(damped, names)
-        for i, A_inv, G_inv in zip(self.kron, inverses[0::2], inverses[1::2]):
+        for i, A_inv, G_inv in zip(mine, inverses[0::2], inverses[1::2]):
             state[layer_key(i, "A_inv")] = symmetrize(A_inv)
             state[layer_key(i, "G_inv")] = symmetrize(G_inv)
+        if plan is not None:
+            plan.share_factors(state, lambda i: self.step_keys(state, i))
 
     def curvature_operator(self, state):
         """The damped block Fisher (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) of the current state."""

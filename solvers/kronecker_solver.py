@@ -29,6 +29,7 @@ from engine.curvature.kronecker import KroneckerBlockOperator, flush_subnormals_
 from engine.layers import KroneckerLayer
 
 from .base import Solver
+from .kaisa import KaisaPlan
 
 __all__ = ["KroneckerSolver", "layer_key", "kron_layers", "check_real_params"]
 
@@ -97,6 +98,7 @@ class KroneckerSolver(Solver):
         self.sqrt_damping = math.sqrt(self.damping)
         kron_params = {model.layer_param_index[i] + j for i in self.kron for j in range(len(model.layers[i].param_shapes()))}
         self.other_params = [k for k in range(len(model.shapes)) if k not in kron_params]
+        self._plan = None  # KAISA's factor-work plan, made on first use in a data-parallel run (solvers/kaisa.py)
 
     # --- hooks --------------------------------------------------------------------------------
     def init_layer(self, layer, xp, dtype) -> dict:
@@ -114,6 +116,35 @@ class KroneckerSolver(Solver):
     def step_factors(self, state, i) -> tuple:
         """(left, right) inverse factors of layer ``i``'s block: the step is left M^ right."""
         raise NotImplementedError
+
+    def factor_cost(self, i) -> float:
+        """KAISA's load-balance weight of layer ``i``'s factor work: the factors' sizes."""
+        layer = self.model.layers[i]
+        return float((layer.d_in + 1) ** 2 + layer.d_out ** 2)
+
+    def step_keys(self, state, i) -> list:
+        """The state keys of layer ``i`` that the step's preconditioner reads."""
+        raise NotImplementedError
+
+    # --- KAISA (solvers/kaisa.py) ---------------------------------------------------------------
+    def factor_plan(self) -> KaisaPlan | None:
+        """The KAISA plan of a data-parallel run with a grad-worker fraction (``model.parallel.
+        grad_worker_fraction``); None when every rank does all the factor work itself."""
+        parallel = self.model.parallel
+        fraction = getattr(parallel, "grad_worker_fraction", None)
+        if not parallel.active or fraction is None:
+            return None
+        if self._plan is None or self._plan.comm is not parallel.comm or self._plan.fraction != fraction:
+            self._plan = KaisaPlan(parallel.comm, {i: self.factor_cost(i) for i in self.kron}, fraction)
+        return self._plan
+
+    def gather_state(self, state) -> dict:
+        """Every layer's state entries from the rank that owns its factor work, on every rank: what a
+        checkpoint needs (collective; a no-op unless KAISA spreads the work)."""
+        plan = self.factor_plan()
+        if plan is not None:
+            plan.gather(state, lambda i: [k for k in state if k.startswith(layer_key(i, ""))])
+        return state
 
     # --- contract -----------------------------------------------------------------------------
     def init(self, params) -> dict:
@@ -177,8 +208,23 @@ class KroneckerSolver(Solver):
     def step_operator(self, state) -> KroneckerBlockOperator:
         """The block operator whose ``solve`` is the step's preconditioner: per Kronecker layer the
         pair :meth:`step_factors` as inverse factors, in ``block_order``; other parameters pass."""
-        blocks = {i: self.step_factors(state, i) for i in self.kron}
+        plan = self.factor_plan()
+        blocks = {i: self.step_factors(state, i) for i in self.kron if plan is None or plan.grad_worker(i)}
+        if not blocks:  # KAISA: a rank that is no layer's gradient worker
+            return None
         return KroneckerBlockOperator.from_inverse_factors(self.model, blocks, missing="identity", order=self.block_order)
+
+    def preconditioned_blocks(self, operator, m_views):
+        """(layer, P = C_l^{-1} M^) for every Kronecker layer, in layer order: ``operator.solve_blocks``,
+        or under KAISA the gradient workers' P, broadcast to the other ranks."""
+        plan = self.factor_plan()
+        if plan is None:
+            yield from operator.solve_blocks(m_views)
+            return
+        steps = dict(operator.solve_blocks(m_views)) if operator is not None else {}
+        layers = self.model.layers
+        shape = lambda i: (layers[i].d_out, layers[i].d_in + 1)  # noqa: E731
+        yield from plan.share_steps(steps, shape, array_module(m_views[0]), m_views[0].dtype).items()
 
     def apply_step_(self, params, m_views, operator):
         """theta <- theta - alpha P on every block (P from ``operator.solve_blocks`` of the momentum)
@@ -187,7 +233,7 @@ class KroneckerSolver(Solver):
         xp = array_module(*params)
         lr, scaled = self.lr, self.norm_of_scaled_step
         step_sq = 0
-        for i, P in operator.solve_blocks(m_views):
+        for i, P in self.preconditioned_blocks(operator, m_views):
             if scaled:
                 P *= lr
             Pf = P.reshape(-1)

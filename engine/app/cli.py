@@ -131,6 +131,11 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
     t.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
                    help=f"BLAS threads (default {DEFAULT_THREADS}: the same figures on every machine; recorded in the run "
                         "file; float32 trajectories of K-BFGS depend on the thread count)")
+    t.add_argument("--grad-worker-fraction", type=positive_float, default=None, metavar="F",
+                   help="data-parallel runs (mpiexec -n R cstep train ...) of K-FAC, K-BFGS, K-BFGS(L): split the per-layer "
+                        "factor work over the ranks as KAISA does; F R ranks hold each layer's inverse factors, from 1 (every "
+                        "rank holds every inverse: least communication) to 1/R (one owner per layer: least memory). Default: "
+                        "every rank does all the factor work itself")
     t.add_argument("--probe-every", type=positive_int, default=None, metavar="N",
                    help="every N iterations, record curvature probes on a fixed batch (the first 1000 training "
                         "examples) in the run's /history/probes, outside the training clocks (default: none)")
@@ -196,6 +201,8 @@ def build_parser(solver_help: str | None = None) -> argparse.ArgumentParser:
                    help="new total training CPU-time budget in seconds (default: the run's own)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="checkpoint every N iterations from now on (default: the run's own setting)")
+    p.add_argument("--grad-worker-fraction", type=positive_float, default=None, metavar="F",
+                   help="KAISA's split of the factor work in a data-parallel run from now on (default: the run's own)")
     p.add_argument("--checkpoint-every-s", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="checkpoint every SECONDS of wall time from now on (default: the run's own setting)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",

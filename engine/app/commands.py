@@ -11,7 +11,7 @@ from pathlib import Path
 import nets
 import solvers
 
-from .distributed import barrier, quiet_unless_root, root_lock, root_value
+from .distributed import barrier, join_world, quiet_unless_root, root_lock, root_value
 from .options import DEFAULT_BATCH_SIZE, PRESET_BATCH_SIZES, UsageError, check_net, check_solver, given_hyper, tuned
 from . import analyze
 from .plots import load_for_plot, plot_analysis, plot_probes, plot_runs, run_labels
@@ -62,6 +62,9 @@ def _resume_locked(args) -> int:
     for key in ("checkpoint_every", "checkpoint_every_s", "log_every_s", "log_every", "threads"):
         if getattr(args, key) is not None:
             run.config[key] = getattr(args, key)
+    if args.grad_worker_fraction is not None:  # KAISA's split from now on (the numbers do not change)
+        run.config["grad_worker_fraction"] = args.grad_worker_fraction
+        join_world(run.model, args.grad_worker_fraction)
     epochs = run.config["epochs"]
     if epochs is not None and run.trainer.epoch >= epochs and args.epochs is None and not args.quiet:
         print(f"cstep resume: run already has {run.trainer.epoch} of {epochs} epochs; pass --epochs N to go further",

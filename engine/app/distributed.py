@@ -16,16 +16,27 @@ import sys
 from ..backend import get_xp
 from ..communicator import Communicator, world
 from ..parallel import DataParallel
+from solvers.kaisa import worker_group_size
+
 from .runfile import RunFileLock
 
-__all__ = ["join_world", "is_root", "root_lock", "barrier", "quiet_unless_root", "root_value", "world_note"]
+__all__ = ["join_world", "collective_flags", "is_root", "root_lock", "barrier", "quiet_unless_root", "root_value", "world_note"]
 
 
-def join_world(model) -> Communicator:
-    """Give ``model`` the data-parallel context of this process's communicator; returns it."""
+def join_world(model, grad_worker_fraction: float | None = None) -> Communicator:
+    """Give ``model`` the data-parallel context of this process's communicator (with KAISA's
+    ``grad_worker_fraction``, checked against the world size); returns the communicator."""
     comm = world(get_xp().__name__)
-    model.parallel = DataParallel(comm)
+    if comm.size > 1 and grad_worker_fraction is not None:
+        worker_group_size(grad_worker_fraction, comm.size)  # a fraction that makes no whole group: one line, now
+    model.parallel = DataParallel(comm, grad_worker_fraction=grad_worker_fraction)
     return comm
+
+
+def collective_flags(comm: Communicator, *flags):
+    """Rank 0's values of per-rank decisions (a checkpoint is due by the clock, a signal asked to
+    stop), on every rank: checkpoints are collective when KAISA spreads the solver state."""
+    return comm.bcast_object(flags, root=0) if comm.size > 1 else flags
 
 
 def is_root() -> bool:

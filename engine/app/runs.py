@@ -21,7 +21,7 @@ import nets
 from .. import __version__
 from ..backend import get_xp, to_device
 from . import runfile
-from .distributed import is_root, join_world, world_note
+from .distributed import collective_flags, is_root, join_world, world_note
 from .environment import environment_info
 from .options import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, PRESET_BATCH_SIZES, PRESET_EPOCHS, UsageError, build_solver,
                       check_data_dir, check_dataset, check_dtype, check_net, check_solver, check_task)
@@ -101,7 +101,8 @@ class Run:
         self.dtype = check_dtype(config["dtype"])
         config["net"], config["solver"] = check_net(config["net"]), check_solver(config["solver"])
         self.model = nets.build(config["net"])
-        self.comm = join_world(self.model)  # data parallel under mpiexec/srun (engine/app/distributed.py)
+        # data parallel under mpiexec/srun (engine/app/distributed.py)
+        self.comm = join_world(self.model, config.get("grad_worker_fraction"))
         if dataset is None:
             dataset = load_dataset(config["dataset"], config.get("data_dir"), self.dtype,
                                     config.get("n_train"), config.get("n_test"))
@@ -149,7 +150,7 @@ class Run:
             "epochs": epochs, "max_time": args.max_time, "checkpoint_every": args.checkpoint_every,
             "checkpoint_every_s": args.checkpoint_every_s, "log_every_s": args.log_every_s, "log_every": args.log_every,
             "threads": args.threads, "probe_every": args.probe_every, "probes": args.probe,
-            "eval_chunk": 1000, "shuffle": True,
+            "eval_chunk": 1000, "shuffle": True, "grad_worker_fraction": getattr(args, "grad_worker_fraction", None),
         }
         run = cls(config, hyper, dataset)
         config["n_params"] = run.model.n_params
@@ -202,6 +203,9 @@ class Run:
         if status is not None:
             self.status = status
         self.checkpoints += 1
+        gather = getattr(self.solver, "gather_state", None)
+        if self.comm.size > 1 and gather is not None:  # KAISA: every layer's state from its owner (collective)
+            gather(self.trainer.solver_state)
         state = self.trainer.state_dict()
         state["progress"].update({
             **self.divergence,
@@ -210,6 +214,9 @@ class Run:
             "checkpoint_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "world_size": self.comm.size,
         })
+        plan = getattr(self.solver, "factor_plan", lambda: None)()
+        if plan is not None:  # KAISA's assignment of the factor work (the bytes per iteration: history comm_bytes)
+            state["progress"]["kaisa"] = plan.record()
         meta = dict(self.meta)
         meta["param_layers"] = [(i, type(layer).__name__) for i, layer in enumerate(self.model.layers)
                                 for _ in layer.param_shapes()]
@@ -301,10 +308,11 @@ def drive(run: Run, quiet: bool, label: str = "") -> str:
         progress.step(tr, row, epochs)
         if probe_batch is not None and tr.iteration % probe_every == 0:
             tr.history.add_probe({"iteration": tr.iteration, **probe(tr.model, tr.params, *probe_batch, probes, seed=tr.iteration)})
-        if stop.requested:
+        requested, due = collective_flags(run.comm, stop.requested, bool(every_s and time.monotonic() - last[0] >= every_s))
+        if requested:
             checkpoint("interrupted")
-            raise Interrupted(run.path, tr.iteration, stop.requested, saved=True)
-        if (every and tr.iteration % every == 0) or (every_s and time.monotonic() - last[0] >= every_s):
+            raise Interrupted(run.path, tr.iteration, requested, saved=True)
+        if (every and tr.iteration % every == 0) or due:
             checkpoint()
 
     def on_epoch(tr, row):

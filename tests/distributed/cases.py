@@ -48,10 +48,11 @@ def model(net: str):
     return autoencoder([12, 6, 3], "sigmoid_xent", weight_decay=1e-4, name="tiny-ae") if net == "mlp" else tiny_cnn()
 
 
-def trainer(net: str, solver: str, batch: int = BATCH, comm=None, **extra):
-    """A float64 trainer of ``solver`` on the ``net`` case (``comm``: the data-parallel communicator)."""
+def trainer(net: str, solver: str, batch: int = BATCH, comm=None, fraction=None, **extra):
+    """A float64 trainer of ``solver`` on the ``net`` case (``comm``: the data-parallel communicator,
+    ``fraction``: KAISA's grad-worker fraction)."""
     m = model(net)
     if comm is not None:
-        m.parallel = DataParallel(comm)
+        m.parallel = DataParallel(comm, grad_worker_fraction=fraction)
     s = make_solver(solver, m, **{**HYPER[solver], **extra})
     return make_trainer(m, s, dataset(net), batch_size=batch, seed=3, dtype=numpy.float64, eval_chunk=BATCH, xp=numpy)

@@ -44,6 +44,8 @@ MPIEXEC = _mpiexec()
 
 @pytest.fixture
 def mpiexec():
+    if os.environ.get("CSTEP_CUPY") == "standin":
+        pytest.skip("the MPI ranks run on NumPy: the NumPy pass runs these tests (CuPy ranks need NCCL and GPUs)")
     if MPIEXEC is None:
         message = "mpiexec and mpi4py are needed (pip install -e '.[mpi]')"
         if os.environ.get("CI", "").lower() == "true":
@@ -125,9 +127,13 @@ def test_command_line_train_and_resume_on_two_ranks(mpiexec, tmp_path):
     assert "comm_bytes" in rec.history["steps"] and min(rec.history["steps"]["comm_bytes"]) > 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".h5") == ["full.h5"]  # no per-rank files
 
-    # the same world size: bit for bit
-    proc = _cstep(mpiexec, 2, "train", *SMALL, "--solver", "kbfgs", "--epochs", 1, "--out", split, cwd=tmp_path)
+    # the same world size, with KAISA's one-owner-per-layer split of the factor work (checkpoints
+    # gather every layer's state from its owner): bit for bit the run above
+    proc = _cstep(mpiexec, 2, "train", *SMALL, "--solver", "kbfgs", "--epochs", 1, "--out", split,
+                  "--grad-worker-fraction", 0.5, "--checkpoint-every", 4, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    kaisa = load_run(split).progress["kaisa"]
+    assert kaisa["grad_workers_per_layer"] == 1 and sorted({v["owner"] for v in kaisa["layers"].values()}) == [0, 1]
     shutil.copy(split, other)
     proc = _cstep(mpiexec, 2, "resume", split, "--epochs", 2, "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -142,3 +148,25 @@ def test_command_line_train_and_resume_on_two_ranks(mpiexec, tmp_path):
     a, b = load_run(full).history["steps"]["loss"], load_run(other).history["steps"]["loss"]
     numpy.testing.assert_allclose(b, a, rtol=1e-10)
     assert load_run(other).progress["world_size"] == 1
+
+
+@pytest.mark.parametrize("net, fraction", [("mlp", 1.0), ("mlp", 0.5), ("cnn", 0.5)])
+def test_kaisa_factor_work_gives_the_same_run(net, fraction, mpiexec, tmp_path):
+    """KAISA: each layer's owner computes its factor work and shares it (fraction 1: the inverses
+    with every rank; 1/2 on 2 ranks: only the preconditioned momentum travels). Same trajectory
+    and damping/skip counts as one process, identical parameters on both ranks, and after a gather
+    identical solver states (what a checkpoint writes)."""
+    out = tmp_path / "result.npz"
+    names = ["kfac", "kbfgs", "kbfgs_l"]
+    proc = _launch(mpiexec, 2, "-m", "tests.distributed.worker", out, net, *names, "--fraction", fraction)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = numpy.load(out)
+    for name in names:
+        ref = trainer(net, name)
+        ref.run(epochs=1)
+        want = numpy.array(ref.history.steps["loss"])
+        assert numpy.max(numpy.abs(result[f"{name}/loss"] / want - 1)) < 1e-12, name
+        assert bool(result[f"{name}/same_on_all_ranks"]) and bool(result[f"{name}/state_same_on_all_ranks"]), name
+        for key in ("powell_damping", "skipped_H_g", "skipped_H_a"):
+            if f"{name}/{key}" in result:
+                numpy.testing.assert_array_equal(result[f"{name}/{key}"], ref.history.steps[key], err_msg=f"{name} {key}")
