@@ -150,15 +150,16 @@ def test_command_line_train_and_resume_on_two_ranks(mpiexec, tmp_path):
     assert load_run(other).progress["world_size"] == 1
 
 
-@pytest.mark.parametrize("net, fraction", [("mlp", 1.0), ("mlp", 0.5), ("cnn", 0.5)])
-def test_kaisa_factor_work_gives_the_same_run(net, fraction, mpiexec, tmp_path):
+@pytest.mark.parametrize("net, fraction, ranks", [("mlp", 1.0, 2), ("mlp", 0.5, 2), ("cnn", 0.5, 2), ("mlp", 0.5, 4)])
+def test_kaisa_factor_work_gives_the_same_run(net, fraction, ranks, mpiexec, tmp_path):
     """KAISA: each layer's owner computes its factor work and shares it (fraction 1: the inverses
-    with every rank; 1/2 on 2 ranks: only the preconditioned momentum travels). Same trajectory
+    with every rank; 1/2 on 2 ranks: only the preconditioned momentum travels; 1/2 on 4 ranks:
+    groups of 2 gradient workers, P sent to the other group). Same trajectory
     and damping/skip counts as one process, identical parameters on both ranks, and after a gather
     identical solver states (what a checkpoint writes)."""
     out = tmp_path / "result.npz"
     names = ["kfac", "kbfgs", "kbfgs_l"]
-    proc = _launch(mpiexec, 2, "-m", "tests.distributed.worker", out, net, *names, "--fraction", fraction)
+    proc = _launch(mpiexec, ranks, "-m", "tests.distributed.worker", out, net, *names, "--fraction", fraction)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = numpy.load(out)
     for name in names:
