@@ -20,6 +20,7 @@ import solvers
 from .options import UsageError, check_data_dir, check_dataset, check_dtype, check_net, check_solver, tuned
 from .plots import load_for_plot, plot_runs, plot_seeds
 from .report import compare_table, seed_statistics, seed_table
+from .distributed import world_size
 from .runfile import RunFileLock, load_run
 from .runs import STOP, Interrupted, Run, claim_path, drive, load_dataset, pinned_threads, summary
 
@@ -144,6 +145,8 @@ def _plan(args, solver_list, seeds, out_dir: Path, stamp: str) -> list[tuple[str
 
 
 def cmd_compare(args) -> int:
+    if world_size() > 1:
+        raise UsageError("cstep compare runs in one process; under mpiexec train each solver with 'cstep train' instead")
     if args.resume:
         return _resume_comparison(args)
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from solvers.kaisa import worker_group_size
 
 from .runfile import RunFileLock
 
-__all__ = ["join_world", "collective_flags", "is_root", "root_lock", "barrier", "quiet_unless_root", "root_value", "world_note"]
+__all__ = ["join_world", "collective_flags", "is_root", "root_lock", "barrier", "quiet_unless_root", "root_value", "world_note", "world_size"]
 
 
 def join_world(model, grad_worker_fraction: float | None = None) -> Communicator:
@@ -37,6 +37,11 @@ def collective_flags(comm: Communicator, *flags):
     """Rank 0's values of per-rank decisions (a checkpoint is due by the clock, a signal asked to
     stop), on every rank: checkpoints are collective when KAISA spreads the solver state."""
     return comm.bcast_object(flags, root=0) if comm.size > 1 else flags
+
+
+def world_size() -> int:
+    """The number of ranks this process is one of (1 without a launcher)."""
+    return world(get_xp().__name__).size
 
 
 def is_root() -> bool:

@@ -171,3 +171,20 @@ def test_kaisa_factor_work_gives_the_same_run(net, fraction, ranks, mpiexec, tmp
         for key in ("powell_damping", "skipped_H_g", "skipped_H_a"):
             if f"{name}/{key}" in result:
                 numpy.testing.assert_array_equal(result[f"{name}/{key}"], ref.history.steps[key], err_msg=f"{name} {key}")
+
+
+def test_errors_stop_every_rank_with_one_line(mpiexec, tmp_path):
+    """A usage error is found by every rank alike, so all of them stop (no rank left waiting in a
+    collective) with the same one-line message and exit status 2."""
+    taken = tmp_path / "taken.h5"
+    taken.write_bytes(b"")
+    cases = [(["train", *SMALL, "--solver", "sgd", "--out", taken], "already exists"),
+             (["train", *SMALL, "--solver", "kfac", "--grad-worker-fraction", 0.3, "--out", tmp_path / "a.h5"],
+              "--grad-worker-fraction 0.3 on 2 ranks"),
+             (["compare", "--net", "test-tiny-ae", "--solvers", "sgd,adam"], "cstep compare runs in one process")]
+    for argv, message in cases:
+        proc = _cstep(mpiexec, 2, *argv, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        # both ranks said it (mpiexec may run their lines together), and nothing else: no traceback
+        assert proc.stderr.count(": error: ") == 2 and proc.stderr.count(message) == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
