@@ -66,6 +66,13 @@ def info_lines(rec) -> list[str]:
         f"{p['cpu_time']:.2f} s training CPU, {p['wall_time']:.2f} s wall, {p.get('checkpoints', '?')} checkpoints "
         f"(last {p.get('checkpoint_time', '?')})",
     ]
+    if int(p.get("world_size", 1)) > 1 or int(c.get("world_size") or 1) > 1:
+        kaisa = p.get("kaisa")
+        split = (f"KAISA factor work, {kaisa['grad_workers_per_layer']} gradient worker(s) per layer" if kaisa
+                 else "every rank does all the factor work")
+        sent = [v for v in rec.history.get("steps", {}).get("comm_bytes", []) if v == v]
+        lines.append(f"parallel     {p.get('world_size', c.get('world_size'))} ranks at the last checkpoint (started on "
+                     f"{c.get('world_size')}), {split}" + (f"; {sent[-1] / 1e6:.3g} MB sent per iteration" if sent else ""))
     if p.get("diverged_at"):
         lost = p.get("diverged_steps", {}).get("loss", [])
         tail = ", ".join(fmt_value(v) for v in lost[-5:])
