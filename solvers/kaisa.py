@@ -110,9 +110,10 @@ class KaisaPlan:
             for key in keys_of(layer):
                 value = state[key]
                 if hasattr(value, "ndim"):
-                    buf = array_module(value).ascontiguousarray(value)
-                    self.comm.broadcast(buf, root=self.owner[layer])
-                    state[key] = buf
+                    if not value.flags.c_contiguous:  # (ascontiguousarray would also turn a 0-d count into 1-d)
+                        value = array_module(value).ascontiguousarray(value).reshape(value.shape)
+                    self.comm.broadcast(value, root=self.owner[layer])
+                    state[key] = value
 
     def sum_counts(self, info: dict, names, xp) -> None:
         """Sum the per-layer event counts of ``info`` over the ranks (each counted its own layers)."""

@@ -39,7 +39,10 @@ def main(argv):
                 result[f"{name}/{key}"] = numpy.array(tr.history.steps[key])
         plan = getattr(tr.solver, "factor_plan", lambda: None)()
         if plan is not None:  # every rank's state must be complete after a gather (what a checkpoint writes)
+            layout = {k: (v.shape, v.dtype) for k, v in tr.solver_state.items() if hasattr(v, "ndim")}
             state = tr.solver.gather_state(dict(tr.solver_state))
+            result[f"{name}/state_layout_kept"] = numpy.array(layout == {k: (v.shape, v.dtype) for k, v in state.items()
+                                                                           if hasattr(v, "ndim")})
             blob = b"".join(numpy.ascontiguousarray(v).tobytes() for k, v in sorted(state.items()) if hasattr(v, "ndim"))
             result[f"{name}/state_same_on_all_ranks"] = numpy.array(len(set(comm.comm.allgather(hashlib.sha256(blob).hexdigest()))) == 1)
     if comm.rank == 0:

@@ -168,6 +168,7 @@ def test_kaisa_factor_work_gives_the_same_run(net, fraction, ranks, mpiexec, tmp
         want = numpy.array(ref.history.steps["loss"])
         assert numpy.max(numpy.abs(result[f"{name}/loss"] / want - 1)) < 1e-12, name
         assert bool(result[f"{name}/same_on_all_ranks"]) and bool(result[f"{name}/state_same_on_all_ranks"]), name
+        assert bool(result[f"{name}/state_layout_kept"]), f"{name}: gathering changed a state entry's shape or dtype"
         for key in ("powell_damping", "skipped_H_g", "skipped_H_a"):
             if f"{name}/{key}" in result:
                 numpy.testing.assert_array_equal(result[f"{name}/{key}"], ref.history.steps[key], err_msg=f"{name} {key}")
