@@ -165,7 +165,7 @@ def test_two_shards_give_the_global_curvature_products(operator):
     cls = getattr(curvature, operator)
     n = 9
     model = mlp([4, 5, 2], "tanh", "softmax_xent", weight_decay=0.01)
-    params = model.init(seed=2, dtype=numpy.float64)
+    params = model.init(seed=2, dtype=numpy.float64, xp=numpy)
     rng = numpy.random.default_rng(1)
     x, y = rng.standard_normal((n, 4)), rng.integers(0, 2, n)
     v = rng.standard_normal(model.n_params)
