@@ -76,7 +76,7 @@ from engine.curvature import KroneckerBlockOperator, kron_factors
 
 from .base import Hyper, nonnegative, positive, register
 from .krylov import CURVATURES, EXIT_REASONS, PASS_COST
-from .newton_cg import GradientStart, LineSearch, NewtonCG, adapt_damping, backtracking
+from .newton_cg import GradientStart, LineSearch, NewtonCG, RadiusRule, adapt_damping, adapt_radius, backtracking
 
 __all__ = ["NewtonKrylov", "kfac_preconditioner", "EXIT_REASONS"]
 
@@ -141,6 +141,9 @@ class NewtonKrylov(NewtonCG):
         "step_decrease": _below_one("alpha factor when rho < rho_low (adapt=step/both)", 0.5),
         "trust_radius": nonnegative("initial trust radius Delta on ||p|| (0 = no trust region)", 0.0),
         "trust_radius_max": positive("upper bound of Delta", 1e3),
+        "trust_region": _choice("steihaug", "how Delta > 0 bounds the step: steihaug (Steihaug-Toint CG stops at the "
+                                "boundary and follows negative curvature to it) or scale (the CG step scaled back to Delta)",
+                                ("steihaug", "scale")),
         # acceptance and backtracking
         "accept": _choice("rho", "acceptance test: rho (rho > eta) or armijo (sufficient decrease)", ("rho", "armijo")),
         "eta": Hyper(0.0, "accept when rho > eta (Nocedal & Wright: eta in [0, 1/4))", lambda v: 0 <= v < 1, "in [0, 1)", float),
@@ -204,16 +207,18 @@ class NewtonKrylov(NewtonCG):
         x0 = None
         if self.warm_start_beta > 0 and state["k"] > 0:
             x0 = self.warm_start_beta * state["p_prev"]
+        radius = float(state["radius"])
+        steihaug = radius > 0 and self.trust_region == "steihaug"
         cg = self.solve(op, start, x0, precond, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
                         adaptive_rtol=self.cg_adaptive_rtol, forcing_exponent=self.cg_forcing_exponent,
                         curvature_threshold=self.cg_curvature_threshold, negative_curvature=self.negative_curvature,
-                        model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps)
+                        model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps,
+                        radius=radius if steihaug else 0.0)
         p, gTp = cg.x, cg.gTp
         pHp = cg.pHp if self.rho_damped else cg.curvature
         p_norm = math.sqrt(cg.step_sq_norm)
-        radius = float(state["radius"])
-        hit_boundary = radius > 0 and p_norm > radius
-        if hit_boundary:  # scale the step back to the trust radius
+        hit_boundary = radius > 0 and p_norm >= radius * (1 - 1e-6)
+        if radius > 0 and p_norm > radius:  # scale the step back to the trust radius ("scale")
             s = radius / p_norm
             p = p * s
             gTp, pHp, p_norm = gTp * s, pHp * s * s, radius
@@ -224,11 +229,12 @@ class NewtonKrylov(NewtonCG):
         verdict = update.verdict
         state["damping"] = update.damping if self.adapt in ("damping", "both") else float(state["damping"])
         state["alpha"] = self._next_alpha(state, search, verdict)
-        if radius > 0:
-            if verdict == "shrink":
-                radius = radius / 4
-            elif verdict == "grow" and hit_boundary:
-                radius = min(2 * radius, self.trust_radius_max)
+        if radius > 0:  # Delta from the ratio of the last trial and the length it tried
+            full = search.backtracks == 0 and search.outcome is not None
+            rule = RadiusRule(self.rho_low, self.rho_high, radius_max=self.trust_radius_max)
+            tried = search.alpha * p_norm if search.outcome is not None else 0.0
+            radius = adapt_radius(update.effective_rho, radius if full else min(radius, tried), tried,
+                                  full and hit_boundary, rule)[0]
         state["radius"] = radius
         state["p_prev"] = p if gTp < 0 else p * 0  # never warm-start from an ascent direction
         state["k"] += 1
