@@ -28,8 +28,13 @@ Per iteration k, on the minibatch B_g given to ``NewtonKrylov.step``:
    as K-FAC estimates it, Martens & Grosse 2015 section 5; one extra forward and backward on B_H)
    or of the gradient pass at the observed targets (``"empirical"``, free, the empirical Fisher),
    applied through :meth:`engine.curvature.KroneckerBlockOperator.solve`; d = ``kfac_damping``
-   or, when that is 0, sqrt(lambda + tau). With ``trust_radius`` > 0 the step is scaled back to
-   ||p|| <= Delta.
+   or, when that is 0, sqrt(lambda + tau). **Trust region** (``trust_radius`` Delta > 0, the
+   default 1): with ``trust_region="steihaug"`` (default) CG is Steihaug-Toint's (Steihaug 1983;
+   Nocedal & Wright 2006, Alg. 7.2): it stops where an iterate would leave ||p|| <= Delta, on the
+   boundary, and a disturbing direction is followed to the boundary instead of only stopping;
+   ``"scale"`` runs plain truncated CG and scales a longer step back to ||p|| = Delta.
+   ``trust_radius=0`` leaves Levenberg-Marquardt damping alone in charge (the default before the
+   Newton suite, docs/newton-krylov.md section 10).
 4. **Taylor check.** For a step length alpha (``alpha``, 1 by default):
    Delta_pred(alpha) = -(alpha g^T p + 1/2 alpha^2 p^T H p)  (p^T H p from the CG recurrences,
    undamped unless ``rho_damped``), Delta_act(alpha) = L_{B_g}(w) - L_{B_g}(w + alpha p),
@@ -50,8 +55,9 @@ Per iteration k, on the minibatch B_g given to ``NewtonKrylov.step``:
    constants), clipped to [``damping_min``, ``damping_max``]; "step": the next initial alpha is the
    accepted alpha times ``step_decrease`` (1/2) or ``step_increase`` (2), clipped to
    [``alpha_min``, ``alpha_max``]; "both": both; "none": neither. The trust radius, when on,
-   follows Nocedal & Wright Alg. 4.1: Delta/4 if rho < rho_low, min(2 Delta, Delta_max) if
-   rho > rho_high and the step reached the boundary.
+   follows :func:`solvers.newton_cg.adapt_radius` (Nocedal & Wright Alg. 4.1): a quarter of the
+   length tried if rho < rho_low, min(2 Delta, ``trust_radius_max``) if rho > rho_high and the
+   full step reached the boundary; after backtracking Delta is first cut to the length tried.
 
 Info per step (host floats): ``loss``, ``grad_norm``, ``cg_iters``, ``cg_exit`` (an index into
 :data:`solvers.krylov.EXIT_REASONS`: 0 converged, 1 negative_curvature, 2 max_iter,
@@ -139,7 +145,7 @@ class NewtonKrylov(NewtonCG):
         "alpha_max": positive("upper bound of the adapted initial alpha", 1.0),
         "step_increase": _above_one("alpha factor when rho > rho_high (adapt=step/both)", 2.0),
         "step_decrease": _below_one("alpha factor when rho < rho_low (adapt=step/both)", 0.5),
-        "trust_radius": nonnegative("initial trust radius Delta on ||p|| (0 = no trust region)", 0.0),
+        "trust_radius": nonnegative("initial trust radius Delta on ||p|| (0 = no trust region, Levenberg-Marquardt only)", 1.0),
         "trust_radius_max": positive("upper bound of Delta", 1e3),
         "trust_region": _choice("steihaug", "how Delta > 0 bounds the step: steihaug (Steihaug-Toint CG stops at the "
                                 "boundary and follows negative curvature to it) or scale (the CG step scaled back to Delta)",
@@ -153,7 +159,7 @@ class NewtonKrylov(NewtonCG):
         "rho_damped": Hyper(False, "use p^T (H + lambda I) p in Delta_pred instead of the undamped p^T H p"),
         "rho_noise": positive("Delta_pred below rho_noise eps |L| is treated as unresolvable by the loss", 100.0),
         # CG
-        "cg_max_iter": positive("CG iteration cap (docs/complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
+        "cg_max_iter": positive("CG iteration cap (docs/complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 250, int),
         "cg_rtol": nonnegative("CG residual rule ||r|| <= eta ||g||, eta = min(cg_rtol, sqrt(||g||)) when adaptive", 0.5),
         "cg_adaptive_rtol": Hyper(True, "forcing term eta = min(cg_rtol, sqrt(||g||)) (else eta = cg_rtol)"),
         "cg_forcing_exponent": positive("e of the forcing term eta = min(cg_rtol, ||g||^e) (1/2 superlinear, 1 quadratic)", 0.5),
