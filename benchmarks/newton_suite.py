@@ -100,11 +100,11 @@ def run_cstep(pr, name: str, rec: Recorder, hyper: dict | None = None, max_steps
         params, state, info = solver.step(params, state, pr.x, pr.y)
         rec.grads += 1
         # the info's loss and gradient are those at the start of the step
-        if rec.record(info["loss"], info["grad_norm"]):
+        if rec.record(float(info["loss"]), float(info["grad_norm"])):
             break
         rec.iters += 1
-        rec.hvp += info.get("n_hvp", 0)
-        rec.passes += info.get("n_grad_passes", 1.0)
+        rec.hvp += int(info.get("n_hvp", 0))
+        rec.passes += float(info.get("n_grad_passes", 1.0))
     return rec.summary()
 
 
@@ -244,6 +244,10 @@ def verdict(results: list) -> str:
         hvp_ok = best is None or nk["hvp"] <= 0.7 * best["hvp"]
         cpu = {m: res[m]["reached"]["cpu"] if m in res and res[m]["reached"] else None for m in ("L-BFGS-B", "adam")}
         cpu_ok = all(c is None or nk["cpu"] < c for c in cpu.values())
+
+        def versus(m):
+            return "not run" if m not in res else _ratio(nk["cpu"], cpu[m]) if cpu[m] else "not reached"
+
         others = []
         for m in METHODS[1:]:
             if m not in res:
@@ -253,8 +257,7 @@ def verdict(results: list) -> str:
                                      f"{_ratio(r['cpu'], nk['cpu'])}" if r else "not reached"))
         lines.append(f"| {res['problem']} | {res['start']} | "
                      f"{_ratio(nk['hvp'], best['hvp']) if best else 'none reached'} | "
-                     f"{_ratio(nk['cpu'], cpu['L-BFGS-B']) if cpu['L-BFGS-B'] else 'not reached'} | "
-                     f"{_ratio(nk['cpu'], cpu['adam']) if cpu['adam'] else 'not reached'} | "
+                     f"{versus('L-BFGS-B')} | {versus('adam')} | "
                      f"{'yes' if hvp_ok and cpu_ok else 'no'} | {'; '.join(others)} |")
     return "\n".join(lines)
 
