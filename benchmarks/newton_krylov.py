@@ -72,6 +72,15 @@ SETTINGS = {
                                  "curvature_fraction": 0.1}),
     "nk-cs-kfac": ("newton_krylov", {"trust_radius": 0.0, "curvature": "cs", "damping": 1.0, "cg_rtol": 0.1, "cg_max_iter": 50,
                                      "curvature_fraction": 0.1, "preconditioner": "kfac"}),
+    # issue 16's stochastic options: CG warm start from beta p_{k-1} (Martens' 0.95) on top of nk-cs's
+    # 10% curvature subsample, and a 5% subsample with the warm start
+    "nk-cs-warm": ("newton_krylov", {"trust_radius": 0.0, "curvature": "cs", "damping": 1.0, "cg_rtol": 0.1,
+                                     "cg_max_iter": 50, "curvature_fraction": 0.1, "warm_start_beta": 0.95}),
+    "nk-cs-warm-sub5": ("newton_krylov", {"trust_radius": 0.0, "curvature": "cs", "damping": 1.0, "cg_rtol": 0.1,
+                                          "cg_max_iter": 50, "curvature_fraction": 0.05, "warm_start_beta": 0.95}),
+    # nk-cs with the trust region of the current defaults (Steihaug-Toint, Delta_0 = 1)
+    "nk-cs-tr": ("newton_krylov", {"curvature": "cs", "damping": 1.0, "cg_rtol": 0.1, "cg_max_iter": 50,
+                                   "curvature_fraction": 0.1}),
     # Martens' defaults except the CG cap (150 for CURVES in Martens' notes; 20 fits our budget:
     # 20 x 10% -> 178.83 after 3 epochs, the other grid points were cut for time) and a 10%
     # curvature chunk; lambda0 = 45.
