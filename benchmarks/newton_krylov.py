@@ -81,6 +81,9 @@ SETTINGS = {
     # nk-cs with the trust region of the current defaults (Steihaug-Toint, Delta_0 = 1)
     "nk-cs-tr": ("newton_krylov", {"curvature": "cs", "damping": 1.0, "cg_rtol": 0.1, "cg_max_iter": 50,
                                    "curvature_fraction": 0.1}),
+    # the same with Gauss-Newton curvature (positive semi-definite, as Hessian-free's)
+    "nk-gn-warm": ("newton_krylov", {"trust_radius": 0.0, "curvature": "gn", "damping": 1.0, "cg_rtol": 0.1,
+                                     "cg_max_iter": 50, "curvature_fraction": 0.1, "warm_start_beta": 0.95}),
     # Martens' defaults except the CG cap (150 for CURVES in Martens' notes; 20 fits our budget:
     # 20 x 10% -> 178.83 after 3 epochs, the other grid points were cut for time) and a 10%
     # curvature chunk; lambda0 = 45.
