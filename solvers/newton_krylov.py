@@ -121,7 +121,7 @@ def kfac_preconditioner(model, captures, damping: float):
 @register
 class NewtonKrylov(NewtonCG):
     name = "newton_krylov"
-    summary = "truncated Newton-CG on complex-step Hessian-vector products with a Taylor-ratio step control"
+    summary = "truncated Newton-CG on complex-step Hessian-vector products in a Steihaug-Toint trust region (Taylor-ratio radius)"
     hyperparameters = {
         # curvature
         "curvature": _choice("cs", "curvature for CG: cs (complex step), fd-forward, fd-central, rop (exact R-operator), gn (Gauss-Newton)", CURVATURES),
