@@ -13,15 +13,21 @@ starting point:
 * SciPy ``L-BFGS-B`` with cstep's loss and gradient;
 * cstep ``adam`` (lr from ``ADAM_LR``, the best of {1e-3, 3e-3, 1e-2, 3e-2} on the suite).
 
-Measured per method: iterations, Hessian-vector products, gradient passes (gradient evaluations
-for SciPy; cstep's own ``n_grad_passes`` in gradient equivalents, where a complex-step product
-counts 4, is reported next to it), CPU seconds (``time.process_time``) to the target, and the
+Measured per method: iterations, Hessian-vector products, gradient evaluations, passes in
+gradient equivalents (``solvers.krylov.PASS_COST``: a gradient 1, a loss 1/2, a complex-step
+product 4 - cstep's own ``n_grad_passes``; for SciPy gradients + 4 x products), CPU seconds (``time.process_time``) to the target, and the
 trace of ||g|| against CPU time. A method that does not reach the target within ``--max-cpu``
 seconds is reported with its last ||g||.
 
     PYTHONPATH=. python benchmarks/newton_suite.py                       # all problems, float64
     PYTHONPATH=. python benchmarks/newton_suite.py --dtype float32       # large batch, float32
     PYTHONPATH=. python benchmarks/newton_suite.py --json out.json --plot out.png
+    PYTHONPATH=. python benchmarks/newton_suite.py --starts 100,201,302 --methods newton_krylov,trust-ncg
+
+``--starts`` runs each method from several initial points (``Problem.init(seed)``; the suite's own
+start is 100). After the table comes the verdict per problem: newton_krylov's HVPs over the best
+SciPy Newton method's, its CPU time over Adam's and L-BFGS-B's, and the ratio of every other
+method's iterations, passes and CPU seconds to newton_krylov's ("one order faster" = >= 10).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ sys.path.insert(0, HERE)
 from engine.curvature import HessianCS  # noqa: E402
 from newton_problems import PROBLEMS, problem  # noqa: E402
 from solvers import make_solver  # noqa: E402
+from solvers.krylov import PASS_COST  # noqa: E402
 
 METHODS = ("newton_krylov", "hessian_free", "trust-ncg", "trust-krylov", "Newton-CG", "L-BFGS-B", "adam")
 SCIPY_HESSP = ("trust-ncg", "trust-krylov", "Newton-CG")
@@ -83,24 +90,25 @@ class Recorder:
                 "iters": self.iters, "hvp": self.hvp, "grads": self.grads, "trace": self.trace}
 
 
-def run_cstep(pr, name: str, rec: Recorder, hyper: dict | None = None, max_steps: int = 100000) -> dict:
-    """cstep's solver ``name`` full batch from the problem's start."""
-    params = pr.init()
+def run_cstep(pr, name: str, rec: Recorder, hyper: dict | None = None, max_steps: int = 100000,
+              start: int | None = None) -> dict:
+    """cstep's solver ``name`` full batch from the problem's start (or init seed ``start``)."""
+    params = pr.init(seed=start)
     solver = make_solver(name, pr.model, **(hyper or {}))
     state = solver.init(params)
     for _ in range(max_steps):
         params, state, info = solver.step(params, state, pr.x, pr.y)
         rec.grads += 1
         # the info's loss and gradient are those at the start of the step
-        if rec.record(info["loss"], info["grad_norm"]):
+        if rec.record(float(info["loss"]), float(info["grad_norm"])):
             break
         rec.iters += 1
-        rec.hvp += info.get("n_hvp", 0)
-        rec.passes += info.get("n_grad_passes", 1.0)
+        rec.hvp += int(info.get("n_hvp", 0))
+        rec.passes += float(info.get("n_grad_passes", 1.0))
     return rec.summary()
 
 
-def run_scipy(pr, method: str, rec: Recorder) -> dict:
+def run_scipy(pr, method: str, rec: Recorder, start: int | None = None) -> dict:
     """SciPy ``method`` on the flat parameters, cstep's loss/gradient and complex-step hessp."""
     from scipy.optimize import minimize
 
@@ -114,6 +122,7 @@ def run_scipy(pr, method: str, rec: Recorder) -> dict:
         rec.grads += 1
         if rec.record(float(loss), float(numpy.linalg.norm(g))):
             raise Reached
+        rec.passes += PASS_COST["gradient"]
         return float(loss), g
 
     def hessp(w, v):
@@ -122,12 +131,13 @@ def run_scipy(pr, method: str, rec: Recorder) -> dict:
             cache.clear()
             cache[key] = HessianCS(model, model.unflatten(numpy.asarray(w, dtype=pr.dtype)), x, y)
         rec.hvp += 1
+        rec.passes += PASS_COST["cs"]
         return numpy.asarray(cache[key].matvec(numpy.asarray(v, dtype=pr.dtype)), dtype=numpy.float64)
 
     def callback(*_):
         rec.iters += 1
 
-    w0 = numpy.asarray(model.flatten(pr.init()), dtype=numpy.float64)
+    w0 = numpy.asarray(model.flatten(pr.init(seed=start)), dtype=numpy.float64)
     options = {"maxiter": 100000}
     if method == "L-BFGS-B":
         options.update(gtol=0.0, ftol=0.0, maxfun=10 ** 7)
@@ -154,26 +164,33 @@ def warm_up_scipy(methods):
                      hessp=(lambda w, v: 2 * v) if method in SCIPY_HESSP else None)
 
 
-def run_problem(name: str, dtype: str, max_cpu: float, methods) -> dict:
+def run_problem(name: str, dtype: str, max_cpu: float, methods, starts=(None,)) -> list:
+    """Every method on problem ``name`` from each start; one result dict per start."""
     warm_up_scipy(methods)
     scale = 1.0 if dtype == "float64" else 10.0
     pr = problem(name, dtype=dtype, scale=scale)
-    out = {"problem": name, "dtype": dtype, "n": int(pr.x.shape[0]), "n_params": int(pr.model.n_params)}
-    for method in methods:
-        rec = Recorder(GTOL[dtype], -math.inf, max_cpu)
-        if method in ("newton_krylov", "hessian_free"):
-            res = run_cstep(pr, method, rec)
-        elif method == "adam":
-            res = run_cstep(pr, "adam", rec, {"lr": ADAM_LR, "variant": "standard"})
-        else:
-            res = run_scipy(pr, method, rec)
-        res["trace"] = _thin(res["trace"])
-        out[method] = res
-        got = res["reached"]
-        print(f"  {name:12s} {method:14s} " + (f"cpu {got['cpu']:7.2f}s iters {got['iters']:6d} hvp {got['hvp']:7d} "
-              f"grads {got['grads']:7d}" if got else f"not reached: ||g|| {res['final_grad_norm']:.2e} "
-              f"after {res['cpu']:.1f}s"), file=sys.stderr, flush=True)
-    return out
+    outs = []
+    for start in starts:
+        out = {"problem": name, "dtype": dtype, "n": int(pr.x.shape[0]), "n_params": int(pr.model.n_params),
+               "start": pr.init_seed if start is None else start}
+        for method in methods:
+            rec = Recorder(GTOL[dtype], -math.inf, max_cpu)
+            if method in ("newton_krylov", "hessian_free"):
+                res = run_cstep(pr, method, rec, start=start)
+            elif method == "adam":
+                res = run_cstep(pr, "adam", rec, {"lr": ADAM_LR, "variant": "standard"}, start=start)
+            else:
+                res = run_scipy(pr, method, rec, start=start)
+            res["trace"] = _thin(res["trace"])
+            res["passes"] = rec.passes
+            out[method] = res
+            got = res["reached"]
+            print(f"  {name:12s} {out['start']:4d} {method:14s} " + (
+                f"cpu {got['cpu']:7.2f}s iters {got['iters']:6d} hvp {got['hvp']:7d} grads {got['grads']:7d}"
+                if got else f"not reached: ||g|| {res['final_grad_norm']:.2e} after {res['cpu']:.1f}s"),
+                file=sys.stderr, flush=True)
+        outs.append(out)
+    return outs
 
 
 def _thin(trace, keep: int = 400):
@@ -184,21 +201,79 @@ def _thin(trace, keep: int = 400):
 
 
 def table(results: list) -> str:
-    """A markdown table: per problem and method, CPU s / iterations / HVPs / gradients to target."""
-    lines = ["| problem | method | CPU s | iterations | HVPs | gradients | reached |", "|---|---|---|---|---|---|---|"]
+    """A markdown table: per problem, start and method: CPU s / iterations / HVPs / gradients / passes to target."""
+    lines = ["| problem | start | method | CPU s | iterations | HVPs | gradients | passes | reached |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for method in METHODS:
             if method not in res:
                 continue
             r = res[method]
             got = r["reached"]
+            head = f"| {res['problem']} | {res['start']} | {method} |"
             if got:
-                lines.append(f"| {res['problem']} | {method} | {got['cpu']:.2f} | {got['iters']} | {got['hvp']} | "
-                             f"{got['grads']} | yes |")
+                lines.append(f"{head} {got['cpu']:.2f} | {got['iters']} | {got['hvp']} | {got['grads']} | "
+                             f"{got['passes']:.0f} | yes |")
             else:
-                lines.append(f"| {res['problem']} | {method} | >{r['cpu']:.1f} | {r['iters']} | {r['hvp']} | "
-                             f"{r['grads']} | no (||g|| {r['final_grad_norm']:.1e}) |")
+                lines.append(f"{head} >{r['cpu']:.1f} | {r['iters']} | {r['hvp']} | {r['grads']} | {r['passes']:.0f} | "
+                             f"no (||g|| {r['final_grad_norm']:.1e}) |")
     return "\n".join(lines)
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def verdict(results: list) -> str:
+    """The issue's goal and the "one order faster" question, per problem (newton_krylov = NK).
+
+    goal: NK's HVPs <= 0.7 x those of the best SciPy Newton method that reached the target, and
+    NK's CPU time below Adam's and L-BFGS-B's (a method that did not reach the target counts as
+    slower). Then, for every other method, its iterations, passes and CPU seconds over NK's
+    (>= 10: NK is one order faster in that measure; "not reached": the other never got there).
+    """
+    lines = ["| problem | start | NK HVP / best SciPy Newton | NK CPU / L-BFGS-B | NK CPU / Adam | goal met | "
+             "other / NK: iterations, passes, CPU |", "|---|---|---|---|---|---|---|"]
+    for res in results:
+        nk = res.get("newton_krylov", {}).get("reached")
+        if not nk:
+            lines.append(f"| {res['problem']} | {res['start']} | NK did not reach the target | | | no | |")
+            continue
+        newton = [res[m]["reached"] for m in SCIPY_HESSP if m in res and res[m]["reached"]]
+        best = min(newton, key=lambda r: r["hvp"]) if newton else None
+        hvp_ok = best is None or nk["hvp"] <= 0.7 * best["hvp"]
+        cpu = {m: res[m]["reached"]["cpu"] if m in res and res[m]["reached"] else None for m in ("L-BFGS-B", "adam")}
+        cpu_ok = all(c is None or nk["cpu"] < c for c in cpu.values())
+
+        def versus(m):
+            return "not run" if m not in res else _ratio(nk["cpu"], cpu[m]) if cpu[m] else "not reached"
+
+        others = []
+        for m in METHODS[1:]:
+            if m not in res:
+                continue
+            r = res[m]["reached"]
+            others.append(f"{m} " + (f"{_ratio(r['iters'], nk['iters'])}/{_ratio(r['passes'], nk['passes'])}/"
+                                     f"{_ratio(r['cpu'], nk['cpu'])}" if r else "not reached"))
+        lines.append(f"| {res['problem']} | {res['start']} | "
+                     f"{_ratio(nk['hvp'], best['hvp']) if best else 'none reached'} | "
+                     f"{versus('L-BFGS-B')} | {versus('adam')} | "
+                     f"{'yes' if hvp_ok and cpu_ok else 'no'} | {'; '.join(others)} |")
+    return "\n".join(lines)
+
+
+def setup_line(dtype: str) -> str:
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415 (optional, informative)
+        blas = ", ".join(f"{p.get('internal_api')} {p.get('version')} x{p.get('num_threads')}"
+                         for p in threadpool_info() if p.get("user_api") == "blas") or "unknown"
+    except ImportError:
+        blas = "unknown (threadpoolctl missing)"
+    import scipy  # noqa: PLC0415
+
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"# numpy {numpy.__version__}, scipy {scipy.__version__}, backend numpy (CPU), {dtype}, BLAS {blas}; "
+            f"{os.cpu_count()} CPUs, load average {load}")
 
 
 def plot(results: list, path: str):
@@ -207,17 +282,22 @@ def plot(results: list, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    cols = min(len(results), 3)
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, results):
         for method in METHODS:
             if method in res and res[method]["trace"]:
                 t, g, _ = zip(*res[method]["trace"])
-                ax.loglog([max(v, 1e-4) for v in t], g, label=method, lw=1)
+                ax.loglog([max(v, 1e-3) for v in t], g, label=method, lw=1)
         ax.axhline(GTOL[res["dtype"]], color="k", lw=0.5, ls=":")
-        ax.set_title(f"{res['problem']} ({res['dtype']})")
+        ax.set_title(f"{res['problem']} ({res['dtype']}, start {res['start']})", fontsize=8)
         ax.set_xlabel("CPU s")
-    axes[0][0].set_ylabel("||g||")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("||g||")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -228,21 +308,27 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     ap.add_argument("--max-cpu", type=float, default=20.0, help="CPU seconds per method and problem")
+    ap.add_argument("--starts", default="", help="init seeds, comma-separated (default: the suite's start)")
     ap.add_argument("--problem", help=argparse.SUPPRESS)  # the worker: one problem, JSON on stdout
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
+    starts = [int(v) for v in args.starts.split(",")] if args.starts else [None]
     if args.problem:
-        print(json.dumps(run_problem(args.problem, args.dtype, args.max_cpu, methods)))
+        print(json.dumps(run_problem(args.problem, args.dtype, args.max_cpu, methods, starts)))
         return
+    print(setup_line(args.dtype), flush=True)
     results = []
     for name in args.problems.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--problem", name, "--dtype", args.dtype,
-               "--max-cpu", str(args.max_cpu), "--methods", args.methods]
-        results.append(json.loads(subprocess.run(cmd, check=True, capture_output=False, stdout=subprocess.PIPE,
+               "--max-cpu", str(args.max_cpu), "--methods", args.methods, "--starts", args.starts]
+        results.extend(json.loads(subprocess.run(cmd, check=True, capture_output=False, stdout=subprocess.PIPE,
                                                  text=True).stdout))
     print(table(results))
+    print()
+    print(verdict(results))
+    print(setup_line(args.dtype))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f)

@@ -25,6 +25,14 @@ Martens 2010, section 4):
   (phi(x_i) - phi(x_{i-k})) / phi(x_i) < k eps, with k = max(k_min, ceil(k_frac i)), k_min = 10,
   k_frac = 0.1, eps = 5e-4. phi(x) = 1/2 x^T (H + lambda I) x - b^T x is the quadratic model.
 * **"max_iter"** - the iteration cap.
+* **"boundary"** (Steihaug-Toint, ``radius`` = Delta > 0) - the next iterate would leave the trust
+  region ||x|| <= Delta: x + tau d with tau >= 0 and ||x + tau d|| = Delta is returned
+  (Steihaug 1983; Toint 1981; Nocedal & Wright 2006, Alg. 7.2). With a radius, a
+  negative-curvature exit also follows d to the boundary (at every iteration, the first
+  included: there d = M^{-1} b and the step is the Cauchy-like point Delta d/||d||), and
+  ``negative_curvature`` is not consulted. The norm is the Euclidean one; with a preconditioner
+  the iterates' norms need not grow monotonically (they do in the M-norm), and the first crossing
+  ends the solve.
 
 Quantities along the step come from the recurrences, without extra operator products: the
 solver keeps H x (undamped) next to x, so at exit g^T p = -b^T x, p^T H p = x^T (H x) and
@@ -35,7 +43,8 @@ Host synchronisation. Everything is computed on the operator's array module (Num
 each iteration moves exactly one small vector of scalars to the host (curvature, ||d||^2,
 ||r||^2, phi, r^T M^{-1} r) to take the exit decisions, so a CuPy run pays one device-to-host sync per
 matrix-vector product, plus two before the loop (||b|| and ||r_0||, three with the progress
-rule) and one at exit. The update of iteration i is computed before the sync and dropped if the
+rule) and one at exit; with a radius the same transfer also carries x^T x, x^T d and the next
+||x||^2 (plus one before the loop after a warm start). The update of iteration i is computed before the sync and dropped if the
 curvature test fails, which is what lets the decisions share one transfer.
 """
 
@@ -48,10 +57,10 @@ from typing import Callable
 from engine.backend import array_module, to_host
 from engine.curvature import GaussNewton, HessianCS, HessianFD, HessianRop
 
-__all__ = ["CGResult", "CGIterate", "truncated_cg", "EXIT_REASONS", "exit_code", "martens_schedule"]
+__all__ = ["CGResult", "CGIterate", "truncated_cg", "EXIT_REASONS", "exit_code", "martens_schedule", "boundary_step"]
 
 #: Exit reasons in the order of their integer codes (run histories store the code).
-EXIT_REASONS = ("converged", "negative_curvature", "max_iter", "model_stalled")
+EXIT_REASONS = ("converged", "negative_curvature", "max_iter", "model_stalled", "boundary")
 
 
 def exit_code(reason: str) -> int:
@@ -84,7 +93,7 @@ class CGResult:
     ``x``: the step p. ``model_value``: phi(p) = 1/2 p^T (H + lambda I) p + g^T p.
     ``pHp``: p^T (H + lambda I) p (damped); ``curvature``: p^T H p (undamped); ``gTp``: g^T p;
     ``step_sq_norm``: p^T p (all host floats). ``iterations``: CG updates applied to x (the
-    direction that triggered a negative-curvature exit is not counted); ``n_matvec``: operator
+    direction that triggered a negative-curvature or boundary exit is not counted); ``n_matvec``: operator
     products spent, including the one for a warm start and the one that found negative
     curvature. ``residual_norm``: ||r|| of the recurrence at exit. ``iterates``: stored
     :class:`CGIterate` records (with ``keep_iterates``), the returned x always last.
@@ -157,15 +166,31 @@ class _Trial:
     rr_h: float
     phi_h: float
     rz_h: float
+    xx_h: float = 0.0
+    xd_h: float = 0.0
+    xnew_h: float = 0.0
+
+
+def boundary_step(xx: float, xd: float, dd: float, radius: float) -> float:
+    """tau >= 0 with ||x + tau d|| = radius, from x^T x, x^T d, d^T d (host floats; ||x|| <= radius).
+
+    The positive root of dd tau^2 + 2 xd tau + (xx - radius^2) = 0, in the form that avoids
+    cancellation; 0 when x is on (or, by rounding, outside) the boundary or d = 0.
+    """
+    gap = radius * radius - xx
+    if gap <= 0.0 or dd <= 0.0:
+        return 0.0
+    root = math.sqrt(xd * xd + dd * gap)
+    return gap / (xd + root) if xd > 0 else (root - xd) / dd
 
 
 class _Recurrence:
     """The CG recurrences on A = H + damping I: the iterate x, H x (undamped, carried next to x
     so that g^T p and p^T H p need no extra product) and the residual r = b - A x."""
 
-    def __init__(self, matvec: Callable, b, x0, damping: float):
+    def __init__(self, matvec: Callable, b, x0, damping: float, radius: float = 0.0):
         xp = array_module(b)
-        self.matvec, self.b, self.damping, self.xp = matvec, b, damping, xp
+        self.matvec, self.b, self.damping, self.xp, self.radius = matvec, b, damping, xp, radius
         self.n_matvec = 0
         if x0 is None:
             self.x = xp.zeros_like(b)
@@ -176,6 +201,11 @@ class _Recurrence:
             raise ValueError(f"warm start x0 has shape {tuple(x0.shape)}, the system has {tuple(b.shape)}")
         self.x = xp.asarray(x0, dtype=b.dtype).copy()
         self.Hx = self.product(self.x)
+        if radius > 0:  # a warm start outside the trust region is scaled back onto its boundary
+            norm = math.sqrt(float(to_host(self.x @ self.x)))
+            if norm > radius:
+                self.x *= radius / norm
+                self.Hx *= radius / norm
         self.r = b - self.Hx
         if damping:
             self.r -= damping * self.x
@@ -205,7 +235,10 @@ class _Recurrence:
         rz_new = r @ z
         rr = r @ r if preconditioner is not None else rz_new
         phi = self.phi(x, r) if model_check else rr
-        host = (float(s) for s in to_host(xp.stack([curv, dd, rr, phi, rz_new])))
+        scalars = [curv, dd, rr, phi, rz_new]
+        if self.radius > 0:  # for the trust-region tests (Steihaug-Toint)
+            scalars += [self.x @ self.x, self.x @ d, x @ x]
+        host = (float(s) for s in to_host(xp.stack(scalars)))
         return _Trial(Hd, Ad, x, Hx, r, z, rz_new, *host)
 
     def commit(self, t: _Trial):
@@ -224,6 +257,10 @@ class _Recurrence:
         a negative-curvature exit. Without damping and at exactly zero curvature: the unit step."""
         curv = abs(t.curv_h - self.damping * t.dd_h) + self.damping * t.dd_h
         self.move(t, d, rz / curv if curv > 0 else 1.0)
+
+    def to_boundary(self, t: _Trial, d):
+        """x <- x + tau d on the trust-region boundary (:func:`boundary_step`), tau >= 0."""
+        self.move(t, d, boundary_step(t.xx_h, t.xd_h, t.dd_h, self.radius))
 
     def move(self, t: _Trial, d, scale):
         """x <- x + scale d with H x and r kept exact from the trial's products."""
@@ -281,7 +318,7 @@ def _stalled(phis: list, phi: float, done: int, min_iter: int, eps: float, k_min
 
 def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter: int = 250, min_iter: int = 1,
                  rtol: float = 0.5, adaptive_rtol: bool = True, forcing_exponent: float = 0.5,
-                 curvature_threshold: float = 0.0, negative_curvature: str = "stop",
+                 curvature_threshold: float = 0.0, negative_curvature: str = "stop", radius: float = 0.0,
                  model_decrease_check: bool = False, model_eps: float = 5e-4, model_k_min: int = 10,
                  model_k_frac: float = 0.1, preconditioner: Callable | None = None,
                  keep_iterates: bool = False, iterate_start: float = 5.0, iterate_ratio: float = 1.3) -> CGResult:
@@ -295,6 +332,8 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
     ``curvature_threshold``: exit on d^T (H + damping I) d <= threshold ||d||^2;
     ``negative_curvature``: what that exit returns after the first iteration: "stop" (the current
     iterate) or "step" (the iterate plus the step along d, :meth:`_Recurrence.curvature_step`).
+    ``radius``: Delta > 0 makes it Steihaug-Toint CG on ||x|| <= Delta (module docstring, exit
+    "boundary"; negative curvature then goes to the boundary); 0 = no trust region.
     ``model_decrease_check``: Martens' progress rule with ``model_eps``, ``model_k_min``,
     ``model_k_frac``. ``min_iter``: no residual/progress exit before this many updates (Martens'
     miniters = 1). ``preconditioner(r)`` applies M^{-1} (symmetric positive definite).
@@ -303,8 +342,10 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
     """
     if negative_curvature not in ("stop", "step"):
         raise ValueError(f"negative_curvature must be 'stop' or 'step', got {negative_curvature!r}")
+    if not (radius >= 0 and math.isfinite(radius)):
+        raise ValueError(f"radius must be finite and >= 0 (0 = no trust region), got {radius}")
     b_norm, r_target_sq = _residual_target(b, max_iter, damping, rtol, adaptive_rtol, forcing_exponent)
-    run = _Recurrence(matvec, b, x0, damping)
+    run = _Recurrence(matvec, b, x0, damping, radius)
     store = _IterateStore(iterate_start, iterate_ratio) if keep_iterates else None
     z = preconditioner(run.r) if preconditioner is not None else run.r
     rz = run.r @ z
@@ -319,11 +360,16 @@ def truncated_cg(matvec: Callable, b, x0=None, *, damping: float = 0.0, max_iter
         if not math.isfinite(t.curv_h):
             raise FloatingPointError(f"the curvature product returned NaN/Inf at CG iteration {i}; check the operator and its step size h")
         if t.curv_h <= curvature_threshold * t.dd_h:
-            if negative_curvature == "step":
+            if radius > 0:
+                run.to_boundary(t, d)
+            elif negative_curvature == "step":
                 run.curvature_step(t, d, rz)
             elif i == 0:
                 run.steepest_descent(t, d, rz)
             return run.result("negative_curvature", i, store)
+        if radius > 0 and t.xnew_h >= radius * radius:
+            run.to_boundary(t, d)
+            return run.result("boundary", i, store)
         run.commit(t)
         done = i + 1
         if store is not None:

@@ -38,7 +38,7 @@ from engine.backend import array_module, to_host
 from .base import Solver
 from .krylov import OPERATOR_SETUP_COST, PASS_COST, CGResult, curvature_operator, curvature_rows, truncated_cg
 
-__all__ = ["RhoRule", "RhoUpdate", "adapt_damping", "LineSearch", "backtracking", "GradientStart", "NewtonCG"]
+__all__ = ["RhoRule", "RhoUpdate", "adapt_damping", "RadiusRule", "adapt_radius", "LineSearch", "backtracking", "GradientStart", "NewtonCG"]
 
 #: what :func:`adapt_damping` does to the trust in the quadratic model: lambda up (and the step
 #: length or radius down), lambda down (and the step up), or nothing
@@ -125,6 +125,42 @@ def adapt_damping(predicted: float, actual: float, damping: float, rule: RhoRule
     if effective > rule.rho_high:
         return RhoUpdate(max(damping * rule.decrease, rule.damping_min), rho, effective, case, "grow")
     return RhoUpdate(damping, rho, effective, case, "keep")
+
+
+@dataclass(frozen=True)
+class RadiusRule:
+    """Constants of the trust-radius update (Nocedal & Wright 2006, Alg. 4.1): thresholds of rho,
+    the factor of the step length on a poor ratio, the factor of Delta on a good one, and the cap."""
+
+    rho_low: float = 0.25
+    rho_high: float = 0.75
+    shrink: float = 0.25
+    grow: float = 2.0
+    radius_max: float = 1e3
+
+
+def adapt_radius(rho: float, radius: float, step_norm: float, at_boundary: bool, rule: RadiusRule) -> tuple[float, str]:
+    """The next trust radius from the Taylor ratio; a pure function. Returns (Delta', verdict).
+
+    ``rho``: the ratio the rule acts on (the ``effective_rho`` of :func:`adapt_damping`, so an
+    unresolved prediction the loss did not contradict counts as 1; NaN and -inf count as poor).
+    ``step_norm``: ||alpha p|| of the step judged; ``at_boundary``: whether it reached Delta.
+
+        Delta' = shrink ||alpha p||             if rho < rho_low or rho is NaN   ("shrink")
+        Delta' = min(grow Delta, radius_max)    if rho > rho_high and at_boundary ("grow")
+        Delta' = Delta                          otherwise                         ("keep")
+
+    Nocedal & Wright's Alg. 4.1 shrinks to Delta/4; shrinking from the length of the step that
+    failed (as MINPACK's Levenberg-Marquardt code does, More 1978) matters after an interior step
+    much shorter than Delta, which Delta/4 could still contain. A zero step (nothing to judge)
+    shrinks Delta itself.
+    """
+    if not rho >= rule.rho_low:
+        base = step_norm if 0.0 < step_norm <= radius else radius
+        return rule.shrink * base, "shrink"
+    if rho > rule.rho_high and at_boundary:
+        return min(rule.grow * radius, rule.radius_max), "grow"
+    return radius, "keep"
 
 
 @dataclass(frozen=True)

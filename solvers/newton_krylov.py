@@ -28,8 +28,13 @@ Per iteration k, on the minibatch B_g given to ``NewtonKrylov.step``:
    as K-FAC estimates it, Martens & Grosse 2015 section 5; one extra forward and backward on B_H)
    or of the gradient pass at the observed targets (``"empirical"``, free, the empirical Fisher),
    applied through :meth:`engine.curvature.KroneckerBlockOperator.solve`; d = ``kfac_damping``
-   or, when that is 0, sqrt(lambda + tau). With ``trust_radius`` > 0 the step is scaled back to
-   ||p|| <= Delta.
+   or, when that is 0, sqrt(lambda + tau). **Trust region** (``trust_radius`` Delta > 0, the
+   default 1): with ``trust_region="steihaug"`` (default) CG is Steihaug-Toint's (Steihaug 1983;
+   Nocedal & Wright 2006, Alg. 7.2): it stops where an iterate would leave ||p|| <= Delta, on the
+   boundary, and a disturbing direction is followed to the boundary instead of only stopping;
+   ``"scale"`` runs plain truncated CG and scales a longer step back to ||p|| = Delta.
+   ``trust_radius=0`` leaves Levenberg-Marquardt damping alone in charge (the default before the
+   Newton suite, docs/newton-krylov.md section 10).
 4. **Taylor check.** For a step length alpha (``alpha``, 1 by default):
    Delta_pred(alpha) = -(alpha g^T p + 1/2 alpha^2 p^T H p)  (p^T H p from the CG recurrences,
    undamped unless ``rho_damped``), Delta_act(alpha) = L_{B_g}(w) - L_{B_g}(w + alpha p),
@@ -50,8 +55,9 @@ Per iteration k, on the minibatch B_g given to ``NewtonKrylov.step``:
    constants), clipped to [``damping_min``, ``damping_max``]; "step": the next initial alpha is the
    accepted alpha times ``step_decrease`` (1/2) or ``step_increase`` (2), clipped to
    [``alpha_min``, ``alpha_max``]; "both": both; "none": neither. The trust radius, when on,
-   follows Nocedal & Wright Alg. 4.1: Delta/4 if rho < rho_low, min(2 Delta, Delta_max) if
-   rho > rho_high and the step reached the boundary.
+   follows :func:`solvers.newton_cg.adapt_radius` (Nocedal & Wright Alg. 4.1): a quarter of the
+   length tried if rho < rho_low, min(2 Delta, ``trust_radius_max``) if rho > rho_high and the
+   full step reached the boundary; after backtracking Delta is first cut to the length tried.
 
 Info per step (host floats): ``loss``, ``grad_norm``, ``cg_iters``, ``cg_exit`` (an index into
 :data:`solvers.krylov.EXIT_REASONS`: 0 converged, 1 negative_curvature, 2 max_iter,
@@ -76,7 +82,7 @@ from engine.curvature import KroneckerBlockOperator, kron_factors
 
 from .base import Hyper, nonnegative, positive, register
 from .krylov import CURVATURES, EXIT_REASONS, PASS_COST
-from .newton_cg import GradientStart, LineSearch, NewtonCG, adapt_damping, backtracking
+from .newton_cg import GradientStart, LineSearch, NewtonCG, RadiusRule, adapt_damping, adapt_radius, backtracking
 
 __all__ = ["NewtonKrylov", "kfac_preconditioner", "EXIT_REASONS"]
 
@@ -115,7 +121,7 @@ def kfac_preconditioner(model, captures, damping: float):
 @register
 class NewtonKrylov(NewtonCG):
     name = "newton_krylov"
-    summary = "truncated Newton-CG on complex-step Hessian-vector products with a Taylor-ratio step control"
+    summary = "truncated Newton-CG on complex-step Hessian-vector products in a Steihaug-Toint trust region (Taylor-ratio radius)"
     hyperparameters = {
         # curvature
         "curvature": _choice("cs", "curvature for CG: cs (complex step), fd-forward, fd-central, rop (exact R-operator), gn (Gauss-Newton)", CURVATURES),
@@ -139,8 +145,11 @@ class NewtonKrylov(NewtonCG):
         "alpha_max": positive("upper bound of the adapted initial alpha", 1.0),
         "step_increase": _above_one("alpha factor when rho > rho_high (adapt=step/both)", 2.0),
         "step_decrease": _below_one("alpha factor when rho < rho_low (adapt=step/both)", 0.5),
-        "trust_radius": nonnegative("initial trust radius Delta on ||p|| (0 = no trust region)", 0.0),
+        "trust_radius": nonnegative("initial trust radius Delta on ||p|| (0 = no trust region, Levenberg-Marquardt only)", 1.0),
         "trust_radius_max": positive("upper bound of Delta", 1e3),
+        "trust_region": _choice("steihaug", "how Delta > 0 bounds the step: steihaug (Steihaug-Toint CG stops at the "
+                                "boundary and follows negative curvature to it) or scale (the CG step scaled back to Delta)",
+                                ("steihaug", "scale")),
         # acceptance and backtracking
         "accept": _choice("rho", "acceptance test: rho (rho > eta) or armijo (sufficient decrease)", ("rho", "armijo")),
         "eta": Hyper(0.0, "accept when rho > eta (Nocedal & Wright: eta in [0, 1/4))", lambda v: 0 <= v < 1, "in [0, 1)", float),
@@ -150,7 +159,7 @@ class NewtonKrylov(NewtonCG):
         "rho_damped": Hyper(False, "use p^T (H + lambda I) p in Delta_pred instead of the undamped p^T H p"),
         "rho_noise": positive("Delta_pred below rho_noise eps |L| is treated as unresolvable by the loss", 100.0),
         # CG
-        "cg_max_iter": positive("CG iteration cap (docs/complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 50, int),
+        "cg_max_iter": positive("CG iteration cap (docs/complex-step.md section 6.3: 10-50 stochastic, 250 deterministic)", 250, int),
         "cg_rtol": nonnegative("CG residual rule ||r|| <= eta ||g||, eta = min(cg_rtol, sqrt(||g||)) when adaptive", 0.5),
         "cg_adaptive_rtol": Hyper(True, "forcing term eta = min(cg_rtol, sqrt(||g||)) (else eta = cg_rtol)"),
         "cg_forcing_exponent": positive("e of the forcing term eta = min(cg_rtol, ||g||^e) (1/2 superlinear, 1 quadratic)", 0.5),
@@ -204,16 +213,18 @@ class NewtonKrylov(NewtonCG):
         x0 = None
         if self.warm_start_beta > 0 and state["k"] > 0:
             x0 = self.warm_start_beta * state["p_prev"]
+        radius = float(state["radius"])
+        steihaug = radius > 0 and self.trust_region == "steihaug"
         cg = self.solve(op, start, x0, precond, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
                         adaptive_rtol=self.cg_adaptive_rtol, forcing_exponent=self.cg_forcing_exponent,
                         curvature_threshold=self.cg_curvature_threshold, negative_curvature=self.negative_curvature,
-                        model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps)
+                        model_decrease_check=self.cg_model_check, model_eps=self.cg_model_eps,
+                        radius=radius if steihaug else 0.0)
         p, gTp = cg.x, cg.gTp
         pHp = cg.pHp if self.rho_damped else cg.curvature
         p_norm = math.sqrt(cg.step_sq_norm)
-        radius = float(state["radius"])
-        hit_boundary = radius > 0 and p_norm > radius
-        if hit_boundary:  # scale the step back to the trust radius
+        hit_boundary = radius > 0 and p_norm >= radius * (1 - 1e-6)
+        if radius > 0 and p_norm > radius:  # scale the step back to the trust radius ("scale")
             s = radius / p_norm
             p = p * s
             gTp, pHp, p_norm = gTp * s, pHp * s * s, radius
@@ -224,11 +235,12 @@ class NewtonKrylov(NewtonCG):
         verdict = update.verdict
         state["damping"] = update.damping if self.adapt in ("damping", "both") else float(state["damping"])
         state["alpha"] = self._next_alpha(state, search, verdict)
-        if radius > 0:
-            if verdict == "shrink":
-                radius = radius / 4
-            elif verdict == "grow" and hit_boundary:
-                radius = min(2 * radius, self.trust_radius_max)
+        if radius > 0:  # Delta from the ratio of the last trial and the length it tried
+            full = search.backtracks == 0 and search.outcome is not None
+            rule = RadiusRule(self.rho_low, self.rho_high, radius_max=self.trust_radius_max)
+            tried = search.alpha * p_norm if search.outcome is not None else 0.0
+            radius = adapt_radius(update.effective_rho, radius if full else min(radius, tried), tried,
+                                  full and hit_boundary, rule)[0]
         state["radius"] = radius
         state["p_prev"] = p if gTp < 0 else p * 0  # never warm-start from an ascent direction
         state["k"] += 1

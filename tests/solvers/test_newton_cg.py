@@ -13,7 +13,7 @@ from engine.backend import to_host
 from nets import mlp
 from solvers import make_solver
 from solvers.hessian_free import HessianFree
-from solvers.newton_cg import VERDICTS, LineSearch, NewtonCG, RhoRule, adapt_damping, backtracking
+from solvers.newton_cg import VERDICTS, LineSearch, NewtonCG, RadiusRule, RhoRule, adapt_damping, adapt_radius, backtracking
 from solvers.newton_krylov import NewtonKrylov
 from tests.solvers.common import twinned
 
@@ -122,6 +122,36 @@ def test_the_rule_is_pure():
     assert {adapt_damping(p, a, 4.0, MARTENS, n).verdict for p, a, n in cases} == set(VERDICTS)
     with pytest.raises(AttributeError):
         MARTENS.increase = 2.0
+
+
+# --- the trust radius from the Taylor ratio ---------------------------------------------------
+
+NW = RadiusRule()  # Nocedal & Wright Alg. 4.1: 1/4, 3/4, x1/4, x2, Delta_max 1e3
+
+
+@pytest.mark.parametrize("rho,step,boundary,radius,verdict", [
+    (0.9, 2.0, True, 4.0, "grow"),          # good ratio at the boundary: Delta doubles
+    (0.9, 0.5, False, 2.0, "keep"),         # good ratio inside: no reason to grow
+    (0.5, 2.0, True, 2.0, "keep"),          # between the thresholds
+    (0.25, 2.0, True, 2.0, "keep"),         # the thresholds themselves keep Delta
+    (0.75, 2.0, True, 2.0, "keep"),
+    (0.1, 2.0, True, 0.5, "shrink"),        # poor ratio: a quarter of the step tried
+    (0.1, 0.4, False, 0.1, "shrink"),       # after an interior step: a quarter of that step, not of Delta
+    (-3.0, 2.0, True, 0.5, "shrink"),       # the loss rose
+    (-math.inf, 0.0, False, 0.5, "shrink"), # nothing tried (no descent direction): a quarter of Delta
+    (math.nan, 2.0, True, 0.5, "shrink"),   # an unmeasurable ratio counts as poor
+], ids=["grow", "inside", "between", "at-low", "at-high", "shrink", "shrink-interior", "rose", "no-step", "nan"])
+def test_radius_cases(rho, step, boundary, radius, verdict):
+    assert adapt_radius(rho, 2.0, step, boundary, NW) == (radius, verdict)
+
+
+def test_radius_is_capped_and_the_rule_is_pure():
+    assert adapt_radius(0.9, 800.0, 800.0, True, NW) == (1e3, "grow")
+    assert adapt_radius(0.9, 1.0, 1.0, True, RadiusRule(grow=3.0, radius_max=10.0)) == (3.0, "grow")
+    cases = [(r, s, b) for r in (0.9, 0.5, 0.1, math.nan) for s in (0.0, 0.5, 2.0) for b in (True, False)]
+    assert [adapt_radius(r, 2.0, s, b, NW) for r, s, b in cases] == [adapt_radius(r, 2.0, s, b, NW) for r, s, b in cases]
+    with pytest.raises(AttributeError):
+        NW.grow = 4.0
 
 
 # --- backtracking ------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """newton_krylov on the small version of the Newton suite (benchmarks/newton_problems.py).
 
-Full batch, float64, target ||g|| <= 1e-8 (docs/newton-krylov.md section 10). The problems with
-weight decay must converge with the documented defaults; the two without weight decay are not
-required to (their measured basins are degenerate: SciPy's trust-ncg fails there too, section 10).
+Full batch, float64, target ||g|| <= 1e-8 (docs/newton-krylov.md section 10). The documented
+defaults (Steihaug-Toint trust region, Levenberg-Marquardt damping, CG cap 250) must converge on
+every problem of the suite from its own starting point: the small (100-sample) versions of the
+problems with weight decay, and the suite itself (200 samples) for all six. Without weight decay
+the outcome depends on the basin the start leads to (section 10: other starts and sizes run into
+basins whose infimum lies at infinity), so those two are checked on the suite as measured.
 """
 
 import importlib.util
@@ -23,8 +26,8 @@ _SPEC.loader.exec_module(newton_problems)
 SMALL = 0.5  # 100 samples
 
 
-def run(name, steps=120, **hyper):
-    pr = newton_problems.problem(name, scale=SMALL)
+def run(name, steps=120, scale=SMALL, **hyper):
+    pr = newton_problems.problem(name, scale=scale)
     params = pr.init()
     solver = make_solver("newton_krylov", pr.model, **hyper)
     state = solver.init(params)
@@ -45,9 +48,17 @@ def test_defaults_reach_the_gradient_target(name):
     assert all(b <= a * (1 + 1e-13) for a, b in zip(losses, losses[1:]))  # accepted steps never raise it
 
 
+@pytest.mark.parametrize("name", newton_problems.PROBLEMS)
+def test_defaults_converge_on_the_suite(name):
+    infos = run(name, steps=600, scale=1.0)
+    assert infos[-1]["grad_norm"] <= 1e-8, f"{name}: ||g|| {infos[-1]['grad_norm']:.2e} after {len(infos)} steps"
+    losses = [i["loss"] for i in infos]
+    assert all(b <= a * (1 + 1e-13) for a, b in zip(losses, losses[1:]))
+
+
 @pytest.mark.parametrize("name", ["teacher-wd", "classifier"])
 def test_measured_options_also_converge(name):
-    infos = run(name, cg_max_iter=250, damping_rule="gradient", negative_curvature="step")
+    infos = run(name, cg_max_iter=250, damping_rule="gradient", negative_curvature="step", trust_radius=0.0)
     assert infos[-1]["grad_norm"] <= 1e-8
     # lambda = mu ||g||: the damping CG used falls with the gradient
     assert infos[-1]["damping"] < 1e-4 * infos[0]["damping"]
