@@ -24,6 +24,7 @@ __all__ = [
     "to_host",
     "is_device_array",
     "to_device",
+    "data_address",
     "synchronize",
     "complex_dtype",
     "real_dtype",
@@ -136,6 +137,14 @@ def to_device(a, xp: ModuleType | None = None, dtype=None):
     """``a`` as an array of ``xp`` (default: the active backend), optionally cast to ``dtype``."""
     xp = xp or get_xp()
     return xp.asarray(a, dtype=dtype)
+
+
+def data_address(a) -> int:
+    """The address of the first element of ``a`` (host or device memory): views of one buffer are
+    recognised by their addresses, without touching the data."""
+    if isinstance(a, numpy.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.data.ptr
 
 
 def synchronize(xp: ModuleType | None = None) -> None:

@@ -66,9 +66,14 @@ info counts are 0-d device arrays that the caller converts once per step.
 
 from __future__ import annotations
 
+import math
+
+import numpy
+
 from engine.backend import array_module
-from engine.curvature.kronecker import (KroneckerBlockOperator, ema_, ema_homogeneous_second_moment_, flush_subnormals_,
-                                        kron_factors, row_means, secant_pair)
+from engine.curvature.kronecker import (KroneckerBlockOperator, KronFactors, ema_homogeneous_second_moment_, flush_subnormals_,
+                                        homogeneous_mean, kron_factors, row_means)
+from engine.fuse import fused
 
 from .base import Hyper, positive, register, unit_interval
 from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
@@ -93,6 +98,21 @@ def powell_lm_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
     s_damped, powell_fired = powell_damping(s, y, Hy, mu1)
     y_damped = y + mu2 * s_damped
     return s_damped, y_damped, powell_fired, xp.ones((), dtype=bool)  # a device constant, no host copy
+
+
+#: the per-step counts over the layers, in the order they are stacked and summed (one reduction)
+_COUNTS = ("powell_damping", "lm_damping", "skipped_H_g", "skipped_H_a")
+
+
+@fused
+def _pair_ema_(xp, s_ema, y_ema, z_old, z_new, g_old, g_new, y_scale, decay, threshold):
+    """(s, y) EMAs in place from the batch means of the two passes, then the subnormal flush."""
+    s_ema *= decay
+    s_ema += (1 - decay) * (z_old - z_new)
+    s_ema[...] = xp.where(xp.absolute(s_ema) < threshold, 0, s_ema)
+    y_ema *= decay
+    y_ema += (1 - decay) * ((g_old - g_new) * y_scale)
+    y_ema[...] = xp.where(xp.absolute(y_ema) < threshold, 0, y_ema)
 
 
 def _kbfgs_hyperparameters() -> dict[str, Hyper]:
@@ -123,7 +143,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         """H_g of layer ``i`` as the block operator's left inverse factor (a matrix or an operator)."""
         raise NotImplementedError
 
-    def _g_update(self, state, i, s, y, g_ref, info):
+    def _g_update(self, state, i, s, y, g_ref, flags):
         raise NotImplementedError
 
     def _symmetrize_g_side(self, state, i):
@@ -157,12 +177,13 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         xp = array_module(*params)
         k = int(state["k"])
         n = x.shape[0]
-        info = {"powell_damping": 0, "lm_damping": 0, "skipped_H_g": 0, "skipped_H_a": 0}
+        flags = {name: [] for name in _COUNTS}  # 0-d device flags, counted together at the end
 
-        # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch
-        loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True)
+        # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch (unscaled:
+        # only their means are used, docs/kbfgs.md section 4.3)
+        loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True, per_example=False)
         m_views, grad_sq = self.momentum_(state, grads)
-        factors = kron_factors(captures, which=("A", "means") if k == 0 and not state["warm_started"] else ("means",))
+        factors = [self._batch_means(c, n, with_A=k == 0 and not state["warm_started"]) for c in captures]
         rows_of = {c.layer: c.z.shape[0] for c in captures}  # N (Dense) or N L (Conv2d)
 
         # (b) step 1: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0; theta <- theta - alpha H_g M^ H_a
@@ -179,11 +200,22 @@ class _KroneckerQuasiNewton(KroneckerSolver):
 
         # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action)
         for f in factors:
-            self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, info)
+            self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, flags)
 
         state["k"] = k + 1
+        counts = xp.stack([flag for name in _COUNTS for flag in flags[name]]).reshape(len(_COUNTS), -1).sum(axis=1)
+        info = {name: counts[j] for j, name in enumerate(_COUNTS)}
         info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=step_norm)
         return params, state, info
+
+    @staticmethod
+    def _batch_means(capture, n: int, with_A: bool) -> KronFactors:
+        """The statistics step (a) needs from a capture with unscaled rows: a_mean = [mean a, 1],
+        z_mean, g_mean (and A when there is no warm start), one fused reduction each."""
+        f = kron_factors([capture], which="A")[0] if with_A else KronFactors(capture.layer, capture.param_index)
+        f.a_mean = homogeneous_mean(capture.a)
+        f.z_mean, f.g_mean = row_means(capture, n)
+        return f
 
     def _update_a_side(self, state, factors, captures, k: int):
         """Step (b) on the factors: A's EMA (not at k = 0; the first batch's A without a warm start),
@@ -193,7 +225,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
             i = f.layer
             A = state[layer_key(i, "A")]
             if k > 0:
-                ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean[:-1])
+                ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean)
                 if self.flush_subnormals and k % FLUSH_EVERY == 0:
                     flush_subnormals_(A)
             elif not state["warm_started"]:
@@ -206,26 +238,32 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
                 self._symmetrize_g_side(state, i)
 
-    def _update_pairs(self, state, f, means_new, rows: int, n: int, info):
-        """Step (d) for one layer: the EMA'd secant pair, the G-side update, the Hessian action on H_a."""
+    def _update_pairs(self, state, f, means_new, rows: int, n: int, flags):
+        """Step (d) for one layer: the EMA'd secant pair, the G-side update, the Hessian action on H_a.
+
+        The pair (docs/kbfgs.md section 4.3 (d)): s = mean_rows(z) - mean_rows(z+), y = mean_rows(g) -
+        mean_rows(g+), scaled by sqrt(L) for a spatial layer (as :func:`engine.curvature.kronecker.secant_pair`),
+        EMA'd and flushed in one fused pass; g_ref = mean_rows(g) (times sqrt(L)) for the skip rule.
+        """
         i = f.layer
-        s, y_new, g_ref = secant_pair(self.model.layers[i], f, *means_new, rows, n)
-        s_ema = ema_(state[layer_key(i, "s_ema")], s, self.sy_decay)
-        y_ema = ema_(state[layer_key(i, "y_ema")], y_new, self.sy_decay)
-        if self.flush_subnormals:
-            flush_subnormals_(s_ema)
-            flush_subnormals_(y_ema)
-        self._g_update(state, i, s_ema, y_ema, g_ref, info)
-        a_bar = hessian_action_vector(f.a_mean[:-1], self.hessian_action)
+        layer = self.model.layers[i]
+        root_l = math.sqrt(layer.locations(rows, n)) if layer.spatial else 1.0
+        s_ema, y_ema = state[layer_key(i, "s_ema")], state[layer_key(i, "y_ema")]
+        tiny = float(numpy.finfo(s_ema.dtype).tiny) if self.flush_subnormals else 0.0
+        _pair_ema_(s_ema, y_ema, f.z_mean, means_new[0], f.g_mean, means_new[1], root_l, self.sy_decay, tiny)
+        g_ref = root_l * f.g_mean if layer.spatial else f.g_mean
+        self._g_update(state, i, s_ema, y_ema, g_ref, flags)
+        a_bar = f.a_mean if self.hessian_action == "V2" else hessian_action_vector(f.a_mean[:-1], self.hessian_action)
         key = layer_key(i, "H_a")
         state[key], skipped = hessian_action_update(state[key], state[layer_key(i, "A")], self.sqrt_damping, a_bar,
                                                     self.skip_constant, inplace=True)
-        info["skipped_H_a"] = info["skipped_H_a"] + skipped.astype(int)
+        flags["skipped_H_a"].append(skipped)
 
-    def _count(self, info, powell, lm, skipped):
-        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
-        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
-        info["skipped_H_g"] = info["skipped_H_g"] + skipped.astype(int)
+    @staticmethod
+    def _count(flags, powell, lm, skipped):
+        flags["powell_damping"].append(powell)
+        flags["lm_damping"].append(lm)
+        flags["skipped_H_g"].append(skipped)
 
     # --- inspection -------------------------------------------------------------------------
     def g_side_inverse(self, state, i):
@@ -256,11 +294,11 @@ class KBFGS(_KroneckerQuasiNewton):
     def _symmetrize_g_side(self, state, i):
         state[layer_key(i, "H_g")] = symmetrize(state[layer_key(i, "H_g")])
 
-    def _g_update(self, state, i, s, y, g_ref, info):
+    def _g_update(self, state, i, s, y, g_ref, flags):
         key = layer_key(i, "H_g")
         s_d, y_d, powell, lm = self._damp(i, s, y, state[key])
         state[key], skipped = bfgs_inverse_update(state[key], s_d, y_d, g_ref, self.skip_constant, inplace=True)
-        self._count(info, powell, lm, skipped)
+        self._count(flags, powell, lm, skipped)
 
     def g_side_inverse(self, state, i):
         return state[layer_key(i, "H_g")]
@@ -285,7 +323,7 @@ class KBFGSL(_KroneckerQuasiNewton):
     def g_factor(self, state, i):
         return self._lbfgs(state, i)
 
-    def _g_update(self, state, i, s, y, g_ref, info):
+    def _g_update(self, state, i, s, y, g_ref, flags):
         xp = array_module(s, y)
         op = self._lbfgs(state, i)
         s_d, y_d, powell, lm = self._damp(i, s, y, op)
@@ -296,7 +334,7 @@ class KBFGSL(_KroneckerQuasiNewton):
         store = (sy > self.skip_constant * ss * xp.sqrt(xp.dot(g_ref, g_ref))) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
         op.push(s_d, y_d, store)
         state.update(op.to_state(layer_key(i, "lbfgs/")))
-        self._count(info, powell, lm, ~store)
+        self._count(flags, powell, lm, ~store)
 
     def g_side_inverse(self, state, i):
         return self._lbfgs(state, i).dense()

@@ -62,7 +62,6 @@ class KFAC(KroneckerSolver):
     name = "kfac"
     summary = "K-FAC with sampled-target Fisher, as in the K-BFGS paper's baseline"
     block_order = "left_first"  # (G_inv M^) A_inv
-    norm_of_scaled_step = False
     hyperparameters = {
         "lr": positive("learning rate alpha", 1.0),
         "damping": positive("damping lambda: sqrt(lambda) is added to A and to G", 3.0),
