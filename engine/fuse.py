@@ -28,7 +28,19 @@ import numpy
 
 from .backend import array_module
 
-__all__ = ["fused"]
+__all__ = ["fused", "device_constant"]
+
+_CONSTANTS: dict = {}
+
+
+def device_constant(xp, values, dtype):
+    """A small constant array on ``xp`` (e.g. the homogeneous coordinate [1]), made once and reused:
+    no launch per use. Callers must not write into it."""
+    key = (xp, tuple(values), numpy.dtype(dtype))
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = xp.asarray(numpy.asarray(values, dtype=dtype))
+    return out
 
 
 def fused(formula):

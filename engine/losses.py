@@ -14,6 +14,7 @@ import numpy
 
 from . import ops
 from .backend import array_module, to_device
+from .fuse import fused
 
 __all__ = ["Loss", "SigmoidCrossEntropy", "HalfSquaredError", "SoftmaxCrossEntropy", "get_loss"]
 
@@ -67,6 +68,10 @@ class SigmoidCrossEntropy(Loss):
 
     def value_and_grad(self, out, target):
         n = out.shape[0]
+        xp = array_module(out)
+        if not xp.iscomplexobj(out):  # one fused pass for the terms and the gradient
+            terms, grad = _sigmoid_xent_terms(out, target, n)
+            return terms.sum(axis=1).mean(), grad
         value = self.per_example(out, target).mean()
         grad = ops.sigmoid(out)
         grad -= target
@@ -81,6 +86,12 @@ class SigmoidCrossEntropy(Loss):
         xp = array_module(out)
         u = to_device(rng.random(out.shape), xp, dtype=out.real.dtype)
         return (u < ops.sigmoid(out.real)).astype(out.real.dtype)
+
+
+@fused
+def _sigmoid_xent_terms(xp, z, target, n):
+    """(softplus(z) - x z, (sigmoid(z) - x) / n) for a real z: the per-unit loss terms and the gradient."""
+    return ops.softplus_real_formula(xp, z) - target * z, (ops.sigmoid_formula(xp, z, z) - target) / n
 
 
 class HalfSquaredError(Loss):

@@ -28,9 +28,9 @@ import numpy
 
 from engine.backend import array_module
 from engine.curvature.kernels import symmetric_rank2_update_
-from engine.fuse import fused
+from engine.fuse import device_constant, fused
 
-__all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "bfgs_coefficients", "gram", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
+__all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "bfgs_coefficients", "inner_products", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
 
 #: The constant c of the skip rule s^T y <= c s^T s ||g_ref|| (docs/kbfgs.md section 4.6).
 SKIP_CONSTANT = 1e-4
@@ -100,15 +100,22 @@ def _rank2_factors(s, w):
     return xp.stack([p, q], axis=1), xp.stack([0.5 * p, -0.5 * q], axis=1)
 
 
-def gram(*vectors):
-    """All inner products of equal-length vectors in one product: ``G[i, j] = v_i . v_j``.
+@fused
+def _inner_products(xp, sel, *vectors):
+    # row j of the broadcast (k, d) product is a_j * b_j; one reduction along the rows
+    k = len(vectors) // 2
+    prod = vectors[2 * k - 2] * vectors[2 * k - 1]
+    for j in range(k - 2, -1, -1):
+        prod = xp.where(sel == j, vectors[2 * j] * vectors[2 * j + 1], prod)
+    return xp.sum(prod, axis=1)
 
-    One stack and one small GEMM (k x d times d x k) instead of k (k + 1) / 2 dot launches; the
-    entries are handed to the fused kernels as 0-d views ``G[i, j]``.
-    """
-    xp = array_module(*vectors)
-    V = xp.stack(vectors)
-    return V @ V.T
+
+def inner_products(*pairs):
+    """(a_0 . b_0, a_1 . b_1, ...) of equal-length vector pairs as one vector, in ONE fused reduction
+    on a device (instead of one dot launch each); the callers take its entries as 0-d views."""
+    xp = array_module(*[v for pair in pairs for v in pair])
+    selector = device_constant(xp, range(len(pairs)), numpy.int64)[:, None]  # the rows' pair numbers
+    return _inner_products(selector, *[v[None, :] for pair in pairs for v in pair])
 
 
 def bfgs_coefficients(xp, ss, sy, yHy, sHy, HyHy, gg, skip_constant):
@@ -146,9 +153,9 @@ def _entry_bound(xp, diag, p, q):
 
 @fused
 def _final_accept(xp, ss, sy, gg, skip_constant, bound, big):
-    """The skip rule and the overflow rule together (a 0-d flag)."""
-    accept = (sy > 0) & (sy > skip_constant * ss * xp.sqrt(gg))
-    return accept & (bound < big)
+    """The skip rule and the overflow rule together: (accept, skipped) 0-d flags."""
+    accept = (sy > 0) & (sy > skip_constant * ss * xp.sqrt(gg)) & (bound < big)
+    return accept, ~accept
 
 
 def bfgs_inverse_update(H, s, y, g_ref, skip_constant: float = SKIP_CONSTANT, Hy=None, inplace: bool = False):
@@ -167,8 +174,8 @@ def bfgs_inverse_update(H, s, y, g_ref, skip_constant: float = SKIP_CONSTANT, Hy
     float (or is not finite: non-finite factors), a superset of "H+ contains inf" that differs only
     for entries within a factor 2 of overflow.
 
-    The in-place path on a device is a fixed handful of launches (docs/gpu.md): H y, one GEMM for all
-    the inner products (:func:`gram`), the fused factors p, q, the fused bound, the flag, and the fused
+    The in-place path on a device is a fixed handful of launches (docs/gpu.md): H y, one fused reduction for
+    all the inner products (:func:`inner_products`), the fused factors p, q, the fused bound, the flag, and the fused
     rank-2 update; the scalars never leave the device.
     """
     xp = array_module(H, s, y)
@@ -188,12 +195,12 @@ def bfgs_inverse_update(H, s, y, g_ref, skip_constant: float = SKIP_CONSTANT, Hy
         H_new = add_symmetric_rank2(H, s, w)
         accept = accept & xp.isfinite(H_new).all()
         return select(accept, H_new, H), ~accept
-    G = gram(s, y, Hy, g_ref)
-    ss, sy, sHy, yHy, HyHy, gg = G[0, 0], G[0, 1], G[0, 2], G[1, 2], G[2, 2], G[3, 3]
+    dots = inner_products((s, s), (s, y), (s, Hy), (y, Hy), (Hy, Hy), (g_ref, g_ref))
+    ss, sy, sHy, yHy, HyHy, gg = (dots[j] for j in range(6))
     p, q = _rank2_pq(s, Hy, ss, sy, yHy, sHy, HyHy, gg, skip_constant)
     big = 0.5 * float(numpy.finfo(H.dtype).max)
     with numpy.errstate(over="ignore", invalid="ignore"):
         bound = _entry_bound(xp.diagonal(H), p, q)
-        accept = _final_accept(ss, sy, gg, skip_constant, bound, big)
+        accept, skipped = _final_accept(ss, sy, gg, skip_constant, bound, big)
     symmetric_rank2_update_(H, p, q, accept)
-    return H, ~accept
+    return H, skipped

@@ -18,10 +18,9 @@ Division guards (docs/kbfgs.md pitfall 18; the official code has none):
 
 from __future__ import annotations
 
-from engine.backend import array_module
 from engine.fuse import fused
 
-from .bfgs import matvec
+from .bfgs import inner_products, matvec
 
 __all__ = ["powell_damping", "lm_damping", "double_damping", "powell_coefficients", "lm_coefficients"]
 
@@ -80,9 +79,8 @@ def powell_damping(s, y, Hy, mu1: float = 0.2, fired: bool = True):
     s~^T y = mu1 y^T H y. Returns ``(s~, fired)``; with ``fired=False`` ``(s~, (s^T y, y^T H y))``,
     the inner products the flag is decided from (so a caller can decide it together with others).
     """
-    xp = array_module(s, y, Hy)
-    sy = xp.dot(s, y)
-    yHy = xp.dot(y, Hy)
+    dots = inner_products((s, y), (y, Hy))
+    sy, yHy = dots[0], dots[1]
     s_damped = _powell_vector(s, Hy, sy, yHy, mu1)
     return s_damped, (_powell_fired(sy, yHy, mu1) if fired else (sy, yHy))
 
@@ -96,9 +94,8 @@ def lm_damping(s, y, mu2: float, fired: bool = True):
     damping). See the module docstring for the guard used when mu2 >= 1. Returns ``(y~, fired)``
     (``fired=False``: ``(y~, (s^T s, s^T y))`` as in :func:`powell_damping`).
     """
-    xp = array_module(s, y)
-    ss = xp.dot(s, s)
-    sy = xp.dot(s, y)
+    dots = inner_products((s, s), (s, y))
+    ss, sy = dots[0], dots[1]
     y_damped = _lm_vector(s, y, ss, sy, mu2)
     return y_damped, (_lm_fired(ss, sy, mu2) if fired else (ss, sy))
 
@@ -109,8 +106,8 @@ def double_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
     ``H`` is a matrix or a callable ``v -> H v`` (the L-BFGS operator of K-BFGS(L)). The second
     step uses the already damped s~. ``mu2`` (keyword, required) is sqrt(lambda) in K-BFGS. The inputs are not modified
     (the solver keeps the undamped EMA pair as state, docs/kbfgs.md pitfall 5).
-    Returns ``(s~, y~, powell_fired, lm_fired)``. On a device: H y, four inner products, two fused
-    vector kernels and one kernel for both flags.
+    Returns ``(s~, y~, powell_fired, lm_fired)``. On a device: H y, two fused reductions for the
+    four inner products, two fused vector kernels and one kernel for both flags.
     """
     Hy = H(y) if callable(H) else matvec(H, y)
     s_damped, (sy, yHy) = powell_damping(s, y, Hy, mu1, fired=False)

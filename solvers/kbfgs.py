@@ -72,7 +72,7 @@ import numpy
 
 from engine.backend import array_module
 from engine.curvature.kronecker import (KroneckerBlockOperator, KronFactors, ema_homogeneous_second_moment_, flush_subnormals_,
-                                        homogeneous_mean, kron_factors, row_means)
+                                        column_mean, homogeneous_mean, kron_factors, secant_means)
 from engine.fuse import fused
 
 from .base import Hyper, positive, register, unit_interval
@@ -105,13 +105,13 @@ _COUNTS = ("powell_damping", "lm_damping", "skipped_H_g", "skipped_H_a")
 
 
 @fused
-def _pair_ema_(xp, s_ema, y_ema, z_old, z_new, g_old, g_new, y_scale, decay, threshold):
-    """(s, y) EMAs in place from the batch means of the two passes, then the subnormal flush."""
+def _pair_ema_(xp, s_ema, y_ema, s, y, y_scale, decay, threshold):
+    """(s, y) EMAs in place (y scaled by ``y_scale``), then the subnormal flush."""
     s_ema *= decay
-    s_ema += (1 - decay) * (z_old - z_new)
+    s_ema += (1 - decay) * s
     s_ema[...] = xp.where(xp.absolute(s_ema) < threshold, 0, s_ema)
     y_ema *= decay
-    y_ema += (1 - decay) * ((g_old - g_new) * y_scale)
+    y_ema += (1 - decay) * (y * y_scale)
     y_ema[...] = xp.where(xp.absolute(y_ema) < threshold, 0, y_ema)
 
 
@@ -184,23 +184,24 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True, per_example=False)
         m_views, grad_sq = self.momentum_(state, grads)
         factors = [self._batch_means(c, n, with_A=k == 0 and not state["warm_started"]) for c in captures]
-        rows_of = {c.layer: c.z.shape[0] for c in captures}  # N (Dense) or N L (Conv2d)
+        old = {c.layer: c for c in captures}
 
         # (b) step 1: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0; theta <- theta - alpha H_g M^ H_a
         self._update_a_side(state, factors, captures, k)
         step_norm = self.apply_step_(params, m_views, self.step_operator(state))
 
-        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, batch means of
-        # z+ and g+ only (no weight-gradient products; the sweep stops at the first Kronecker layer)
+        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, and the secant
+        # pair from the rows z+ and g+ against this batch's first rows (no weight-gradient products;
+        # the sweep stops at the first Kronecker layer)
         fwd = model.forward_pass(params, x, kron_outputs=True)
         trial_loss, dout = model.loss_fn.value_and_grad(fwd.out, y)
-        means_new = {}
+        pairs = {}
         model.backward(params, fwd, dout, param_grads=False, per_example=False,
-                       capture=lambda c: means_new.__setitem__(c.layer, row_means(c, n)))
+                       capture=lambda c: pairs.__setitem__(c.layer, secant_means(old[c.layer], c, n)))
 
         # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action)
         for f in factors:
-            self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, flags)
+            self._update_pairs(state, f, pairs[f.layer], old[f.layer].z.shape[0], n, flags)
 
         state["k"] = k + 1
         counts = xp.stack([flag for name in _COUNTS for flag in flags[name]]).reshape(len(_COUNTS), -1).sum(axis=1)
@@ -210,11 +211,11 @@ class _KroneckerQuasiNewton(KroneckerSolver):
 
     @staticmethod
     def _batch_means(capture, n: int, with_A: bool) -> KronFactors:
-        """The statistics step (a) needs from a capture with unscaled rows: a_mean = [mean a, 1],
-        z_mean, g_mean (and A when there is no warm start), one fused reduction each."""
+        """The statistics step (a) needs from a capture with unscaled rows: a_mean = [mean a, 1] and
+        g_mean = mean_rows(g) (and A when there is no warm start), one fused reduction each."""
         f = kron_factors([capture], which="A")[0] if with_A else KronFactors(capture.layer, capture.param_index)
         f.a_mean = homogeneous_mean(capture.a)
-        f.z_mean, f.g_mean = row_means(capture, n)
+        f.g_mean = column_mean(capture.g, n / capture.g.shape[0])
         return f
 
     def _update_a_side(self, state, factors, captures, k: int):
@@ -238,19 +239,20 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
                 self._symmetrize_g_side(state, i)
 
-    def _update_pairs(self, state, f, means_new, rows: int, n: int, flags):
+    def _update_pairs(self, state, f, pair, rows: int, n: int, flags):
         """Step (d) for one layer: the EMA'd secant pair, the G-side update, the Hessian action on H_a.
 
         The pair (docs/kbfgs.md section 4.3 (d)): s = mean_rows(z) - mean_rows(z+), y = mean_rows(g) -
-        mean_rows(g+), scaled by sqrt(L) for a spatial layer (as :func:`engine.curvature.kronecker.secant_pair`),
-        EMA'd and flushed in one fused pass; g_ref = mean_rows(g) (times sqrt(L)) for the skip rule.
+        mean_rows(g+) (:func:`engine.curvature.kronecker.secant_means`), y scaled by sqrt(L) for a spatial
+        layer (as :func:`engine.curvature.kronecker.secant_pair`), EMA'd and flushed in one fused pass;
+        g_ref = mean_rows(g) (times sqrt(L)) for the skip rule.
         """
         i = f.layer
         layer = self.model.layers[i]
         root_l = math.sqrt(layer.locations(rows, n)) if layer.spatial else 1.0
         s_ema, y_ema = state[layer_key(i, "s_ema")], state[layer_key(i, "y_ema")]
         tiny = float(numpy.finfo(s_ema.dtype).tiny) if self.flush_subnormals else 0.0
-        _pair_ema_(s_ema, y_ema, f.z_mean, means_new[0], f.g_mean, means_new[1], root_l, self.sy_decay, tiny)
+        _pair_ema_(s_ema, y_ema, pair[0], pair[1], root_l, self.sy_decay, tiny)
         g_ref = root_l * f.g_mean if layer.spatial else f.g_mean
         self._g_update(state, i, s_ema, y_ema, g_ref, flags)
         a_bar = f.a_mean if self.hessian_action == "V2" else hessian_action_vector(f.a_mean[:-1], self.hessian_action)

@@ -55,11 +55,11 @@ import numpy
 from ..backend import array_module
 from .base import CurvatureOperator
 from .inverse import factor_inverse, factor_inverses, symmetry_flag
-from ..fuse import fused
+from ..fuse import device_constant, fused
 from .kernels import flush_below_, scaled_ema_
 
 __all__ = ["homogeneous", "KronFactors", "kron_factors", "ema_", "ema_homogeneous_second_moment_", "flush_subnormals_",
-           "row_means", "column_mean", "homogeneous_mean", "secant_pair", "KroneckerBlockOperator", "BLOCK_ORDERS", "block_product", "factor_inverse", "factor_inverses"]
+           "row_means", "secant_means", "column_mean", "homogeneous_mean", "secant_pair", "KroneckerBlockOperator", "BLOCK_ORDERS", "block_product", "factor_inverse", "factor_inverses"]
 
 
 def homogeneous(a):
@@ -195,7 +195,7 @@ def column_mean(a, scale=None):
 def homogeneous_mean(a):
     """[mean_rows(a), 1]: the batch mean of the homogeneous rows a~ = [a, 1]."""
     xp = array_module(a)
-    return xp.concatenate([column_mean(a), xp.ones(1, dtype=a.dtype)])
+    return xp.concatenate([column_mean(a), device_constant(xp, (1,), a.dtype)])
 
 
 def row_means(capture, batch_size: int):
@@ -207,6 +207,20 @@ def row_means(capture, batch_size: int):
     """
     rows = capture.z.shape[0]
     return column_mean(capture.z), column_mean(capture.g, batch_size / rows)
+
+
+@fused
+def _column_difference_sum(xp, a, b, scale, divisor):
+    return xp.sum(a - b, axis=0) * scale / divisor
+
+
+def secant_means(old, new, batch_size: int):
+    """(s, y) = (mean_rows(z) - mean_rows(z+), mean_rows(g) - mean_rows(g+)) of two captures of one
+    batch with unscaled rows (as :func:`row_means`), each as the mean of the row differences: one
+    fused reduction each, and no cancellation between two rounded means."""
+    rows = new.z.shape[0]
+    return (_column_difference_sum(old.z, new.z, 1.0, float(rows)),
+            _column_difference_sum(old.g, new.g, batch_size / rows, 1.0))
 
 
 def secant_pair(layer, old: KronFactors, z_mean_new, g_mean_new, rows: int, batch_size: int):
