@@ -22,13 +22,30 @@ everything real fusion refuses, so misuse fails without a GPU.)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import numpy
 
 from .backend import array_module
 
-__all__ = ["fused", "device_constant"]
+__all__ = ["fused", "device_constant", "unfused"]
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def unfused():
+    """Inside the block every ``@fused`` formula runs op by op on CuPy too (no ``cupy.fuse``): the
+    reference the fused kernels are tested against, and a switch for debugging on a GPU."""
+    old = getattr(_STATE, "off", False)
+    _STATE.off = True
+    try:
+        yield
+    finally:
+        _STATE.off = old
+
 
 _CONSTANTS: dict = {}
 
@@ -50,8 +67,8 @@ def fused(formula):
     @functools.wraps(formula)
     def call(*args):
         xp = array_module(*[a for a in args if hasattr(a, "dtype") and hasattr(a, "ndim")])
-        if xp is numpy:
-            return formula(numpy, *args)
+        if xp is numpy or getattr(_STATE, "off", False):
+            return formula(xp, *args)
         kernel = kernels.get(xp)
         if kernel is None:
             def body(*a):

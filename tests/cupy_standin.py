@@ -705,7 +705,9 @@ def _fuse(*args, **kwargs):
             _launch(f"fuse:{name}")
             _local.fusion = {"reduced": False, "wrote": False}
             try:
-                vs = [_FusionVar(x._a, writable=True) if type(x) is ndarray else x for x in a]
+                # arrays and scalars alike are the kernel's parameters: values from before its reduction
+                vs = [_FusionVar(x._a, writable=True) if type(x) is ndarray else None if x is None else _FusionVar(x)
+                      for x in a]
                 # in-place writes into a 0-d argument broadcast against larger ones are refused by CuPy
                 res = f(*vs)
                 reduced = _local.fusion["reduced"]

@@ -182,7 +182,7 @@ def flush_subnormals_(a):
 
 @fused
 def _column_sum(xp, a, scale, divisor):
-    return xp.sum(a, axis=0) * scale / divisor
+    return xp.sum(a * scale / divisor, axis=0)  # the arguments before the reduction, as CuPy's fusion requires
 
 
 def column_mean(a, scale=None):
@@ -211,7 +211,7 @@ def row_means(capture, batch_size: int):
 
 @fused
 def _column_difference_sum(xp, a, b, scale, divisor):
-    return xp.sum(a - b, axis=0) * scale / divisor
+    return xp.sum((a - b) * scale / divisor, axis=0)
 
 
 def secant_means(old, new, batch_size: int):
