@@ -35,6 +35,7 @@ from .fuse import fused
 from .init import make_generator
 from .layers import Layer
 from .losses import Loss, get_loss
+from .ops import add_scaled_
 
 __all__ = ["Model", "Capture", "ForwardPass", "BackwardPass"]
 
@@ -369,7 +370,7 @@ class Model:
             theta = self.as_flat(params)
             xp = array_module(theta)
             value = _add_regularizer(value, xp.dot(theta, theta), 0.5 * self.weight_decay)
-            _add_scaled_(grad, theta, self.weight_decay)
+            add_scaled_(grad, theta, self.weight_decay)
         grads = self.unflatten(grad)
         if capture:
             return value, grads, back.captures
@@ -380,7 +381,3 @@ class Model:
 def _add_regularizer(xp, value, sq_norm, half_tau):
     return value + half_tau * sq_norm
 
-
-@fused
-def _add_scaled_(xp, g, theta, tau):
-    g += tau * theta

@@ -14,8 +14,14 @@ from .fuse import fused
 
 __all__ = [
     "relu", "relu_grad", "relu_forward", "sigmoid", "sigmoid_grad", "sigmoid_vjp", "tanh", "tanh_grad", "tanh_vjp",
-    "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part",
+    "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part", "add_scaled_",
 ]
+
+
+@fused
+def add_scaled_(xp, y, x, a):
+    """y <- y + a x in place (one kernel on a device; analytic: no conjugation)."""
+    y += a * x
 
 
 def real_part(z):

@@ -17,7 +17,7 @@ V1 (the first Demo and probably the paper's figures) ends it with the mean of th
 from __future__ import annotations
 
 from engine.backend import array_module
-from engine.fuse import fused
+from engine.ops import add_scaled_
 
 from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec
 
@@ -38,11 +38,6 @@ def hessian_action_vector(a_mean, variant: str = "V2"):
     return xp.concatenate([a_mean, last])
 
 
-@fused
-def _add_scaled_(xp, y, s, shift):
-    y += shift * s
-
-
 def hessian_action_update(H_a, A, shift: float, a_bar, skip_constant: float = SKIP_CONSTANT, inplace: bool = False):
     """One Hessian-action BFGS update of ``H_a`` towards (A + shift I)^{-1}; shift = sqrt(lambda).
 
@@ -51,5 +46,5 @@ def hessian_action_update(H_a, A, shift: float, a_bar, skip_constant: float = SK
     """
     s_a = matvec(H_a, a_bar)
     y_a = matvec(A, s_a)
-    _add_scaled_(y_a, s_a, shift)
+    add_scaled_(y_a, s_a, shift)
     return bfgs_inverse_update(H_a, s_a, y_a, g_ref=a_bar, skip_constant=skip_constant, inplace=inplace)

@@ -76,7 +76,7 @@ from engine.curvature.kronecker import (KroneckerBlockOperator, KronFactors, ema
 from engine.fuse import fused
 
 from .base import Hyper, positive, register, unit_interval
-from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
+from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, inner_products, matvec, symmetrize
 from .damping import double_damping, powell_damping
 from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
 from .kronecker_solver import FLUSH_EVERY, KroneckerSolver, layer_key
@@ -113,6 +113,13 @@ def _pair_ema_(xp, s_ema, y_ema, s, y, y_scale, decay, threshold):
     y_ema *= decay
     y_ema += (1 - decay) * (y * y_scale)
     y_ema[...] = xp.where(xp.absolute(y_ema) < threshold, 0, y_ema)
+
+
+@fused
+def _store_flag(xp, ss, sy, gg, skip_constant):
+    """K-BFGS(L)'s (store, not stored) flags of a damped pair from s~^T s~, s~^T y~ and ||g_ref||^2."""
+    store = (sy > skip_constant * ss * xp.sqrt(gg)) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
+    return store, ~store
 
 
 def _kbfgs_hyperparameters() -> dict[str, Hyper]:
@@ -326,17 +333,15 @@ class KBFGSL(_KroneckerQuasiNewton):
         return self._lbfgs(state, i)
 
     def _g_update(self, state, i, s, y, g_ref, flags):
-        xp = array_module(s, y)
         op = self._lbfgs(state, i)
         s_d, y_d, powell, lm = self._damp(i, s, y, op)
-        ss = xp.dot(s_d, s_d)
-        sy = xp.dot(s_d, y_d)
         # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite;
-        # decided and applied on the device (no host sync)
-        store = (sy > self.skip_constant * ss * xp.sqrt(xp.dot(g_ref, g_ref))) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
+        # decided and applied on the device (no host sync): one reduction, one flag kernel
+        dots = inner_products((s_d, s_d), (s_d, y_d), (g_ref, g_ref))
+        store, skipped = _store_flag(dots[0], dots[1], dots[2], self.skip_constant)
         op.push(s_d, y_d, store)
         state.update(op.to_state(layer_key(i, "lbfgs/")))
-        self._count(flags, powell, lm, ~store)
+        self._count(flags, powell, lm, skipped)
 
     def g_side_inverse(self, state, i):
         return self._lbfgs(state, i).dense()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import numpy
 
 from engine.backend import array_module, get_xp
+from engine.ops import add_scaled_
 
 from .bfgs import matvec
 
@@ -119,7 +120,7 @@ class CompactLBFGS:
         else:  # full capacity: the columns of L and rows of Rm beyond 2 count are zero
             L, Rm = self.L, self.Rm
         out = matvec(L, matvec(Rm, X))
-        out += self.gamma * X
+        add_scaled_(out, X, self.gamma)
         return out
 
     __call__ = apply
