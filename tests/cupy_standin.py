@@ -1037,6 +1037,7 @@ def _cuda_module():
     cuda.Stream = _Stream
     cuda.Event = _Event
     cuda.get_elapsed_time = _get_elapsed_time
+    cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1, Device=_Device)
     stream = _Stream()
     cuda.get_current_stream = lambda: stream
     cuda.is_available = lambda: True
@@ -1044,6 +1045,47 @@ def _cuda_module():
 
 
 _cuda = types.SimpleNamespace(Device=_Device)
+
+
+# --- GEMM math mode: CuPy's compute types and the cuBLAS handle's math mode -------------------------
+_COMPUTE_TYPES = ("COMPUTE_TYPE_TBD", "COMPUTE_TYPE_DEFAULT", "COMPUTE_TYPE_PEDANTIC", "COMPUTE_TYPE_FP16",
+                  "COMPUTE_TYPE_FP32", "COMPUTE_TYPE_FP64", "COMPUTE_TYPE_BF16", "COMPUTE_TYPE_TF32")
+#: per dtype index (float16, float32/complex64, float64/complex128), as cupy._core._routines_linalg keeps it
+gemm_state = {"compute_types": [0, 0, 0], "math_mode": 0}
+
+
+def _linalg_internals():
+    mod = types.ModuleType("cupy._core._routines_linalg")
+
+    def index(dtype):
+        char = numpy.dtype(dtype).char
+        return {"e": 0, "f": 1, "F": 1, "d": 2, "D": 2}[char]
+
+    def get_compute_type(dtype):  # as CuPy: TBD resolves from CUPY_TF32 on first use
+        i = index(dtype)
+        if gemm_state["compute_types"][i] == 0:
+            tf32 = numpy.dtype(dtype).char in "fF" and int(os.getenv("CUPY_TF32", "0")) > 0
+            gemm_state["compute_types"][i] = 7 if tf32 else 1
+        return gemm_state["compute_types"][i]
+
+    def set_compute_type(dtype, compute_type):
+        if compute_type not in range(len(_COMPUTE_TYPES)):
+            raise ValueError(f"Unknown compute type: {compute_type}")
+        gemm_state["compute_types"][index(dtype)] = compute_type
+
+    mod.get_compute_type, mod.set_compute_type = get_compute_type, set_compute_type
+    mod.compute_type_to_str = lambda t: _COMPUTE_TYPES[t] if t in range(len(_COMPUTE_TYPES)) else t
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = mod
+    return core
+
+
+def _cublas_module():
+    mod = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    mod.CUBLAS_DEFAULT_MATH, mod.CUBLAS_TENSOR_OP_MATH, mod.CUBLAS_PEDANTIC_MATH, mod.CUBLAS_TF32_TENSOR_OP_MATH = 0, 1, 2, 3
+    mod.setMathMode = lambda handle, mode: gemm_state.__setitem__("math_mode", int(mode))
+    mod.getMathMode = lambda handle: gemm_state["math_mode"]
+    return mod
 
 
 # --- assembly -----------------------------------------------------------------------------------
@@ -1059,6 +1101,7 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType]:
         if value is not None or name == "newaxis":
             setattr(mod, name, value)
     mod.cuda = _cuda_module()
+    mod._core = _linalg_internals()
     linalg = types.ModuleType("cupy.linalg")
     for name in _names.LINALG:
         if name == "LinAlgError":
@@ -1092,6 +1135,7 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType]:
 
 
 _MODULE, _CUPYX = make_modules()
+_CUBLAS = _cublas_module()
 
 
 def install() -> types.ModuleType:
@@ -1105,6 +1149,12 @@ def install() -> types.ModuleType:
     sys.modules["cupy.cuda"] = _MODULE.cuda
     sys.modules["cupy.lib"] = _MODULE.lib
     sys.modules["cupy.lib.stride_tricks"] = _MODULE.lib.stride_tricks
+    sys.modules["cupy._core"] = _MODULE._core
+    sys.modules["cupy._core._routines_linalg"] = _MODULE._core._routines_linalg
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["cupy_backends.cuda.libs.cublas"] = _CUBLAS
+    sys.modules["cupy_backends.cuda.libs"].cublas = _CUBLAS
     sys.modules["cupyx"] = _CUPYX
     sys.modules["cupyx.scipy"] = _CUPYX.scipy
     sys.modules["cupyx.scipy.linalg"] = _CUPYX.scipy.linalg
