@@ -61,6 +61,7 @@ class Counters:
         self.ops = collections.Counter()
         self.syncs = collections.Counter()
         self.h2d = 0
+        self.h2d_bytes = 0
         self.d2h = 0
 
     @property
@@ -69,13 +70,14 @@ class Counters:
 
     def copy(self) -> Counters:
         c = Counters()
-        c.launches, c.h2d, c.d2h = self.launches, self.h2d, self.d2h
+        c.launches, c.h2d, c.d2h, c.h2d_bytes = self.launches, self.h2d, self.d2h, self.h2d_bytes
         c.ops, c.syncs = self.ops.copy(), self.syncs.copy()
         return c
 
     def __sub__(self, other: Counters) -> Counters:
         c = Counters()
         c.launches, c.h2d, c.d2h = self.launches - other.launches, self.h2d - other.h2d, self.d2h - other.d2h
+        c.h2d_bytes = self.h2d_bytes - other.h2d_bytes
         c.ops, c.syncs = self.ops - other.ops, self.syncs - other.syncs
         return c
 
@@ -467,6 +469,7 @@ def _make_function(name, fn):
         if name in _FROM_HOST:
             if not (args and type(args[0]) is ndarray):
                 counters.h2d += 1
+                counters.h2d_bytes += int(numpy.asarray(args[0]).nbytes) if args else 0
             res = fn(*_unwrap(args, host_ok=True), **_unwrap_kwargs(kwargs, host_ok=True))
             if not (args and type(args[0]) is ndarray and res is args[0]._a):
                 _launch(name)
@@ -1031,6 +1034,7 @@ def _cuda_module():
     runtime.runtimeGetVersion = lambda: 12000
     runtime.driverGetVersion = lambda: 12000
     runtime.deviceSynchronize = lambda: _Device().synchronize()
+    runtime.memGetInfo = lambda: (64 << 30, 80 << 30)  # (free, total) bytes of a pretend 80 GB device
     runtime.is_hip = False
     cuda.runtime = runtime
     cuda.Device = _Device

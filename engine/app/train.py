@@ -79,6 +79,11 @@ def _scalar(v):
     return v
 
 
+#: the training set is kept on the device when it needs at most this fraction of the device's free
+#: memory when the trainer is built (batches are then gathered there; only their indices travel)
+DEVICE_DATA_FRACTION = 0.25
+
+
 def host_scalars(info: dict) -> dict:
     """``info`` with every value a host Python scalar, in ONE device-to-host transfer.
 
@@ -156,6 +161,8 @@ class Trainer:
         self.eval_chunk = int(eval_chunk)
         self.xp = xp or get_xp()
         self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp, init=init)
+        #: the training set on the device (x, y) when it fits (DEVICE_DATA_FRACTION), else None
+        self.device_data = self._device_training_set()
         self.solver_state = solver.init(self.params)
         self.history = History()
         self.iteration = 0
@@ -225,9 +232,29 @@ class Trainer:
         self.wall_time = float(prog["wall_time"])
 
     # --- data ---------------------------------------------------------------------------
+    def _device_training_set(self):
+        """The training set on the device, or None: copied once when it takes at most
+        :data:`DEVICE_DATA_FRACTION` of the device's free memory (inputs in the run's dtype)."""
+        if self.xp is numpy:
+            return None
+        x, y = self.dataset.x_train, self.dataset.y_train
+        nbytes = x.size * self.dtype.itemsize + (0 if y is None else y.size * numpy.dtype(_target_dtype(y, self.dtype)).itemsize)
+        free, _ = self.xp.cuda.runtime.memGetInfo()
+        if nbytes > DEVICE_DATA_FRACTION * free:
+            return None
+        xd = to_device(x, self.xp, dtype=self.dtype)
+        return xd, (None if y is None else to_device(y, self.xp, dtype=_target_dtype(y, self.dtype)))
+
     def _batch(self, idx):
-        """``(x[idx], y[idx])`` gathered on the host and copied to the device once each (inputs cast
-        to the run's dtype, labels keep theirs); an autoencoder's target is the same array as its input."""
+        """``(x[idx], y[idx])`` on the parameters' module (inputs cast to the run's dtype, labels keep
+        theirs); an autoencoder's target is the same array as its input. With the training set on the
+        device the batch is gathered there (only the indices travel); otherwise it is gathered on the
+        host and copied once."""
+        if self.device_data is not None:
+            xd, yd = self.device_data
+            ix = to_device(numpy.asarray(idx, dtype=numpy.int64), self.xp)
+            xb = xd[ix]
+            return xb, (xb if yd is None else yd[ix])
         xb = to_device(self.dataset.x_train[idx], self.xp, dtype=self.dtype)
         y = self.dataset.y_train
         return xb, (xb if y is None else to_device(y[idx], self.xp, dtype=_target_dtype(y, self.dtype)))
