@@ -25,32 +25,34 @@ from .bfgs import inner_products, matvec
 __all__ = ["powell_damping", "lm_damping", "double_damping", "powell_coefficients", "lm_coefficients"]
 
 
-def powell_coefficients(xp, sy, yHy, mu1):
-    """(fired, theta1) of Powell damping from s^T y and y^T H y (a formula for the fused kernels)."""
+def powell_coefficients(xp, sy, yHy, mu1, one_minus_mu1):
+    """(fired, theta1) of Powell damping from s^T y and y^T H y (a formula for the fused kernels;
+    1 - mu1 comes from the host: arithmetic between two scalar arguments inside a CuPy fused kernel
+    is float64, and would promote a float32 result)."""
     fired = (yHy > 0) & (sy <= mu1 * yHy)
-    theta = xp.where(fired, (1 - mu1) * yHy / xp.where(fired, yHy - sy, 1), 1)
+    theta = xp.where(fired, one_minus_mu1 * yHy / xp.where(fired, yHy - sy, 1), 1)
     return fired, theta
 
 
-def lm_coefficients(xp, ss, sy, mu2):
+def lm_coefficients(xp, ss, sy, mu2, one_minus_mu2):
     """(fired, convex, theta2, shift) of the B = I damping from s^T s and s^T y (see the module docstring)."""
     fired = (ss > 0) & (sy <= mu2 * ss)
     denom = ss - sy
-    theta = (1 - mu2) * ss / xp.where(denom > 0, denom, 1)
+    theta = one_minus_mu2 * ss / xp.where(denom > 0, denom, 1)
     convex = fired & (denom > 0) & (theta >= 0) & (theta <= 1)
     shift = (mu2 * ss - sy) / xp.where(ss > 0, ss, 1)
     return fired, convex, theta, shift
 
 
 @fused
-def _powell_vector(xp, s, Hy, sy, yHy, mu1):
-    fired, theta = powell_coefficients(xp, sy, yHy, mu1)
+def _powell_vector(xp, s, Hy, sy, yHy, mu1, one_minus_mu1):
+    fired, theta = powell_coefficients(xp, sy, yHy, mu1, one_minus_mu1)
     return xp.where(fired, theta * s + (1 - theta) * Hy, s)
 
 
 @fused
-def _lm_vector(xp, s, y, ss, sy, mu2):
-    fired, convex, theta, shift = lm_coefficients(xp, ss, sy, mu2)
+def _lm_vector(xp, s, y, ss, sy, mu2, one_minus_mu2):
+    fired, convex, theta, shift = lm_coefficients(xp, ss, sy, mu2, one_minus_mu2)
     y_powell = theta * y + (1 - theta) * s
     y_shift = y + shift * s
     return xp.where(convex, y_powell, xp.where(fired, y_shift, y))
@@ -58,17 +60,17 @@ def _lm_vector(xp, s, y, ss, sy, mu2):
 
 @fused
 def _powell_fired(xp, sy, yHy, mu1):
-    return powell_coefficients(xp, sy, yHy, mu1)[0]
+    return (yHy > 0) & (sy <= mu1 * yHy)  # powell_coefficients' flag
 
 
 @fused
 def _lm_fired(xp, ss, sy, mu2):
-    return lm_coefficients(xp, ss, sy, mu2)[0]
+    return (ss > 0) & (sy <= mu2 * ss)  # lm_coefficients' flag
 
 
 @fused
 def _damping_fired(xp, sy, yHy, mu1, ss2, sy2, mu2):
-    return powell_coefficients(xp, sy, yHy, mu1)[0], lm_coefficients(xp, ss2, sy2, mu2)[0]
+    return _powell_fired.formula(xp, sy, yHy, mu1), _lm_fired.formula(xp, ss2, sy2, mu2)
 
 
 def powell_damping(s, y, Hy, mu1: float = 0.2, fired: bool = True):
@@ -81,7 +83,7 @@ def powell_damping(s, y, Hy, mu1: float = 0.2, fired: bool = True):
     """
     dots = inner_products((s, y), (y, Hy))
     sy, yHy = dots[0], dots[1]
-    s_damped = _powell_vector(s, Hy, sy, yHy, mu1)
+    s_damped = _powell_vector(s, Hy, sy, yHy, mu1, 1 - mu1)
     return s_damped, (_powell_fired(sy, yHy, mu1) if fired else (sy, yHy))
 
 
@@ -96,7 +98,7 @@ def lm_damping(s, y, mu2: float, fired: bool = True):
     """
     dots = inner_products((s, s), (s, y))
     ss, sy = dots[0], dots[1]
-    y_damped = _lm_vector(s, y, ss, sy, mu2)
+    y_damped = _lm_vector(s, y, ss, sy, mu2, 1 - mu2)
     return y_damped, (_lm_fired(ss, sy, mu2) if fired else (ss, sy))
 
 

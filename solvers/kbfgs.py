@@ -105,13 +105,13 @@ _COUNTS = ("powell_damping", "lm_damping", "skipped_H_g", "skipped_H_a")
 
 
 @fused
-def _pair_ema_(xp, s_ema, y_ema, s, y, y_scale, decay, threshold):
-    """(s, y) EMAs in place (y scaled by ``y_scale``), then the subnormal flush."""
+def _pair_ema_(xp, s_ema, y_ema, s, y, y_scale, decay, weight, threshold):
+    """(s, y) EMAs in place (y scaled by ``y_scale``; weight = 1 - decay), then the subnormal flush."""
     s_ema *= decay
-    s_ema += (1 - decay) * s
+    s_ema += weight * s
     s_ema[...] = xp.where(xp.absolute(s_ema) < threshold, 0, s_ema)
     y_ema *= decay
-    y_ema += (1 - decay) * (y * y_scale)
+    y_ema += weight * (y * y_scale)
     y_ema[...] = xp.where(xp.absolute(y_ema) < threshold, 0, y_ema)
 
 
@@ -259,7 +259,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         root_l = math.sqrt(layer.locations(rows, n)) if layer.spatial else 1.0
         s_ema, y_ema = state[layer_key(i, "s_ema")], state[layer_key(i, "y_ema")]
         tiny = float(numpy.finfo(s_ema.dtype).tiny) if self.flush_subnormals else 0.0
-        _pair_ema_(s_ema, y_ema, pair[0], pair[1], root_l, self.sy_decay, tiny)
+        _pair_ema_(s_ema, y_ema, pair[0], pair[1], root_l, self.sy_decay, 1 - self.sy_decay, tiny)
         g_ref = root_l * f.g_mean if layer.spatial else f.g_mean
         self._g_update(state, i, s_ema, y_ema, g_ref, flags)
         a_bar = f.a_mean if self.hessian_action == "V2" else hessian_action_vector(f.a_mean[:-1], self.hessian_action)

@@ -165,7 +165,7 @@ class KroneckerSolver(Solver):
         g = self.model.as_flat(grads)
         flush = self.flush_subnormals and int(state["k"]) % FLUSH_EVERY == 0
         # entries of dead units decay into the subnormal range, as the factors' do
-        _momentum_(m, g, self.momentum, float(numpy.finfo(m.dtype).tiny) if flush else 0.0)
+        _momentum_(m, g, self.momentum, 1 - self.momentum, float(numpy.finfo(m.dtype).tiny) if flush else 0.0)
         return self.model.unflatten(m), xp.dot(g, g)
 
     def step_operator(self, state) -> KroneckerBlockOperator:
@@ -201,9 +201,9 @@ class KroneckerSolver(Solver):
 
 
 @fused
-def _momentum_(xp, m, g, rho, threshold):
+def _momentum_(xp, m, g, rho, weight, threshold):
     m *= rho
-    m += (1 - rho) * g
+    m += weight * g  # weight = 1 - rho from the host (see engine.curvature.kronecker._ema_)
     m[...] = xp.where(xp.absolute(m) < threshold, 0, m)
 
 

@@ -137,16 +137,18 @@ def kron_factors(captures, which=("A", "G", "means")) -> list[KronFactors]:
 
 # --- factor updates -------------------------------------------------------------------------
 @fused
-def _ema_(xp, target, new, decay, threshold):
+def _ema_(xp, target, new, decay, weight, threshold):
+    # weight = 1 - decay, computed on the host: an operation between two scalar arguments would be
+    # a float64 value inside a CuPy fused kernel, and promote a float32 update
     target *= decay
-    target += (1 - decay) * new
+    target += weight * new
     target[...] = xp.where(xp.absolute(target) < threshold, 0, target)
 
 
 def ema_(target, new, decay: float, flush: bool = False):
     """target <- decay target + (1 - decay) new, in place (returns ``target``); with ``flush``
     also the subnormal flush of :func:`flush_subnormals_`, in the same pass (one kernel on a device)."""
-    _ema_(target, new, decay, float(numpy.finfo(target.dtype).tiny) if flush else 0.0)
+    _ema_(target, new, decay, 1 - decay, float(numpy.finfo(target.dtype).tiny) if flush else 0.0)
     return target
 
 
@@ -165,7 +167,7 @@ def ema_homogeneous_second_moment_(A, a, decay: float, a_bar=None):
     scaled_ema_(A[:d, :d], aa, decay, w)  # one fused pass
     if a_bar is None:
         a_bar = homogeneous_mean(a)
-    _ema_(A[:, d], a_bar, decay, 0.0)  # the last column, corner included: decay A + (1 - decay) [mean a, 1]
+    _ema_(A[:, d], a_bar, decay, 1 - decay, 0.0)  # the last column, corner included: decay A + (1 - decay) [mean a, 1]
     A[d, :d] = A[:d, d]
     return A
 
