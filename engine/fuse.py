@@ -30,7 +30,7 @@ import numpy
 
 from .backend import array_module
 
-__all__ = ["fused", "device_constant", "unfused"]
+__all__ = ["fused", "device_arange", "device_ones", "unfused"]
 
 _STATE = threading.local()
 
@@ -50,14 +50,22 @@ def unfused():
 _CONSTANTS: dict = {}
 
 
-def device_constant(xp, values, dtype):
-    """A small constant array on ``xp`` (e.g. the homogeneous coordinate [1]), made once and reused:
-    no launch per use. Callers must not write into it."""
-    key = (xp, tuple(values), numpy.dtype(dtype))
-    out = _CONSTANTS.get(key)
+def _cached(xp, key, make):
+    out = _CONSTANTS.get((xp, key))
     if out is None:
-        out = _CONSTANTS[key] = xp.asarray(numpy.asarray(values, dtype=dtype))
+        out = _CONSTANTS[(xp, key)] = make()
     return out
+
+
+def device_arange(xp, n: int, dtype=numpy.int64):
+    """The constant [0, 1, ..., n-1] on ``xp``, made once (on the device: no host copy) and reused.
+    Callers must not write into it."""
+    return _cached(xp, ("arange", n, numpy.dtype(dtype)), lambda: xp.arange(n, dtype=dtype))
+
+
+def device_ones(xp, n: int, dtype):
+    """The constant ones(n) on ``xp`` (e.g. the homogeneous coordinate), made once and reused."""
+    return _cached(xp, ("ones", n, numpy.dtype(dtype)), lambda: xp.ones(n, dtype=dtype))
 
 
 def fused(formula):

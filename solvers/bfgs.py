@@ -28,7 +28,7 @@ import numpy
 
 from engine.backend import array_module
 from engine.curvature.kernels import symmetric_rank2_update_
-from engine.fuse import device_constant, fused
+from engine.fuse import device_arange, fused
 
 __all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "bfgs_coefficients", "inner_products", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
 
@@ -114,7 +114,7 @@ def inner_products(*pairs):
     """(a_0 . b_0, a_1 . b_1, ...) of equal-length vector pairs as one vector, in ONE fused reduction
     on a device (instead of one dot launch each); the callers take its entries as 0-d views."""
     xp = array_module(*[v for pair in pairs for v in pair])
-    selector = device_constant(xp, range(len(pairs)), numpy.int64)[:, None]  # the rows' pair numbers
+    selector = device_arange(xp, len(pairs))[:, None]  # the rows' pair numbers
     return _inner_products(selector, *[v[None, :] for pair in pairs for v in pair])
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy
 
 from engine.backend import array_module, get_xp
-from engine.fuse import device_constant, fused
+from engine.fuse import device_arange, fused
 from engine.ops import add_scaled_
 
 from .bfgs import matvec
@@ -191,7 +191,7 @@ class CompactLBFGS:
         xp = array_module(self.S, s, y)
         p, g = self.memory, self.gamma
         store = xp.asarray(store, dtype=bool)
-        rows = device_constant(xp, range(p), numpy.int64)
+        rows = device_arange(xp, p)
         full, m, n = _push_counts(self.count, store, p)
         # drop the oldest pair when storing into a full memory: row j <- row j + 1 (the last row
         # is overwritten by the new pair below); an identity gather otherwise
@@ -212,7 +212,7 @@ class CompactLBFGS:
         P = Rinv @ S
         top = _middle(YY, D[None, :], rows[:, None], rows[None, :], g) @ P
         _subtract_scaled_(top, Y, g)
-        idx, from_y = _pack_index(device_constant(xp, range(2 * p), numpy.int64), n, p)
+        idx, from_y = _pack_index(device_arange(xp, 2 * p), n, p)
         # beyond 2n: a zero row of Y or P
         self.L = _scale_columns(xp.concatenate([P, Y])[idx].T, from_y[None, :], g)
         self.Rm = _negate_rows(xp.concatenate([top, P])[idx], from_y[:, None])
@@ -235,7 +235,7 @@ def _push_rows(xp, rows, full, m, store, p):
 
 
 def _dots_sy_yy(s, y):
-    return _pair_dots(s[None, :], y[None, :], device_constant(array_module(s), (0, 1), numpy.int64)[:, None])
+    return _pair_dots(s[None, :], y[None, :], device_arange(array_module(s), 2)[:, None])
 
 
 @fused

@@ -55,7 +55,7 @@ import numpy
 from ..backend import array_module
 from .base import CurvatureOperator
 from .inverse import factor_inverse, factor_inverses, symmetry_flag
-from ..fuse import device_constant, fused
+from ..fuse import device_ones, fused
 from .kernels import flush_below_, scaled_ema_
 
 __all__ = ["homogeneous", "KronFactors", "kron_factors", "ema_", "ema_homogeneous_second_moment_", "flush_subnormals_",
@@ -197,7 +197,7 @@ def column_mean(a, scale=None):
 def homogeneous_mean(a):
     """[mean_rows(a), 1]: the batch mean of the homogeneous rows a~ = [a, 1]."""
     xp = array_module(a)
-    return xp.concatenate([column_mean(a), device_constant(xp, (1,), a.dtype)])
+    return xp.concatenate([column_mean(a), device_ones(xp, 1, a.dtype)])
 
 
 def row_means(capture, batch_size: int):

@@ -11,7 +11,7 @@ import pytest
 from engine import ops
 from engine.curvature.kernels import flush_below_, scaled_ema_, symmetric_rank2_update_
 from engine.curvature.kronecker import column_mean, ema_, secant_means
-from engine.fuse import device_constant, fused, unfused
+from engine.fuse import device_arange, device_ones, fused, unfused
 from engine.losses import SigmoidCrossEntropy
 from engine.model import Capture
 from solvers.bfgs import inner_products
@@ -165,5 +165,6 @@ def test_the_fused_wrapper_and_constants():
     out = twice_plus(numpy.arange(3.0), 1.0)
     numpy.testing.assert_array_equal(out, [1.0, 3.0, 5.0])
     assert calls == [numpy]
-    one = device_constant(numpy, (1,), numpy.float32)
-    assert one is device_constant(numpy, (1,), numpy.float32) and one.dtype == numpy.float32
+    one = device_ones(numpy, 1, numpy.float32)
+    assert one is device_ones(numpy, 1, numpy.float32) and one.dtype == numpy.float32 and one[0] == 1
+    numpy.testing.assert_array_equal(device_arange(numpy, 4), [0, 1, 2, 3])
