@@ -79,6 +79,37 @@ def _scalar(v):
     return v
 
 
+PROCESS_TIME = "process_time"
+CUDA_EVENTS = "cuda_events"
+
+
+class _StepClock:
+    """The time of one step: the process's CPU time (NumPy) or the device time between two CUDA
+    events (CuPy; read after the iteration's one host sync, which the stop event precedes, so it
+    adds none), and the wall time."""
+
+    def __init__(self, xp, kind: str):
+        self.kind, self.xp = kind, xp
+        self.w0 = time.perf_counter()
+        if kind == CUDA_EVENTS:
+            self.start, self.end = xp.cuda.Event(), xp.cuda.Event()
+            self.start.record()
+        else:
+            self.c0 = time.process_time()
+
+    def stop(self) -> None:
+        if self.kind == CUDA_EVENTS:
+            self.end.record()
+        else:
+            self.c1 = time.process_time()
+
+    def seconds(self) -> tuple[float, float]:
+        wall = time.perf_counter() - self.w0
+        if self.kind == CUDA_EVENTS:
+            return self.xp.cuda.get_elapsed_time(self.start, self.end) / 1e3, wall
+        return self.c1 - self.c0, wall
+
+
 #: the training set is kept on the device when it needs at most this fraction of the device's free
 #: memory when the trainer is built (batches are then gathered there; only their indices travel)
 DEVICE_DATA_FRACTION = 0.25
@@ -169,6 +200,9 @@ class Trainer:
         self.epoch = 0
         self.cpu_time = 0.0
         self.wall_time = 0.0
+        #: what ``cpu_time`` (the ``max_time`` budget) counts: the device's time between two CUDA events
+        #: around each step on CuPy, the process's CPU time on NumPy (stated in the run file's progress)
+        self.clock = CUDA_EVENTS if self.xp is not numpy else PROCESS_TIME
         self.warm_started = not solver.needs_warm_start
 
     # --- state for run files ---------------------------------------------------------------
@@ -198,7 +232,7 @@ class Trainer:
                         "probes": {k: list(v) for k, v in self.history.probes.items()},
                         "epochs": {k: list(v) for k, v in self.history.epochs.items()}},
             "progress": {"iteration": self.iteration, "epoch": self.epoch, "warm_started": self.warm_started,
-                         "cpu_time": self.cpu_time, "wall_time": self.wall_time},
+                         "cpu_time": self.cpu_time, "wall_time": self.wall_time, "clock": self.clock},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -230,6 +264,10 @@ class Trainer:
         self.warm_started = bool(prog["warm_started"])
         self.cpu_time = float(prog["cpu_time"])
         self.wall_time = float(prog["wall_time"])
+        saved_clock = prog.get("clock", PROCESS_TIME)  # run files before the device clock: process time
+        if saved_clock != self.clock:
+            raise ValueError(f"the run's time budget was counted with {saved_clock} but this trainer counts {self.clock}; "
+                             "resume it on the backend it ran on")
 
     # --- data ---------------------------------------------------------------------------
     def _device_training_set(self):
@@ -280,7 +318,8 @@ class Trainer:
     def run(self, epochs: int | None = None, max_time: float | None = None,
             on_step: Callable[[Trainer, dict], None] | None = None,
             on_epoch: Callable[[Trainer, dict], None] | None = None) -> History:
-        """Train until ``epochs`` epochs in total are done or ``max_time`` CPU seconds are spent.
+        """Train until ``epochs`` epochs in total are done or ``max_time`` seconds of :attr:`clock` are spent
+        (CPU seconds on NumPy, device seconds on CuPy).
 
         The time budget is checked at epoch boundaries, as in the reference code.
         """
@@ -298,12 +337,14 @@ class Trainer:
             start_it = self.iteration - self.epoch * per_epoch
             for _ in range(start_it, per_epoch):
                 x, y = self._batch(self.iterator.next_indices())
-                c0, w0 = time.process_time(), time.perf_counter()
+                clock = _StepClock(self.xp, self.clock)
                 self.params, self.solver_state, info = self.solver.step(self.params, self.solver_state, x, y)
+                clock.stop()
                 # the one host sync per iteration: it also waits for the step, so the clocks are honest
                 row = host_scalars(info)
-                self.cpu_time += time.process_time() - c0
-                self.wall_time += time.perf_counter() - w0
+                cpu, wall = clock.seconds()
+                self.cpu_time += cpu
+                self.wall_time += wall
                 self.iteration += 1
                 row = {"iteration": self.iteration, **row}
                 self.history.add_step(row)

@@ -352,3 +352,20 @@ def test_the_training_set_lives_on_the_device_when_it_fits(xp, fits, monkeypatch
     for t in (tr, ref):
         t.run(epochs=1)
     assert tr.history.steps["loss"] == pytest.approx(ref.history.steps["loss"], rel=1e-5)
+
+
+def test_the_time_budget_clock_is_stated_and_kept(xp):
+    """NumPy counts the process's CPU time, CuPy the device time between CUDA events around each
+    step (no extra host sync); the run's progress states which, and a resume on the other clock is refused."""
+    ds, model = _dataset(), _model()
+    tr = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    tr.run(epochs=1)
+    state = tr.state_dict()
+    assert state["progress"]["clock"] == ("process_time" if xp is numpy else "cuda_events")
+    assert tr.cpu_time > 0
+    other = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    other.load_state_dict(state)
+    assert other.cpu_time == tr.cpu_time
+    state["progress"]["clock"] = "cuda_events" if xp is numpy else "process_time"
+    with pytest.raises(ValueError, match="resume it on the backend it ran on"):
+        other.load_state_dict(state)
