@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy
 
-from ..backend import array_module
 from ..fuse import fused
 
 __all__ = ["symmetric_rank2_update_", "scaled_ema_", "flush_below_"]
@@ -59,7 +58,6 @@ def _rank2_entries_(xp, H, p_col, p_row, q_col, q_row, accept):
 def symmetric_rank2_update_(H, p, q, accept=None):
     """H += p (p/2)^T - q (q/2)^T in place (exactly symmetric when H is) where the 0-d flag
     ``accept`` holds (always when None); returns H."""
-    xp = array_module(H, p, q)
     if _on_host(H, p, q) and H.flags.c_contiguous and H.dtype == p.dtype == q.dtype:
         if accept is None or bool(accept):  # a host flag: no device to keep it on
             _rank2_numba(H, p, q)
