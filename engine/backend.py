@@ -9,6 +9,7 @@ works on NumPy and CuPy arrays alike); host-side bookkeeping converts explicitly
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from types import ModuleType
@@ -84,7 +85,8 @@ def pin_exact_gemm_math(cp) -> dict:
     precision, never the 3M or TF32 algorithms), and the cuBLAS handle's math mode to
     CUBLAS_DEFAULT_MATH (the legacy s/c/zgemm paths). Returns what was set.
     """
-    linalg = cp._core._routines_linalg
+    # CuPy's GEMM compute types live in its (Cython) internals; the module of ``cp`` itself
+    linalg = importlib.import_module(cp.__name__ + "._core._routines_linalg")
     default = next(i for i in range(16) if linalg.compute_type_to_str(i) == "COMPUTE_TYPE_DEFAULT")
     for dtype in (numpy.float32, numpy.float64):  # the index of float32 is complex64's, float64's complex128's
         linalg.set_compute_type(dtype, default)

@@ -4,6 +4,8 @@ environment (tests/cupy_standin.py models CuPy's per-dtype compute types and the
 
 from __future__ import annotations
 
+import importlib
+
 import numpy
 
 from engine import backend
@@ -12,7 +14,7 @@ from engine import backend
 def test_cupy_gemm_math_is_pinned_to_full_precision(cupy_only, monkeypatch):
     cp = cupy_only
     monkeypatch.setenv("CUPY_TF32", "1")
-    linalg = cp._core._routines_linalg
+    linalg = importlib.import_module("cupy._core._routines_linalg")
     tf32 = next(i for i in range(16) if linalg.compute_type_to_str(i) == "COMPUTE_TYPE_TF32")
     linalg.set_compute_type(numpy.float32, tf32)  # what CUPY_TF32=1 (or anyone) may have set
     info = backend.pin_exact_gemm_math(cp)
