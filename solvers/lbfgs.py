@@ -214,7 +214,7 @@ class CompactLBFGS:
         _subtract_scaled_(top, Y, g)
         idx, from_y = _pack_index(device_arange(xp, 2 * p), n, p)
         # beyond 2n: a zero row of Y or P
-        self.L = _scale_columns(xp.concatenate([P, Y])[idx].T, from_y[None, :], g)
+        self.L = xp.ascontiguousarray(_scale_columns(xp.concatenate([P, Y])[idx].T, from_y[None, :], g))  # no copy: a kernel's output is C-ordered
         self.Rm = _negate_rows(xp.concatenate([top, P])[idx], from_y[:, None])
         self.S, self.Y, self.D, self.Rinv, self.YY = S, Y, D.astype(self.S.dtype, copy=False), Rinv, YY
         self.count = n

@@ -734,10 +734,10 @@ def _fuse(*args, **kwargs):
                         raise FusionError(f"cupy.fuse: a fused function cannot return {type(o).__name__}")
                 value = numpy.asarray(o._v)
                 if not reduced:  # an ElementwiseKernel: every output has the broadcast shape of the arguments
-                    value = numpy.array(numpy.broadcast_to(value, shape))
+                    value = numpy.array(numpy.broadcast_to(value, shape), order="C")  # a fresh C-contiguous array
                 elif not o._post:
                     raise FusionError("cupy.fuse: with a reduction, every output must come after it")
-                wrapped.append(ndarray._of(numpy.array(value)))
+                wrapped.append(ndarray._of(numpy.array(value, order="C")))
             return tuple(wrapped) if isinstance(res, tuple) else wrapped[0]
         fused._standin_fused = f
         return fused
