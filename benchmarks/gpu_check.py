@@ -11,7 +11,10 @@ prints, in one run:
 3. timings, each the median of interleaved repeats with a device synchronisation around each:
    the complex-step pass (gradient + H v) against the real gradient pass, MNIST autoencoder,
    batch 1000, float32 and float64; and one K-BFGS epoch of the MNIST autoencoder in float32
-   (60 iterations of batch 1000, warm start excluded), with the per-iteration time.
+   (60 iterations of batch 1000, warm start excluded), with the per-iteration time;
+4. the fused kernels against the same formulas op by op (``engine.fuse.unfused``): a K-BFGS, a
+   K-FAC and an Adam step of the MNIST autoencoder in float32, interleaved medians (and the
+   launches per step where they can be counted: on the stand-in).
 
     python benchmarks/gpu_check.py [--data-dir DIR] [--iterations 60] [--repeats 10]
 
@@ -42,6 +45,7 @@ import data  # noqa: E402
 import nets  # noqa: E402
 from engine.backend import cupy_available, synchronize, to_host  # noqa: E402
 from engine.curvature import HessianCS, HessianRop  # noqa: E402
+from engine.fuse import unfused  # noqa: E402
 from solvers import make_solver  # noqa: E402
 
 
@@ -161,6 +165,44 @@ def epoch_timing(cp, x_host, source, iterations) -> None:
           f"(first {1e3 * times[0]:.1f} ms); loss {losses[0]:.2f} -> {losses[-1]:.2f}")
 
 
+def fusion_timing(cp, x_host, repeats) -> None:
+    print(f"\n== fused kernels against the same formulas op by op (MNIST-AE, float32, batch 1000, median of {repeats}, interleaved)")
+    model = nets.build("mnist-ae")
+    x = cp.asarray(x_host[:1000].astype(numpy.float32))
+    for name in ("kbfgs", "kfac", "adam"):
+        params = model.init(seed=9999, dtype=numpy.float32, xp=cp)
+        solver = make_solver(name, model)
+        state = solver.init(params)
+        if solver.needs_warm_start:
+            state = solver.warm_start(params, state, [(x, x)])
+        state["k"] = 21 if name == "kfac" else 1  # a steady-state step (past K-FAC's inverse refreshes)
+        box = {"params": params, "state": state}
+
+        def step():
+            box["params"], box["state"], _ = solver.step(box["params"], box["state"], x, x)
+        step()
+        with unfused():
+            step()  # compile both
+        fused_t, plain_t, launches = [], [], ""
+        for _ in range(repeats):
+            fused_t.append(timed(cp, step))
+            with unfused():
+                plain_t.append(timed(cp, step))
+        if getattr(cp, "_standin", False):
+            counts = []
+            for ctx in (None, unfused):
+                before = cp.counters.launches
+                if ctx is None:
+                    step()
+                else:
+                    with ctx():
+                        step()
+                counts.append(cp.counters.launches - before)
+            launches = f"; launches {counts[0]} fused, {counts[1]} op by op"
+        f, u = statistics.median(fused_t), statistics.median(plain_t)
+        print(f"{name}: fused {1e3 * f:8.2f} ms, op by op {1e3 * u:8.2f} ms, ratio {u / f:.2f}x{launches}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("CSTEP_DATA_DIR"))
@@ -180,6 +222,7 @@ def main(argv=None) -> int:
     compare(cp, x_host)
     pass_timings(cp, x_host, args.repeats)
     epoch_timing(cp, x_host, source, args.iterations)
+    fusion_timing(cp, x_host, max(3, args.repeats // 2))
     return 0
 
 

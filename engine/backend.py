@@ -9,6 +9,7 @@ works on NumPy and CuPy arrays alike); host-side bookkeeping converts explicitly
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from types import ModuleType
@@ -21,9 +22,11 @@ __all__ = [
     "backend_name",
     "array_module",
     "cupy_available",
+    "pin_exact_gemm_math",
     "to_host",
     "is_device_array",
     "to_device",
+    "data_address",
     "synchronize",
     "complex_dtype",
     "real_dtype",
@@ -58,8 +61,42 @@ def _probe_cupy() -> ModuleType | None:
     except Exception as exc:
         _CUPY_REASON = f"CuPy cannot use a CUDA device ({type(exc).__name__}: {exc})"
         return None
+    try:
+        pin_exact_gemm_math(cupy)
+    except Exception as exc:  # a CuPy without these internals: say so, never run with TF32 silently
+        _CUPY_REASON = f"CuPy's GEMM math mode cannot be pinned to full precision ({type(exc).__name__}: {exc})"
+        return None
     _CUPY = cupy
     return cupy
+
+
+#: what :func:`pin_exact_gemm_math` set, for the run file's environment record
+GEMM_MATH: dict = {}
+
+
+def pin_exact_gemm_math(cp) -> dict:
+    """No TF32 and no reduced-precision GEMM on the device, whatever the environment says.
+
+    The complex-step Hessian-vector product needs every product of the complex pass at full
+    working precision (docs/complex-step.md): TF32 (10-bit mantissa) or a 3M complex GEMM would
+    destroy it. CuPy's GEMMs (``tensordot_core``: gemmEx with a compute type chosen per dtype)
+    take TF32 for float32/complex64 when ``CUPY_TF32=1``; here the compute type of both real and
+    complex dtypes is pinned to CuPy's COMPUTE_TYPE_DEFAULT (CUBLAS_COMPUTE_32F / _64F: full
+    precision, never the 3M or TF32 algorithms), and the cuBLAS handle's math mode to
+    CUBLAS_DEFAULT_MATH (the legacy s/c/zgemm paths). Returns what was set.
+    """
+    # CuPy's GEMM compute types live in its (Cython) internals; the module of ``cp`` itself
+    linalg = importlib.import_module(cp.__name__ + "._core._routines_linalg")
+    default = next(i for i in range(16) if linalg.compute_type_to_str(i) == "COMPUTE_TYPE_DEFAULT")
+    for dtype in (numpy.float32, numpy.float64):  # the index of float32 is complex64's, float64's complex128's
+        linalg.set_compute_type(dtype, default)
+    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415 (CuPy's own package, present with CuPy)
+    cublas.setMathMode(cp.cuda.device.get_cublas_handle(), cublas.CUBLAS_DEFAULT_MATH)
+    GEMM_MATH.clear()
+    GEMM_MATH.update({"gemm_compute_type": "COMPUTE_TYPE_DEFAULT (CUBLAS_COMPUTE_32F/64F; no TF32, no 3M)",
+                      "cublas_math_mode": "CUBLAS_DEFAULT_MATH",
+                      "float32_compute_type": linalg.compute_type_to_str(linalg.get_compute_type(numpy.float32))})
+    return dict(GEMM_MATH)
 
 
 def cupy_available() -> bool:
@@ -136,6 +173,14 @@ def to_device(a, xp: ModuleType | None = None, dtype=None):
     """``a`` as an array of ``xp`` (default: the active backend), optionally cast to ``dtype``."""
     xp = xp or get_xp()
     return xp.asarray(a, dtype=dtype)
+
+
+def data_address(a) -> int:
+    """The address of the first element of ``a`` (host or device memory): views of one buffer are
+    recognised by their addresses, without touching the data."""
+    if isinstance(a, numpy.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.data.ptr
 
 
 def synchronize(xp: ModuleType | None = None) -> None:

@@ -218,9 +218,7 @@ class ReLU(Activation):
     name = "relu"
 
     def forward(self, params, x):
-        mask = ops.relu_grad(x)
-        xp = array_module(x)
-        return xp.where(mask, x, 0), mask
+        return ops.relu_forward(x)  # (y, mask) in one pass
 
     def backward(self, params, cache, dy, need_dx=True):
         xp = array_module(dy)
@@ -247,15 +245,19 @@ class _SmoothActivation(Activation):
     def d2f(self, y):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def vjp(self, dy, y):
+        """dy f'(z) from the output y (one fused kernel where the subclass gives one)."""
+        return dy * self.df(y)
+
     def forward(self, params, x):
         y = self.f(x)
         return y, y
 
     def backward(self, params, cache, dy, need_dx=True):
-        return dy * self.df(cache), []
+        return self.vjp(dy, cache), []
 
     def jvp(self, params, cache, rx, rparams):
-        return rx * self.df(cache)
+        return self.vjp(rx, cache)
 
     def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
         # dz = dy f'(z)  =>  R{dz} = R{dy} f'(z) + dy f''(z) R{z}
@@ -271,6 +273,9 @@ class Tanh(_SmoothActivation):
     def df(self, y):
         return ops.tanh_grad(y)
 
+    def vjp(self, dy, y):
+        return ops.tanh_vjp(dy, y)
+
     def d2f(self, y):
         return -2 * y * (1 - y * y)
 
@@ -285,6 +290,9 @@ class Sigmoid(_SmoothActivation):
 
     def df(self, y):
         return ops.sigmoid_grad(y)
+
+    def vjp(self, dy, y):
+        return ops.sigmoid_vjp(dy, y)
 
     def d2f(self, y):
         return y * (1 - y) * (1 - 2 * y)

@@ -14,8 +14,9 @@ import numpy
 
 from . import ops
 from .backend import array_module, to_device
+from .fuse import device_arange, fused
 
-__all__ = ["Loss", "SigmoidCrossEntropy", "HalfSquaredError", "SoftmaxCrossEntropy", "get_loss"]
+__all__ = ["Loss", "SigmoidCrossEntropy", "HalfSquaredError", "SoftmaxCrossEntropy", "get_loss", "keyed_uniform"]
 
 
 class Loss:
@@ -45,6 +46,14 @@ class Loss:
         """Targets drawn from the predictive distribution at real ``out`` (host RNG ``rng``)."""
         raise NotImplementedError
 
+    def sample_targets_keyed(self, out, key: int, first_row: int = 0):
+        """The same distribution drawn on the arrays' device from the counter-based generator
+        :func:`keyed_uniform` with the 64-bit ``key``: no host draw and no copy; the same numbers on
+        NumPy and CuPy (integer hashing, exact). Row n of ``out`` draws with counter row
+        ``first_row + n``: a data-parallel shard starting at global row ``first_row`` draws what one
+        process draws for those rows."""
+        raise NotImplementedError
+
     def check_target(self, out, target) -> None:
         if tuple(target.shape) != tuple(out.shape):
             raise ValueError(f"{self.name} needs targets shaped like the output {tuple(out.shape)}, got {tuple(target.shape)}")
@@ -67,6 +76,10 @@ class SigmoidCrossEntropy(Loss):
 
     def value_and_grad(self, out, target):
         n = out.shape[0]
+        xp = array_module(out)
+        if not xp.iscomplexobj(out):  # one fused pass for the terms and the gradient
+            terms, grad = _sigmoid_xent_terms(out, target, n)
+            return terms.sum(axis=1).mean(), grad
         value = self.per_example(out, target).mean()
         grad = ops.sigmoid(out)
         grad -= target
@@ -81,6 +94,65 @@ class SigmoidCrossEntropy(Loss):
         xp = array_module(out)
         u = to_device(rng.random(out.shape), xp, dtype=out.real.dtype)
         return (u < ops.sigmoid(out.real)).astype(out.real.dtype)
+
+    def sample_targets_keyed(self, out, key, first_row=0):
+        zr = out.real
+        return _bernoulli_targets(*_counter_grid(zr, key, first_row), zr)
+
+
+@fused
+def _sigmoid_xent_terms(xp, z, target, n):
+    """(softplus(z) - x z, (sigmoid(z) - x) / n) for a real z: the per-unit loss terms and the gradient."""
+    return ops.softplus_real_formula(xp, z) - target * z, (ops.sigmoid_formula(xp, z, z) - target) / n
+
+
+# --- a counter-based generator for device-side sampling ---------------------------------------------
+#: SplitMix64 (Steele, Lea, Flood, OOPSLA 2014): the golden gamma and the two finaliser multipliers
+_GAMMA, _MIX1, _MIX2 = numpy.uint64(0x9E3779B97F4A7C15), numpy.uint64(0xBF58476D1CE4E5B9), numpy.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11, _ONE = (numpy.uint64(v) for v in (30, 27, 31, 11, 1))
+
+
+def _counter_grid(like, key, first_row: int = 0):
+    """(row counters (N, 1), column counters (1, D), row width, key): the arguments of :func:`keyed_uniform`
+    for an (N, D) draw whose first row is global row ``first_row``; the counters are cached device
+    constants (no launch, no copy per draw; one addition for a shard that does not start at row 0)."""
+    xp = array_module(like)
+    n, d = like.shape
+    rows = device_arange(xp, n, numpy.uint64)[:, None]
+    if first_row:
+        rows = rows + numpy.uint64(first_row)
+    return rows, device_arange(xp, d, numpy.uint64)[None, :], numpy.uint64(d), numpy.uint64(key)
+
+
+def _splitmix(xp, rows, cols, width, key, stream):
+    # counter i = 2 (row * width + col) + stream (two streams for Box-Muller); z = key + (i + 1) gamma
+    z = key + ((rows * width + cols) * (_ONE + _ONE) + stream + _ONE) * _GAMMA
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def keyed_uniform_formula(xp, rows, cols, width, key, stream=numpy.uint64(0)):
+    """Uniforms in [0, 1) with 53 random bits: SplitMix64 of (key, counter), exact integer arithmetic."""
+    return (_splitmix(xp, rows, cols, width, key, stream) >> _S11) * (1.0 / 9007199254740992.0)
+
+
+keyed_uniform = fused(keyed_uniform_formula)
+
+
+@fused
+def _bernoulli_targets(xp, rows, cols, width, key, zr):
+    u = keyed_uniform_formula(xp, rows, cols, width, key)
+    return (u < ops.sigmoid_formula(xp, zr, zr)).astype(zr.dtype)
+
+
+@fused
+def _gaussian_targets(xp, rows, cols, width, key, zr):
+    # Box-Muller from the counter's two streams; 1 - u1 lies in (0, 1]
+    u1 = keyed_uniform_formula(xp, rows, cols, width, key, _ONE - _ONE)
+    u2 = keyed_uniform_formula(xp, rows, cols, width, key, _ONE)
+    noise = xp.sqrt(-2.0 * xp.log(1.0 - u1)) * xp.cos(6.283185307179586 * u2)
+    return zr + noise.astype(zr.dtype)
 
 
 class HalfSquaredError(Loss):
@@ -106,6 +178,10 @@ class HalfSquaredError(Loss):
         xp = array_module(out)
         noise = to_device(rng.standard_normal(out.shape), xp, dtype=out.real.dtype)
         return out.real + noise
+
+    def sample_targets_keyed(self, out, key, first_row=0):
+        zr = out.real
+        return _gaussian_targets(*_counter_grid(zr, key, first_row), zr)
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -145,10 +221,20 @@ class SoftmaxCrossEntropy(Loss):
 
     def sample_targets(self, out, rng):
         xp = array_module(out)
+        u = to_device(rng.random((out.shape[0], 1)), xp, dtype=out.real.dtype)
+        return self._labels(out, u)
+
+    def sample_targets_keyed(self, out, key, first_row=0):
+        zr = out.real[:, :1]  # one uniform per example
+        return self._labels(out, keyed_uniform(*_counter_grid(zr, key, first_row)))
+
+    @staticmethod
+    def _labels(out, u):
+        """The first class whose cumulative probability reaches u (one uniform per row)."""
+        xp = array_module(out)
         p = ops.softmax(out.real, axis=1)
         cdf = xp.cumsum(p, axis=1)
-        u = to_device(rng.random((out.shape[0], 1)), xp, dtype=cdf.dtype)
-        labels = (cdf < u).sum(axis=1)
+        labels = (cdf < u.astype(cdf.dtype, copy=False)).sum(axis=1)
         return xp.minimum(labels, out.shape[1] - 1).astype(xp.int64)  # real integers only
 
     def accuracy(self, out, target):

@@ -30,11 +30,13 @@ from typing import Callable
 
 import numpy
 
-from .backend import array_module, get_xp, is_device_array
+from .backend import array_module, data_address, get_xp, is_device_array
+from .fuse import fused
 from .init import make_generator
 from .layers import Layer
 from .losses import Loss, get_loss
 from .parallel import DataParallel
+from .ops import add_scaled_
 
 __all__ = ["Model", "Capture", "ForwardPass", "BackwardPass"]
 
@@ -166,14 +168,34 @@ class Model:
             raise ValueError(f"flat parameter vector must have shape ({self.n_params},), got {tuple(flat.shape)}")
         return [flat[self.offsets[k]:self.offsets[k + 1]].reshape(s) for k, s in enumerate(self.shapes)]
 
+    def flat_buffer(self, arrays):
+        """The flat vector that ``arrays`` are the :meth:`unflatten` views of, or None when they are not
+        (separate arrays): decided from shapes and addresses, without touching the data."""
+        base = getattr(arrays[0], "base", None) if len(arrays) == len(self.shapes) and arrays else None
+        if base is None or base.ndim != 1 or base.shape[0] != self.n_params or base.dtype != arrays[0].dtype:
+            return None
+        start, size = data_address(base), base.dtype.itemsize
+        for a, offset, shape in zip(arrays, self.offsets, self.shapes):
+            if tuple(a.shape) != shape or a.dtype != base.dtype or not a.flags.c_contiguous \
+                    or data_address(a) != start + offset * size:
+                return None
+        return base
+
+    def as_flat(self, arrays):
+        """The flat vector of a parameter-shaped list: its buffer when the list is views of one
+        (:meth:`flat_buffer`), else a concatenated copy (one launch)."""
+        flat = self.flat_buffer(arrays)
+        return flat if flat is not None else self.flatten(arrays)
+
     def zeros_like_params(self, params) -> list:
         """A parameter-shaped list of zeros sharing one flat buffer."""
         xp = array_module(*params)
         return self.unflatten(xp.zeros(self.n_params, dtype=params[0].dtype))
 
     def sq_norm(self, params):
-        """sum_k sum(p_k * p_k): ||theta||^2 without conjugation (analytic in complex mode)."""
-        return sum((p * p).sum() for p in params)
+        """theta^T theta = ||theta||^2 without conjugation (analytic in complex mode), on the flat vector."""
+        flat = self.as_flat(params)
+        return array_module(flat).dot(flat, flat)
 
     # --- passes -------------------------------------------------------------------------
     def check_batch(self, x, params=None, y=None):
@@ -332,27 +354,39 @@ class Model:
             value = self.parallel.mean([value])[0]
         return value + self.regularizer(params) if regularized and self.weight_decay else value
 
-    def loss_and_grad(self, params, x, y, regularized: bool = True, capture: bool = False, forward: ForwardPass | None = None):
+    def loss_and_grad(self, params, x, y, regularized: bool = True, capture: bool = False, forward: ForwardPass | None = None,
+                      per_example: bool = True):
         """(loss, gradient list) or, with ``capture``, (loss, gradients, list of :class:`Capture`).
 
         One forward and one backward pass. With complex parameters this is the complex-step
         pass: Re of the result is the gradient, Im/h the Hessian-vector product. No host sync.
         ``forward``: a forward pass of ``x`` already made at ``params`` (kept with ``kron_outputs``
-        for ``capture``), reused instead of a new one.
+        for ``capture``), reused instead of a new one. ``per_example``: the captures' g rows as in
+        :meth:`backward`. The gradients are views of one flat vector (:meth:`flat_buffer` finds it).
         """
         fwd = forward if forward is not None else self.forward_pass(params, x, y, kron_outputs=capture)
         if forward is not None:
             self.check_batch(x, params, y)
         self.loss_fn.check_target(fwd.out, y)
         value, dy = self.loss_fn.value_and_grad(fwd.out, y)
-        back = self.backward(params, fwd, dy, capture=capture)
-        grads = back.grads
+        back = self.backward(params, fwd, dy, capture=capture, per_example=per_example)
+        # one flat gradient (its views are returned): the solvers' updates are one operation each
+        grad = self.flatten(back.grads)
         if self.parallel.active:  # the global batch's loss and gradient (curvature products by complex step too)
-            value, *grads = self.parallel.mean([value, *grads])
+            value, grad = self.parallel.mean([value, grad])
+            grad = grad.copy()  # its own flat buffer again (the solvers' updates recognise it by address)
         if regularized and self.weight_decay:
-            value = value + self.regularizer(params)
-            for g, p in zip(grads, params):
-                g += self.weight_decay * p
+            theta = self.as_flat(params)
+            xp = array_module(theta)
+            value = _add_regularizer(value, xp.dot(theta, theta), 0.5 * self.weight_decay)
+            add_scaled_(grad, theta, self.weight_decay)
+        grads = self.unflatten(grad)
         if capture:
             return value, grads, back.captures
         return value, grads
+
+
+@fused
+def _add_regularizer(xp, value, sq_norm, half_tau):
+    return value + half_tau * sq_norm
+

@@ -10,11 +10,18 @@ input each function returns the ordinary real result, with the input's dtype.
 from __future__ import annotations
 
 from .backend import array_module
+from .fuse import fused
 
 __all__ = [
-    "relu", "relu_grad", "sigmoid", "sigmoid_grad", "tanh", "tanh_grad",
-    "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part",
+    "relu", "relu_grad", "relu_forward", "sigmoid", "sigmoid_grad", "sigmoid_vjp", "tanh", "tanh_grad", "tanh_vjp",
+    "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part", "add_scaled_",
 ]
+
+
+@fused
+def add_scaled_(xp, y, x, a):
+    """y <- y + a x in place (one kernel on a device; analytic: no conjugation)."""
+    y += a * x
 
 
 def real_part(z):
@@ -28,6 +35,17 @@ def relu(z):
     return xp.where(z.real > 0, z, 0)
 
 
+@fused
+def _relu_forward(xp, z, zr):
+    mask = zr > 0
+    return xp.where(mask, z, 0), mask
+
+
+def relu_forward(z):
+    """(relu(z), relu_grad(z)) in one pass (one kernel on a device)."""
+    return _relu_forward(z, z.real)
+
+
 def relu_grad(z):
     """d relu / dz as a boolean mask (Re z > 0); the kink at 0 gets derivative 0."""
     return z.real > 0
@@ -38,10 +56,14 @@ def max0_cs(z):
     return relu(z)
 
 
+def abs_cs_formula(xp, z, zr):
+    """:func:`abs_cs` given Re z as ``zr`` (a formula for the fused kernels)."""
+    return xp.where(zr < 0, -z, z)
+
+
 def abs_cs(z):
     """Complex-safe |z| (Martins' complexify): -z where Re z < 0, else z. Not the modulus."""
-    xp = array_module(z)
-    return xp.where(z.real < 0, -z, z)
+    return abs_cs_formula(array_module(z), z, z.real)
 
 
 def tanh(z):
@@ -54,6 +76,12 @@ def tanh_grad(t):
     return 1 - t * t
 
 
+@fused
+def tanh_vjp(xp, dy, t):
+    """dy tanh'(z) = dy (1 - t^2) from the output t (one kernel on a device)."""
+    return dy * tanh_grad(t)
+
+
 def sigmoid(z):
     """Logistic sigmoid, stable and accurate for every real part.
 
@@ -63,14 +91,33 @@ def sigmoid(z):
     all relative accuracy in the left tail (1 + tanh(-15) cancels); this form keeps full
     relative precision on both sides.
     """
-    xp = array_module(z)
-    e = xp.exp(-abs_cs(z))
-    return xp.where(z.real >= 0, 1, e) / (1 + e)
+    return _sigmoid(z, z.real)
+
+
+def sigmoid_formula(xp, z, zr):
+    """:func:`sigmoid` given Re z as ``zr`` (a formula for the fused kernels)."""
+    e = xp.exp(-abs_cs_formula(xp, z, zr))
+    return xp.where(zr >= 0, 1, e) / (1 + e)
+
+
+_sigmoid = fused(sigmoid_formula)
 
 
 def sigmoid_grad(s):
     """d sigmoid/dz in terms of the output s: s (1 - s)."""
     return s * (1 - s)
+
+
+@fused
+def sigmoid_vjp(xp, dy, s):
+    """dy sigmoid'(z) = dy s (1 - s) from the output s (one kernel on a device)."""
+    return dy * sigmoid_grad(s)
+
+
+def softplus_real_formula(xp, z):
+    """:func:`softplus` of a REAL z (the library's log1p is exact there; a formula for the fused kernels)."""
+    pos = z >= 0
+    return xp.where(pos, z, 0) + xp.log1p(xp.exp(xp.where(pos, -z, z)))
 
 
 def log1p(z):
@@ -117,8 +164,13 @@ def softplus(z):
     sigmoid(z).
     """
     xp = array_module(z)
+    if not xp.iscomplexobj(z):
+        return _softplus_real(z)
     pos = z.real >= 0
     return xp.where(pos, z, 0) + log1p(xp.exp(xp.where(pos, -z, z)))
+
+
+_softplus_real = fused(softplus_real_formula)
 
 
 def logsumexp(z, axis=-1, keepdims=False):

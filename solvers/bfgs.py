@@ -28,8 +28,9 @@ import numpy
 
 from engine.backend import array_module
 from engine.curvature.kernels import symmetric_rank2_update_
+from engine.fuse import device_arange, fused
 
-__all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
+__all__ = ["SKIP_CONSTANT", "bfgs_inverse_update", "bfgs_coefficients", "inner_products", "add_symmetric_rank2", "symmetrize", "matvec", "select"]
 
 #: The constant c of the skip rule s^T y <= c s^T s ||g_ref|| (docs/kbfgs.md section 4.6).
 SKIP_CONSTANT = 1e-4
@@ -99,6 +100,64 @@ def _rank2_factors(s, w):
     return xp.stack([p, q], axis=1), xp.stack([0.5 * p, -0.5 * q], axis=1)
 
 
+@fused
+def _inner_products(xp, sel, *vectors):
+    # row j of the broadcast (k, d) product is a_j * b_j; one reduction along the rows
+    k = len(vectors) // 2
+    prod = vectors[2 * k - 2] * vectors[2 * k - 1]
+    for j in range(k - 2, -1, -1):
+        prod = xp.where(sel == j, vectors[2 * j] * vectors[2 * j + 1], prod)
+    return xp.sum(prod, axis=1)
+
+
+def inner_products(*pairs):
+    """(a_0 . b_0, a_1 . b_1, ...) of equal-length vector pairs as one vector, in ONE fused reduction
+    on a device (instead of one dot launch each); the callers take its entries as 0-d views."""
+    xp = array_module(*[v for pair in pairs for v in pair])
+    selector = device_arange(xp, len(pairs))[:, None]  # the rows' pair numbers
+    return _inner_products(selector, *[v[None, :] for pair in pairs for v in pair])
+
+
+def bfgs_coefficients(xp, ss, sy, yHy, sHy, HyHy, gg, skip_constant):
+    """(accept, rho, a, c) of the update from inner products only (a formula for the fused kernels).
+
+    accept: the skip rule's s^T y > 0 and s^T y > c s^T s ||g_ref||; rho = 1 / s^T y (0 when
+    skipped); the symmetric term is s w^T + w s^T with w = a s - rho H y, a = (rho^2 y^T H y + rho) / 2;
+    c = sqrt(||w|| / ||s||) balances the rank-2 factors (:func:`add_symmetric_rank2`), with
+    ||w||^2 = a^2 s^T s - 2 a rho s^T H y + rho^2 ||H y||^2 from the same inner products (any c > 0
+    gives the same term in exact arithmetic; c only balances the rounding, so c = 1 when that
+    estimate is not positive).
+    """
+    accept = (sy > 0) & (sy > skip_constant * ss * xp.sqrt(gg))
+    rho = xp.where(accept, 1 / xp.where(accept, sy, 1), 0)
+    a = 0.5 * (rho * rho * yHy + rho)
+    ww = a * a * ss - 2 * a * rho * sHy + rho * rho * HyHy
+    balanced = (ss > 0) & (ww > 0)
+    c = xp.where(balanced, xp.sqrt(xp.sqrt(xp.where(balanced, ww, 1)) / xp.sqrt(xp.where(balanced, ss, 1))), 1)
+    return accept, rho, a, c
+
+
+@fused
+def _rank2_pq(xp, s, Hy, ss, sy, yHy, sHy, HyHy, gg, skip_constant):
+    """p = c s + w / c, q = c s - w / c with w = a s - rho H y: (p p^T - q q^T) / 2 = s w^T + w s^T."""
+    _, rho, a, c = bfgs_coefficients(xp, ss, sy, yHy, sHy, HyHy, gg, skip_constant)
+    w = a * s - rho * Hy
+    return c * s + w / c, c * s - w / c
+
+
+@fused
+def _entry_bound(xp, diag, p, q):
+    """max_i (H_ii + (p_i^2 + q_i^2) / 2): bounds every |entry| of H + (p p^T - q q^T) / 2 for an SPD H."""
+    return xp.amax(diag + 0.5 * (p * p + q * q))
+
+
+@fused
+def _final_accept(xp, ss, sy, gg, skip_constant, bound, big):
+    """The skip rule and the overflow rule together: (accept, skipped) 0-d flags."""
+    accept = (sy > 0) & (sy > skip_constant * ss * xp.sqrt(gg)) & (bound < big)
+    return accept, ~accept
+
+
 def bfgs_inverse_update(H, s, y, g_ref, skip_constant: float = SKIP_CONSTANT, Hy=None, inplace: bool = False):
     """One BFGS update of the inverse-Hessian approximation ``H`` with the pair (s, y).
 
@@ -109,33 +168,39 @@ def bfgs_inverse_update(H, s, y, g_ref, skip_constant: float = SKIP_CONSTANT, Hy
     ``inplace=False`` (default): ``H`` is not modified; H+ is formed as a new array and checked
     entry by entry for +-inf/NaN. ``inplace=True`` (the solvers' hot path): ``H`` is updated in
     place and returned, and the inf rule is decided *before* touching H, without a pass over it:
-    for a symmetric positive definite H, |H_ij| <= max_i H_ii (Cauchy-Schwarz), so
-    |H+_ij| <= max_i H_ii + (max|p|^2 + max|q|^2)/2 with p, q the rank-2 factors; the update is
-    skipped when that bound reaches half the largest float (or the factors are not finite), a
-    superset of "H+ contains inf" that differs only for entries within a factor 2 of overflow.
+    for a symmetric positive definite H, |H_ij| <= sqrt(H_ii H_jj) and |p_i p_j - q_i q_j| / 2 <=
+    sqrt(r_i r_j) / 2 with r_i = p_i^2 + q_i^2 (p, q the rank-2 factors), so every entry of H+ is
+    at most max_i (H_ii + r_i / 2); the update is skipped when that bound reaches half the largest
+    float (or is not finite: non-finite factors), a superset of "H+ contains inf" that differs only
+    for entries within a factor 2 of overflow.
+
+    The in-place path on a device is a fixed handful of launches (docs/gpu.md): H y, one fused reduction for
+    all the inner products (:func:`inner_products`), the fused factors p, q, the fused bound, the flag, and the fused
+    rank-2 update; the scalars never leave the device.
     """
     xp = array_module(H, s, y)
     if H.ndim != 2 or H.shape[0] != H.shape[1] or s.shape != (H.shape[0],) or y.shape != s.shape:
         raise ValueError(f"bfgs_inverse_update needs a square H and vectors of its size, got H {H.shape}, s {s.shape}, y {y.shape}")
     if Hy is None:
         Hy = matvec(H, y)
-    sy = xp.dot(s, y)
-    ss = xp.dot(s, s)
-    g_norm = xp.sqrt(xp.dot(g_ref, g_ref))
-    accept = (sy > 0) & (sy > skip_constant * ss * g_norm)
-    rho = xp.where(accept, 1 / xp.where(accept, sy, 1), 0)
-    yHy = xp.dot(y, Hy)
-    # s w^T + w s^T = (rho^2 y^T H y + rho) s s^T - rho (s h^T + h s^T)
-    w = (0.5 * (rho * rho * yHy + rho)) * s - rho * Hy
     if not inplace:
+        sy = xp.dot(s, y)
+        ss = xp.dot(s, s)
+        g_norm = xp.sqrt(xp.dot(g_ref, g_ref))
+        accept = (sy > 0) & (sy > skip_constant * ss * g_norm)
+        rho = xp.where(accept, 1 / xp.where(accept, sy, 1), 0)
+        yHy = xp.dot(y, Hy)
+        # s w^T + w s^T = (rho^2 y^T H y + rho) s s^T - rho (s h^T + h s^T)
+        w = (0.5 * (rho * rho * yHy + rho)) * s - rho * Hy
         H_new = add_symmetric_rank2(H, s, w)
         accept = accept & xp.isfinite(H_new).all()
         return select(accept, H_new, H), ~accept
-    U, _ = _rank2_factors(s, w)
+    dots = inner_products((s, s), (s, y), (s, Hy), (y, Hy), (Hy, Hy), (g_ref, g_ref))
+    ss, sy, sHy, yHy, HyHy, gg = (dots[j] for j in range(6))
+    p, q = _rank2_pq(s, Hy, ss, sy, yHy, sHy, HyHy, gg, skip_constant)
     big = 0.5 * float(numpy.finfo(H.dtype).max)
     with numpy.errstate(over="ignore", invalid="ignore"):
-        bound = xp.diagonal(H).max() + 0.5 * ((U * U).max(axis=0).sum())
-        accept = accept & xp.isfinite(U).all() & (bound < big)
-    U = xp.where(accept, U, 0)
-    symmetric_rank2_update_(H, xp.ascontiguousarray(U[:, 0]), xp.ascontiguousarray(U[:, 1]))
-    return H, ~accept
+        bound = _entry_bound(xp.diagonal(H), p, q)
+        accept, skipped = _final_accept(ss, sy, gg, skip_constant, bound, big)
+    symmetric_rank2_update_(H, p, q, accept)
+    return H, skipped

@@ -17,6 +17,7 @@ V1 (the first Demo and probably the paper's figures) ends it with the mean of th
 from __future__ import annotations
 
 from engine.backend import array_module
+from engine.ops import add_scaled_
 
 from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec
 
@@ -45,5 +46,5 @@ def hessian_action_update(H_a, A, shift: float, a_bar, skip_constant: float = SK
     """
     s_a = matvec(H_a, a_bar)
     y_a = matvec(A, s_a)
-    y_a += shift * s_a
+    add_scaled_(y_a, s_a, shift)
     return bfgs_inverse_update(H_a, s_a, y_a, g_ref=a_bar, skip_constant=skip_constant, inplace=inplace)

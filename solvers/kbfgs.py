@@ -66,12 +66,17 @@ info counts are 0-d device arrays that the caller converts once per step.
 
 from __future__ import annotations
 
+import math
+
+import numpy
+
 from engine.backend import array_module
-from engine.curvature.kronecker import (KroneckerBlockOperator, ema_, ema_homogeneous_second_moment_, flush_subnormals_,
-                                        kron_factors, row_means, secant_pair)
+from engine.curvature.kronecker import (KroneckerBlockOperator, KronFactors, ema_, ema_homogeneous_second_moment_, flush_subnormals_,
+                                        column_mean, homogeneous_mean, kron_factors, secant_means)
+from engine.fuse import fused
 
 from .base import Hyper, positive, register, unit_interval
-from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
+from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, inner_products, matvec, symmetrize
 from .damping import double_damping, powell_damping
 from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
 from .kronecker_solver import FLUSH_EVERY, KroneckerSolver, layer_key
@@ -93,6 +98,38 @@ def powell_lm_damping(s, y, H, mu1: float = 0.2, *, mu2: float):
     s_damped, powell_fired = powell_damping(s, y, Hy, mu1)
     y_damped = y + mu2 * s_damped
     return s_damped, y_damped, powell_fired, xp.ones((), dtype=bool)  # a device constant, no host copy
+
+
+#: the per-step counts over the layers, in the order they are stacked and summed (one reduction)
+_COUNTS = ("powell_damping", "lm_damping", "skipped_H_g", "skipped_H_a")
+
+
+def _counted(flags, xp) -> dict:
+    """The per-step counts of the layers' 0-d flags, stacked and summed in one reduction (zeros for
+    a rank that updated no layer under KAISA)."""
+    stacked = [flag for name in _COUNTS for flag in flags[name]]
+    if not stacked:
+        return {name: xp.zeros((), dtype=xp.int64) for name in _COUNTS}
+    counts = xp.stack(stacked).reshape(len(_COUNTS), -1).sum(axis=1)
+    return {name: counts[j] for j, name in enumerate(_COUNTS)}
+
+
+@fused
+def _pair_ema_(xp, s_ema, y_ema, s, y, y_scale, decay, weight, threshold):
+    """(s, y) EMAs in place (y scaled by ``y_scale``; weight = 1 - decay), then the subnormal flush."""
+    s_ema *= decay
+    s_ema += weight * s
+    s_ema[...] = xp.where(xp.absolute(s_ema) < threshold, 0, s_ema)
+    y_ema *= decay
+    y_ema += weight * (y * y_scale)
+    y_ema[...] = xp.where(xp.absolute(y_ema) < threshold, 0, y_ema)
+
+
+@fused
+def _store_flag(xp, ss, sy, gg, skip_constant):
+    """K-BFGS(L)'s (store, not stored) flags of a damped pair from s~^T s~, s~^T y~ and ||g_ref||^2."""
+    store = (sy > skip_constant * ss * xp.sqrt(gg)) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
+    return store, ~store
 
 
 def _kbfgs_hyperparameters() -> dict[str, Hyper]:
@@ -123,7 +160,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         """H_g of layer ``i`` as the block operator's left inverse factor (a matrix or an operator)."""
         raise NotImplementedError
 
-    def _g_update(self, state, i, s, y, g_ref, info):
+    def _g_update(self, state, i, s, y, g_ref, flags):
         raise NotImplementedError
 
     def _symmetrize_g_side(self, state, i):
@@ -161,43 +198,57 @@ class _KroneckerQuasiNewton(KroneckerSolver):
         xp = array_module(*params)
         k = int(state["k"])
         n = x.shape[0]
-        info = {"powell_damping": 0, "lm_damping": 0, "skipped_H_g": 0, "skipped_H_a": 0}
+        flags = {name: [] for name in _COUNTS}  # 0-d device flags, counted together at the end
 
-        # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch
-        loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True)
+        # (a) gradient at theta_k (with tau theta), momentum, Kronecker rows of this batch (unscaled:
+        # only their means are used, docs/kbfgs.md section 4.3)
+        loss, grads, captures = model.loss_and_grad(params, x, y, regularized=True, capture=True, per_example=False)
         m_views, grad_sq = self.momentum_(state, grads)
         parallel = model.parallel
+        # data parallel: A every step (the EMA needs the global batch's A, not this shard's rows)
         with_a = (k == 0 and not state["warm_started"]) or parallel.active
-        factors = kron_factors(captures, which=("A", "means") if with_a else ("means",))
-        parallel.mean_fields(factors, ("A", "a_mean", "z_mean", "g_mean"))  # the global batch's (data parallel)
-        rows_of = {c.layer: c.z.shape[0] for c in captures}  # N (Dense) or N L (Conv2d)
+        factors = [self._batch_means(c, n, with_A=with_a) for c in captures]
+        parallel.mean_fields(factors, ("A", "a_mean", "g_mean"))  # the global batch's (data parallel)
+        old = {c.layer: c for c in captures}
 
         # (b) step 1: A <- EMA, H_a <- inv(A + sqrt(lambda) I) at k = 0; theta <- theta - alpha H_g M^ H_a
         self._update_a_side(state, factors, captures, k)
         step_norm = self.apply_step_(params, m_views, self.step_operator(state))
 
-        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, batch means of
-        # z+ and g+ only (no weight-gradient products; the sweep stops at the first Kronecker layer)
+        # (c) the same batch at theta_{k+1} = theta_k + alpha p: unregularised loss, and the secant
+        # pair from the rows z+ and g+ against this batch's first rows (no weight-gradient products;
+        # the sweep stops at the first Kronecker layer)
         fwd = model.forward_pass(params, x, kron_outputs=True)
         trial_loss, dout = model.loss_fn.value_and_grad(fwd.out, y)
-        means_new = {}
+        pairs = {}
         model.backward(params, fwd, dout, param_grads=False, per_example=False,
-                       capture=lambda c: means_new.__setitem__(c.layer, row_means(c, n)))
-        trial_loss, means_new = parallel.mean_tree((trial_loss, means_new))
+                       capture=lambda c: pairs.__setitem__(c.layer, secant_means(old[c.layer], c, n)))
+        trial_loss, pairs = parallel.mean_tree((trial_loss, pairs))
 
         # (d) step 2: G side (EMA, damping, BFGS) and A side (Hessian action); under KAISA by each
         # layer's owner, who shares the result (solvers/kaisa.py)
         plan = self.factor_plan()
         for f in factors:
             if plan is None or plan.owns(f.layer):
-                self._update_pairs(state, f, means_new[f.layer], rows_of[f.layer], n, info)
+                self._update_pairs(state, f, pairs[f.layer], old[f.layer].z.shape[0], n, flags)
         if plan is not None:
             plan.share_factors(state, lambda i: self.step_keys(state, i))
-            plan.sum_counts(info, ("powell_damping", "lm_damping", "skipped_H_g", "skipped_H_a"), xp)
 
         state["k"] = k + 1
+        info = _counted(flags, xp)
+        if plan is not None:  # KAISA: each rank counted its own layers
+            plan.sum_counts(info, _COUNTS, xp)
         info.update(loss=loss, trial_loss=trial_loss, grad_norm=xp.sqrt(grad_sq), step_norm=step_norm)
         return params, state, info
+
+    @staticmethod
+    def _batch_means(capture, n: int, with_A: bool) -> KronFactors:
+        """The statistics step (a) needs from a capture with unscaled rows: a_mean = [mean a, 1] and
+        g_mean = mean_rows(g) (and A when there is no warm start), one fused reduction each."""
+        f = kron_factors([capture], which="A")[0] if with_A else KronFactors(capture.layer, capture.param_index)
+        f.a_mean = homogeneous_mean(capture.a)
+        f.g_mean = column_mean(capture.g, n / capture.g.shape[0])
+        return f
 
     def _update_a_side(self, state, factors, captures, k: int):
         """Step (b) on the factors: A's EMA (not at k = 0; the first batch's A without a warm start),
@@ -210,7 +261,7 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 if self.model.parallel.active:
                     ema_(A, f.A, self.A_decay)  # the global batch's A, reduced over the ranks
                 else:
-                    ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean[:-1])
+                    ema_homogeneous_second_moment_(A, rows[i].a, self.A_decay, f.a_mean)
                 if self.flush_subnormals and k % FLUSH_EVERY == 0:
                     flush_subnormals_(A)
             elif not state["warm_started"]:
@@ -223,26 +274,33 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
                 self._symmetrize_g_side(state, i)
 
-    def _update_pairs(self, state, f, means_new, rows: int, n: int, info):
-        """Step (d) for one layer: the EMA'd secant pair, the G-side update, the Hessian action on H_a."""
+    def _update_pairs(self, state, f, pair, rows: int, n: int, flags):
+        """Step (d) for one layer: the EMA'd secant pair, the G-side update, the Hessian action on H_a.
+
+        The pair (docs/kbfgs.md section 4.3 (d)): s = mean_rows(z) - mean_rows(z+), y = mean_rows(g) -
+        mean_rows(g+) (:func:`engine.curvature.kronecker.secant_means`), y scaled by sqrt(L) for a spatial
+        layer (as :func:`engine.curvature.kronecker.secant_pair`), EMA'd and flushed in one fused pass;
+        g_ref = mean_rows(g) (times sqrt(L)) for the skip rule.
+        """
         i = f.layer
-        s, y_new, g_ref = secant_pair(self.model.layers[i], f, *means_new, rows, n)
-        s_ema = ema_(state[layer_key(i, "s_ema")], s, self.sy_decay)
-        y_ema = ema_(state[layer_key(i, "y_ema")], y_new, self.sy_decay)
-        if self.flush_subnormals:
-            flush_subnormals_(s_ema)
-            flush_subnormals_(y_ema)
-        self._g_update(state, i, s_ema, y_ema, g_ref, info)
-        a_bar = hessian_action_vector(f.a_mean[:-1], self.hessian_action)
+        layer = self.model.layers[i]
+        root_l = math.sqrt(layer.locations(rows, n)) if layer.spatial else 1.0
+        s_ema, y_ema = state[layer_key(i, "s_ema")], state[layer_key(i, "y_ema")]
+        tiny = float(numpy.finfo(s_ema.dtype).tiny) if self.flush_subnormals else 0.0
+        _pair_ema_(s_ema, y_ema, pair[0], pair[1], root_l, self.sy_decay, 1 - self.sy_decay, tiny)
+        g_ref = root_l * f.g_mean if layer.spatial else f.g_mean
+        self._g_update(state, i, s_ema, y_ema, g_ref, flags)
+        a_bar = f.a_mean if self.hessian_action == "V2" else hessian_action_vector(f.a_mean[:-1], self.hessian_action)
         key = layer_key(i, "H_a")
         state[key], skipped = hessian_action_update(state[key], state[layer_key(i, "A")], self.sqrt_damping, a_bar,
                                                     self.skip_constant, inplace=True)
-        info["skipped_H_a"] = info["skipped_H_a"] + skipped.astype(int)
+        flags["skipped_H_a"].append(skipped)
 
-    def _count(self, info, powell, lm, skipped):
-        info["powell_damping"] = info["powell_damping"] + powell.astype(int)
-        info["lm_damping"] = info["lm_damping"] + lm.astype(int)
-        info["skipped_H_g"] = info["skipped_H_g"] + skipped.astype(int)
+    @staticmethod
+    def _count(flags, powell, lm, skipped):
+        flags["powell_damping"].append(powell)
+        flags["lm_damping"].append(lm)
+        flags["skipped_H_g"].append(skipped)
 
     # --- inspection -------------------------------------------------------------------------
     def g_side_inverse(self, state, i):
@@ -273,11 +331,11 @@ class KBFGS(_KroneckerQuasiNewton):
     def _symmetrize_g_side(self, state, i):
         state[layer_key(i, "H_g")] = symmetrize(state[layer_key(i, "H_g")])
 
-    def _g_update(self, state, i, s, y, g_ref, info):
+    def _g_update(self, state, i, s, y, g_ref, flags):
         key = layer_key(i, "H_g")
         s_d, y_d, powell, lm = self._damp(i, s, y, state[key])
         state[key], skipped = bfgs_inverse_update(state[key], s_d, y_d, g_ref, self.skip_constant, inplace=True)
-        self._count(info, powell, lm, skipped)
+        self._count(flags, powell, lm, skipped)
 
     def g_side_inverse(self, state, i):
         return state[layer_key(i, "H_g")]
@@ -302,18 +360,16 @@ class KBFGSL(_KroneckerQuasiNewton):
     def g_factor(self, state, i):
         return self._lbfgs(state, i)
 
-    def _g_update(self, state, i, s, y, g_ref, info):
-        xp = array_module(s, y)
+    def _g_update(self, state, i, s, y, g_ref, flags):
         op = self._lbfgs(state, i)
         s_d, y_d, powell, lm = self._damp(i, s, y, op)
-        ss = xp.dot(s_d, s_d)
-        sy = xp.dot(s_d, y_d)
         # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite;
-        # decided and applied on the device (no host sync)
-        store = (sy > self.skip_constant * ss * xp.sqrt(xp.dot(g_ref, g_ref))) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
+        # decided and applied on the device (no host sync): one reduction, one flag kernel
+        dots = inner_products((s_d, s_d), (s_d, y_d), (g_ref, g_ref))
+        store, skipped = _store_flag(dots[0], dots[1], dots[2], self.skip_constant)
         op.push(s_d, y_d, store)
         state.update(op.to_state(layer_key(i, "lbfgs/")))
-        self._count(info, powell, lm, ~store)
+        self._count(flags, powell, lm, skipped)
 
     def g_side_inverse(self, state, i):
         return self._lbfgs(state, i).dense()

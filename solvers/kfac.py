@@ -38,7 +38,10 @@ inverses as inverse factors, in the order (G_inv M^) A_inv (``block_order = "lef
 Host synchronisation: none in a step between inverse refreshes. The sampled targets are drawn on
 the host from the PCG64 generator kept in the state (``rng``: the reference code's stream, the same
 draws on NumPy and on a GPU, exactly resumable) and copied to the parameters' device by the loss
-(``sample_targets``): one host-to-device copy per step, which does not wait for the device. A
+(``sample_targets``): one host-to-device copy per step, which does not wait for the device. With
+``target_rng="device"`` the generator gives one 63-bit key per step instead and the targets are
+drawn on the device (``sample_targets_keyed``: SplitMix64 of (key, entry), the same numbers on
+NumPy and CuPy, exactly resumable, one fused kernel and no copy; not the reference stream). A
 refresh inverts the damped factors of all layers together with
 :func:`engine.curvature.kronecker.factor_inverses`, which checks them on the host in one sync.
 """
@@ -62,7 +65,6 @@ class KFAC(KroneckerSolver):
     name = "kfac"
     summary = "K-FAC with sampled-target Fisher, as in the K-BFGS paper's baseline"
     block_order = "left_first"  # (G_inv M^) A_inv
-    norm_of_scaled_step = False
     hyperparameters = {
         "lr": positive("learning rate alpha", 1.0),
         "damping": positive("damping lambda: sqrt(lambda) is added to A and to G", 3.0),
@@ -71,6 +73,10 @@ class KFAC(KroneckerSolver):
         "G_decay": unit_interval("EMA decay of G", 0.9),
         "inverse_freq": positive("recompute the damped factor inverses every this many iterations (and at k <= it)", 20, type=int),
         "seed": Hyper(9999, "seed of the generator that samples the Fisher targets", lambda v: v >= 0, ">= 0", int),
+        "target_rng": Hyper("host", "where the Fisher targets are drawn: 'host' (the PCG64 stream of the reference code, "
+                            "copied to the device every step) or 'device' (one key per step from that generator, the "
+                            "targets drawn on the device by a counter-based generator: no copy)",
+                            lambda v: v in ("host", "device"), "'host' or 'device'"),
         "flush_subnormals": Hyper(True, "flush subnormal entries of the EMA'd factors and of the momentum to zero (docs/kbfgs.md pitfall 19)"),
     }
 
@@ -95,7 +101,12 @@ class KFAC(KroneckerSolver):
 
     def _sampled_captures(self, params, fwd, rng):
         """Captures of the backward pass of the loss with targets sampled from the model."""
-        targets = self.model.loss_fn.sample_targets(fwd.out, self.model.parallel.generator(rng))
+        parallel = self.model.parallel  # data parallel: every rank draws the single-process targets of its rows
+        if self.target_rng == "device":
+            # one 63-bit key per draw from the state's generator (so a resumed run draws the same keys)
+            targets = self.model.loss_fn.sample_targets_keyed(fwd.out, int(rng.integers(0, 2 ** 63)), first_row=parallel.rows[0])
+        else:
+            targets = self.model.loss_fn.sample_targets(fwd.out, parallel.generator(rng))
         _, dout = self.model.loss_fn.value_and_grad(fwd.out, targets)
         return self.model.backward(params, fwd, dout, param_grads=False, capture=True).captures
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy
+
 from engine.backend import array_module
+from engine.fuse import fused
 from engine.curvature.kronecker import KroneckerBlockOperator, flush_subnormals_
 from engine.layers import KroneckerLayer
 
@@ -88,8 +91,6 @@ class KroneckerSolver(Solver):
     reference_draws_per_batch = 1
     #: the floating-point order of the step's block products (KroneckerBlockOperator ``order``)
     block_order: ClassVar[str] = "left_first"
-    #: ``step_norm`` from the step alpha P itself (K-BFGS), or alpha times the norm of P (K-FAC)
-    norm_of_scaled_step: ClassVar[bool] = True
 
     def __init__(self, model, **hyper):
         super().__init__(model, **hyper)
@@ -188,22 +189,15 @@ class KroneckerSolver(Solver):
 
     # --- the shared pieces of a step ------------------------------------------------------------
     def momentum_(self, state, grads):
-        """m <- rho m + (1 - rho) g in place (the gradient arrays, this step's own, are scaled in
-        place); returns (parameter-shaped views of m, ||g||^2 as a 0-d array)."""
+        """m <- rho m + (1 - rho) g in place, one fused pass over the flat vectors (with the periodic
+        subnormal flush); returns (parameter-shaped views of m, ||g||^2 as a 0-d array)."""
         m = state["m"]
         xp = array_module(m)
-        m_views = self.model.unflatten(m)
-        rho = self.momentum
-        grad_sq = 0
-        for mv, g in zip(m_views, grads):
-            gf = g.reshape(-1)
-            grad_sq = grad_sq + xp.dot(gf, gf)
-            mv *= rho
-            g *= 1 - rho
-            mv += g
-        if self.flush_subnormals and int(state["k"]) % FLUSH_EVERY == 0:
-            flush_subnormals_(m)  # entries of dead units decay into the subnormal range, as the factors' do
-        return m_views, grad_sq
+        g = self.model.as_flat(grads)
+        flush = self.flush_subnormals and int(state["k"]) % FLUSH_EVERY == 0
+        # entries of dead units decay into the subnormal range, as the factors' do
+        _momentum_(m, g, self.momentum, 1 - self.momentum, float(numpy.finfo(m.dtype).tiny) if flush else 0.0)
+        return self.model.unflatten(m), xp.dot(g, g)
 
     def step_operator(self, state) -> KroneckerBlockOperator:
         """The block operator whose ``solve`` is the step's preconditioner: per Kronecker layer the
@@ -228,23 +222,37 @@ class KroneckerSolver(Solver):
 
     def apply_step_(self, params, m_views, operator):
         """theta <- theta - alpha P on every block (P from ``operator.solve_blocks`` of the momentum)
-        and theta <- theta - alpha m elsewhere, in place; returns ||theta_new - theta|| (0-d)."""
+        and theta <- theta - alpha m elsewhere, in place; returns ||theta_new - theta|| (0-d).
+
+        The step alpha P is written into one flat vector (two fused copies per layer), so the update
+        and its norm are one operation each on the flat parameters.
+        """
         model = self.model
         xp = array_module(*params)
-        lr, scaled = self.lr, self.norm_of_scaled_step
-        step_sq = 0
+        lr = self.lr
+        step = xp.empty(model.n_params, dtype=params[0].dtype)
+        step_views = model.unflatten(step)
         for i, P in self.preconditioned_blocks(operator, m_views):
-            if scaled:
-                P *= lr
-            Pf = P.reshape(-1)
-            step_sq = step_sq + xp.dot(Pf, Pf)
-            if not scaled:
-                P *= lr
-            for p, dp in zip(model.layer_params(params, i), model.layers[i].from_matrix(P)):
-                p -= dp
+            for out, dp in zip(model.layer_params(step_views, i), model.layers[i].from_matrix(P)):
+                _scaled_copy_(out, dp, lr)
         for j in self.other_params:
-            params[j] -= lr * m_views[j]
-            mm = (m_views[j] * m_views[j]).sum()
-            step_sq = step_sq + (lr * lr * mm if scaled else mm)
-        norm = xp.sqrt(step_sq)
-        return norm if scaled else lr * norm
+            _scaled_copy_(step_views[j], m_views[j], lr)
+        theta = model.flat_buffer(params)
+        if theta is not None:
+            theta -= step
+        else:
+            for p, dp in zip(params, step_views):
+                p -= dp
+        return xp.sqrt(xp.dot(step, step))
+
+
+@fused
+def _momentum_(xp, m, g, rho, weight, threshold):
+    m *= rho
+    m += weight * g  # weight = 1 - rho from the host (see engine.curvature.kronecker._ema_)
+    m[...] = xp.where(xp.absolute(m) < threshold, 0, m)
+
+
+@fused
+def _scaled_copy_(xp, out, a, scale):
+    out[...] = scale * a

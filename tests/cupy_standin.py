@@ -43,7 +43,7 @@ try:
 except ImportError:  # run as a script
     import cupy_names as _names
 
-__all__ = ["make_modules", "install", "counters", "Counters"]
+__all__ = ["make_modules", "install", "counters", "Counters", "FusionError"]
 
 _HERE = os.path.abspath(__file__)
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
@@ -61,6 +61,7 @@ class Counters:
         self.ops = collections.Counter()
         self.syncs = collections.Counter()
         self.h2d = 0
+        self.h2d_bytes = 0
         self.d2h = 0
 
     @property
@@ -69,13 +70,14 @@ class Counters:
 
     def copy(self) -> Counters:
         c = Counters()
-        c.launches, c.h2d, c.d2h = self.launches, self.h2d, self.d2h
+        c.launches, c.h2d, c.d2h, c.h2d_bytes = self.launches, self.h2d, self.d2h, self.h2d_bytes
         c.ops, c.syncs = self.ops.copy(), self.syncs.copy()
         return c
 
     def __sub__(self, other: Counters) -> Counters:
         c = Counters()
         c.launches, c.h2d, c.d2h = self.launches - other.launches, self.h2d - other.h2d, self.d2h - other.d2h
+        c.h2d_bytes = self.h2d_bytes - other.h2d_bytes
         c.ops, c.syncs = self.ops - other.ops, self.syncs - other.syncs
         return c
 
@@ -87,12 +89,11 @@ counters = Counters()
 _local = threading.local()
 
 
-def _fused() -> bool:
-    return getattr(_local, "fused", 0) > 0
-
-
 def _launch(name: str) -> None:
-    if not _fused():
+    if getattr(_local, "fusion", None) is not None:
+        raise FusionError(f"cupy.fuse: {name} on a device array inside a fused function (only its arguments, "
+                          "as fused values, may be used)")
+    if True:
         counters.launches += 1
         counters.ops[name] += 1
 
@@ -275,6 +276,8 @@ class ndarray:
     T = property(lambda self: ndarray._of(self._a.T))
     mT = property(lambda self: ndarray._of(self._a.mT))
     device = property(lambda self: _cuda.Device(0))
+    #: ``cupy.cuda.MemoryPointer``'s ``ptr``: the address of the first element (views share the buffer)
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.__array_interface__["data"][0]))
 
     @property
     def real(self):
@@ -462,10 +465,13 @@ _DEVICE_BOOL = {"allclose", "array_equal", "array_equiv"}
 
 def _make_function(name, fn):
     def wrapper(*args, **kwargs):
+        if _fusion_state() is not None:
+            return _fused_call(name, fn, args, kwargs)
         out_given = kwargs.get("out")
         if name in _FROM_HOST:
             if not (args and type(args[0]) is ndarray):
                 counters.h2d += 1
+                counters.h2d_bytes += int(numpy.asarray(args[0]).nbytes) if args else 0
             res = fn(*_unwrap(args, host_ok=True), **_unwrap_kwargs(kwargs, host_ok=True))
             if not (args and type(args[0]) is ndarray and res is args[0]._a):
                 _launch(name)
@@ -510,19 +516,234 @@ def _get_array_module(*args):
     return numpy
 
 
+# --- cupy.fuse, strict: only what CuPy's kernel fusion accepts -----------------------------------
+#: non-ufunc functions CuPy routes into a fused kernel (cupy/_core/fusion.pyx ``_call_ufunc`` callers)
+_FUSE_FUNCTIONS = {"where", "real", "imag", "clip", "copy", "around", "round"}
+#: reductions a fused kernel may end with (``_call_reduction``): one per kernel, keyword ``axis`` only
+_FUSE_REDUCTIONS = {"sum", "prod", "amax", "amin", "max", "min"}
+#: NumPy ufuncs that are not elementwise CuPy ufuncs (generalised ufuncs, no CuPy counterpart)
+_NOT_FUSABLE_UFUNCS = {"matmul", "vecdot", "matvec", "vecmat", "isnat", "spacing", "frexp", "modf", "divmod"}
+
+
+class FusionError(TypeError):
+    """What ``cupy.fuse`` refuses (raised where CuPy would fail to trace the function as one kernel)."""
+
+
+class _FusionVar:
+    """A variable of a function being fused: CuPy's ``_FusionVarArray``/``_FusionVarScalar``.
+
+    It has ``dtype``, ``ndim``, the arithmetic and comparison operators (ufuncs), the in-place
+    operators (writes into an argument array), ``x[...] = v``, ``astype`` and ``copy``: nothing else
+    (no ``shape``, ``.real``, ``.T``, indexing, methods such as ``sum``, no ``abs()``, no ``bool()``).
+    ``post`` marks a value computed after the kernel's reduction.
+    """
+
+    __slots__ = ("_v", "_post", "_writable", "_const")
+
+    def __init__(self, value, post=False, writable=False, const=False):
+        self._v, self._post, self._writable, self._const = value, post, writable, const
+
+    dtype = property(lambda self: numpy.asarray(self._v).dtype)
+    ndim = property(lambda self: numpy.ndim(self._v))
+
+    __array_ufunc__ = None  # NumPy scalars defer to the reflected operators
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise FusionError(f"cupy.fuse: a fused value has no attribute {name!r} (CuPy's fusion variables have dtype, "
+                          "ndim, the operators, astype and copy; use cupy.real(x), or pass x.real as an argument)")
+
+    def __bool__(self):
+        raise FusionError("cupy.fuse: a fused value cannot be used as a Python bool (branch with where)")
+
+    def __index__(self):
+        raise FusionError("cupy.fuse: a fused value cannot be used as a Python int")
+
+    __float__ = __int__ = __complex__ = __len__ = __iter__ = __index__
+
+    def __getitem__(self, key):
+        raise FusionError("cupy.fuse: indexing inside a fused function is not supported (pass the view as an argument)")
+
+    def __setitem__(self, key, value):
+        if not (key is Ellipsis or key == slice(None)):
+            raise FusionError("cupy.fuse supports only x[...] = v or x[:] = v")
+        _fusion_inplace(self, "copyto", value)
+
+    def astype(self, dtype, order=None, casting=None, subok=None, copy=True):
+        if order is not None or casting is not None or subok is not None:
+            raise FusionError("cupy.fuse: astype takes only the dtype")
+        return _fusion_apply("astype", lambda a: numpy.asarray(a).astype(dtype), (self,))
+
+    def copy(self):
+        return _fusion_apply("copy", numpy.copy, (self,))
+
+    def __repr__(self):
+        return f"<fusion variable {self.dtype} {self.ndim}-d>"
+
+
+def _fusion_operand(x):
+    if isinstance(x, _FusionVar):
+        return x
+    if type(x) is ndarray or isinstance(x, numpy.ndarray):
+        raise FusionError("cupy.fuse: an array used inside a fused function must be one of its arguments "
+                          f"(got a {type(x).__name__} from outside)")
+    if isinstance(x, (bool, int, float, complex, numpy.generic)):
+        return _FusionVar(x, const=True)
+    raise FusionError(f"cupy.fuse: unsupported operand type {type(x).__name__}")
+
+
+def _fusion_apply(name, fn, args, kwargs=None):
+    """An elementwise operation on fused values (one more step of the kernel being traced)."""
+    vs = [_fusion_operand(a) for a in args]
+    posts = {v._post for v in vs if not v._const}
+    if len(posts) > 1:
+        raise FusionError(f"cupy.fuse: {name} mixes values from before and after the reduction (CuPy: 'Shape mismatch')")
+    with numpy.errstate(all="ignore"):
+        out = fn(*[v._v for v in vs], **(kwargs or {}))
+    if isinstance(out, tuple):
+        return tuple(_FusionVar(o, post=bool(posts and posts.pop())) for o in out)
+    return _FusionVar(out, post=bool(posts and posts.pop()))
+
+
+def _fusion_inplace(target, name, value):
+    if not target._writable:
+        raise FusionError("cupy.fuse: in-place operations write only into array arguments of an elementwise fused kernel")
+    v = _fusion_operand(value)
+    _fusion_state()["wrote"] = True
+    if not v._const and v._post != target._post:
+        raise FusionError("cupy.fuse: in-place operation mixes values from before and after the reduction")
+    with numpy.errstate(all="ignore"):
+        if name == "copyto":
+            numpy.copyto(target._v, v._v, casting="same_kind")
+        else:
+            getattr(numpy, name)(target._v, v._v, out=target._v, casting="same_kind")
+    return target
+
+
+def _fusion_binary(ufunc, reflected=False, inplace=False):
+    def op(self, other):
+        if inplace:
+            return _fusion_inplace(self, ufunc, other)
+        fn = getattr(numpy, ufunc)
+        return _fusion_apply(ufunc, (lambda a, b: fn(b, a)) if reflected else fn, (self, other))
+    return op
+
+
+for _dunder, _uf in {"add": "add", "sub": "subtract", "mul": "multiply", "truediv": "true_divide",
+                     "floordiv": "floor_divide", "mod": "remainder", "pow": "power",
+                     "and": "bitwise_and", "or": "bitwise_or", "xor": "bitwise_xor",
+                     "lshift": "left_shift", "rshift": "right_shift"}.items():
+    setattr(_FusionVar, f"__{_dunder}__", _fusion_binary(_uf))
+    setattr(_FusionVar, f"__r{_dunder}__", _fusion_binary(_uf, reflected=True))
+    setattr(_FusionVar, f"__i{_dunder}__", _fusion_binary(_uf, inplace=True))
+for _dunder, _uf in {"eq": "equal", "ne": "not_equal", "lt": "less", "le": "less_equal",
+                     "gt": "greater", "ge": "greater_equal"}.items():
+    setattr(_FusionVar, f"__{_dunder}__", _fusion_binary(_uf))
+_FusionVar.__neg__ = lambda self: _fusion_apply("negative", numpy.negative, (self,))
+_FusionVar.__pos__ = lambda self: _fusion_apply("positive", numpy.positive, (self,))
+_FusionVar.__invert__ = lambda self: _fusion_apply("invert", numpy.invert, (self,))
+_FusionVar.__hash__ = None
+
+
+def _fusion_state():
+    return getattr(_local, "fusion", None)
+
+
+def _fused_call(name, fn, args, kwargs):
+    """A module function called inside a fused function: a ufunc, where/real/imag/..., or the one reduction."""
+    state = _fusion_state()
+    if name in _FUSE_REDUCTIONS:
+        if len(args) != 1 or set(kwargs) - {"axis"}:
+            raise FusionError(f"cupy.fuse: {name}() takes one array and the keyword axis only (got {sorted(kwargs)})")
+        v = _fusion_operand(args[0])
+        if v._post or state["reduced"]:
+            raise FusionError("cupy.fuse: multiple reductions in one fused kernel are not supported")
+        if state["wrote"]:
+            raise FusionError("cupy.fuse: a fused reduction cannot also write into its arguments in place")
+        state["reduced"] = True
+        with numpy.errstate(all="ignore"):
+            return _FusionVar(fn(v._v, **kwargs), post=True)
+    is_ufunc = isinstance(getattr(numpy, name, None), numpy.ufunc) and name not in _NOT_FUSABLE_UFUNCS
+    if not (is_ufunc or name in _FUSE_FUNCTIONS) or (name == "where" and len(args) != 3):
+        raise FusionError(f"cupy.fuse cannot fuse cupy.{name}: only ufuncs, where, real/imag, clip, copy, around "
+                          "and one final reduction (sum, prod, amax, amin) go into a fused kernel")
+    out = kwargs.pop("out", None)
+    if set(kwargs) - ({"dtype"} if name == "copy" else set()):
+        raise FusionError(f"cupy.fuse: {name}() keyword arguments {sorted(kwargs)} are not supported inside a fused kernel")
+    if out is not None:
+        state["wrote"] = True
+        if not isinstance(out, _FusionVar):
+            raise FusionError("cupy.fuse: out= must be a fused array")
+        res = _fusion_apply(name, fn, args)
+        return _fusion_inplace(out, "copyto", res)
+    return _fusion_apply(name, fn, args)
+
+
 def _fuse(*args, **kwargs):
-    """``cupy.fuse``: the body runs as one launch (its operations are not counted separately)."""
+    """``cupy.fuse``, strict: the body is traced on :class:`_FusionVar` values (so anything CuPy's
+    fusion refuses raises :class:`FusionError`) and runs as one launch.
+
+    Arguments: device arrays (0-d included), NumPy scalars, Python scalars, None. Elementwise
+    kernels return arrays of the broadcast shape of all array arguments (as an ElementwiseKernel);
+    a kernel with a reduction returns the reduced values. In-place writes go into array arguments.
+    """
+    kernel_name = kwargs.pop("kernel_name", None)
+    if kwargs:
+        raise TypeError(f"fuse() got unexpected keyword arguments {sorted(kwargs)}")
+
     def decorate(f):
+        name = kernel_name or f.__name__
+
         @functools.wraps(f)
-        def fused(*a, **k):
-            _launch(f"fuse:{f.__name__}")
-            _local.fused = getattr(_local, "fused", 0) + 1
+        def fused(*a):
+            if _fusion_state() is not None:  # a fused function called from a fused function: inlined
+                return f(*a)
+            arrays = [x for x in a if type(x) is ndarray]
+            if not arrays:
+                return f(*a)  # no device array: CuPy calls the plain function
+            for x in a:
+                if isinstance(x, numpy.ndarray):
+                    raise TypeError(f"Invalid argument type for '{name}': host numpy.ndarray")
+                if not (type(x) is ndarray or x is None or isinstance(x, (bool, int, float, complex, numpy.generic))):
+                    raise TypeError(f"Invalid argument type for '{name}': {type(x).__name__}")
+            _launch(f"fuse:{name}")
+            _local.fusion = {"reduced": False, "wrote": False}
             try:
-                return f(*a, **k)
+                # arrays and scalars alike are the kernel's parameters: values from before its reduction
+                vs = [_FusionVar(x._a, writable=True) if type(x) is ndarray else None if x is None else _FusionVar(x)
+                      for x in a]
+                # in-place writes into a 0-d argument broadcast against larger ones are refused by CuPy
+                res = f(*vs)
+                reduced = _local.fusion["reduced"]
+                if reduced and _local.fusion["wrote"]:
+                    raise FusionError("cupy.fuse: a fused reduction cannot also write into its arguments in place")
             finally:
-                _local.fused -= 1
+                _local.fusion = None
+            shape = numpy.broadcast_shapes(*[x.shape for x in arrays])
+            outs = res if isinstance(res, tuple) else (res,)
+            if res is None:
+                return None
+            wrapped = []
+            for o in outs:
+                if o is None:
+                    wrapped.append(None)
+                    continue
+                if not isinstance(o, _FusionVar):
+                    if isinstance(o, (bool, int, float, complex, numpy.generic)):
+                        o = _FusionVar(o, post=reduced)
+                    else:
+                        raise FusionError(f"cupy.fuse: a fused function cannot return {type(o).__name__}")
+                value = numpy.asarray(o._v)
+                if not reduced:  # an ElementwiseKernel: every output has the broadcast shape of the arguments
+                    value = numpy.array(numpy.broadcast_to(value, shape), order="C")  # a fresh C-contiguous array
+                elif not o._post:
+                    raise FusionError("cupy.fuse: with a reduction, every output must come after it")
+                wrapped.append(ndarray._of(numpy.array(value, order="C")))
+            return tuple(wrapped) if isinstance(res, tuple) else wrapped[0]
+        fused._standin_fused = f
         return fused
-    if len(args) == 1 and callable(args[0]) and not kwargs:
+    if len(args) == 1 and callable(args[0]) and kernel_name is None:
         return decorate(args[0])
     return decorate
 
@@ -817,12 +1038,14 @@ def _cuda_module():
     runtime.runtimeGetVersion = lambda: 12000
     runtime.driverGetVersion = lambda: 12000
     runtime.deviceSynchronize = lambda: _Device().synchronize()
+    runtime.memGetInfo = lambda: (64 << 30, 80 << 30)  # (free, total) bytes of a pretend 80 GB device
     runtime.is_hip = False
     cuda.runtime = runtime
     cuda.Device = _Device
     cuda.Stream = _Stream
     cuda.Event = _Event
     cuda.get_elapsed_time = _get_elapsed_time
+    cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1, Device=_Device)
     stream = _Stream()
     cuda.get_current_stream = lambda: stream
     cuda.is_available = lambda: True
@@ -830,6 +1053,47 @@ def _cuda_module():
 
 
 _cuda = types.SimpleNamespace(Device=_Device)
+
+
+# --- GEMM math mode: CuPy's compute types and the cuBLAS handle's math mode -------------------------
+_COMPUTE_TYPES = ("COMPUTE_TYPE_TBD", "COMPUTE_TYPE_DEFAULT", "COMPUTE_TYPE_PEDANTIC", "COMPUTE_TYPE_FP16",
+                  "COMPUTE_TYPE_FP32", "COMPUTE_TYPE_FP64", "COMPUTE_TYPE_BF16", "COMPUTE_TYPE_TF32")
+#: per dtype index (float16, float32/complex64, float64/complex128), as cupy._core._routines_linalg keeps it
+gemm_state = {"compute_types": [0, 0, 0], "math_mode": 0}
+
+
+def _linalg_internals():
+    mod = types.ModuleType("cupy._core._routines_linalg")
+
+    def index(dtype):
+        char = numpy.dtype(dtype).char
+        return {"e": 0, "f": 1, "F": 1, "d": 2, "D": 2}[char]
+
+    def get_compute_type(dtype):  # as CuPy: TBD resolves from CUPY_TF32 on first use
+        i = index(dtype)
+        if gemm_state["compute_types"][i] == 0:
+            tf32 = numpy.dtype(dtype).char in "fF" and int(os.getenv("CUPY_TF32", "0")) > 0
+            gemm_state["compute_types"][i] = 7 if tf32 else 1
+        return gemm_state["compute_types"][i]
+
+    def set_compute_type(dtype, compute_type):
+        if compute_type not in range(len(_COMPUTE_TYPES)):
+            raise ValueError(f"Unknown compute type: {compute_type}")
+        gemm_state["compute_types"][index(dtype)] = compute_type
+
+    mod.get_compute_type, mod.set_compute_type = get_compute_type, set_compute_type
+    mod.compute_type_to_str = lambda t: _COMPUTE_TYPES[t] if t in range(len(_COMPUTE_TYPES)) else t
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = mod
+    return core
+
+
+def _cublas_module():
+    mod = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    mod.CUBLAS_DEFAULT_MATH, mod.CUBLAS_TENSOR_OP_MATH, mod.CUBLAS_PEDANTIC_MATH, mod.CUBLAS_TF32_TENSOR_OP_MATH = 0, 1, 2, 3
+    mod.setMathMode = lambda handle, mode: gemm_state.__setitem__("math_mode", int(mode))
+    mod.getMathMode = lambda handle: gemm_state["math_mode"]
+    return mod
 
 
 # --- assembly -----------------------------------------------------------------------------------
@@ -845,6 +1109,7 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType]:
         if value is not None or name == "newaxis":
             setattr(mod, name, value)
     mod.cuda = _cuda_module()
+    mod._core = _linalg_internals()
     linalg = types.ModuleType("cupy.linalg")
     for name in _names.LINALG:
         if name == "LinAlgError":
@@ -878,6 +1143,7 @@ def make_modules() -> tuple[types.ModuleType, types.ModuleType]:
 
 
 _MODULE, _CUPYX = make_modules()
+_CUBLAS = _cublas_module()
 
 
 def install() -> types.ModuleType:
@@ -891,6 +1157,12 @@ def install() -> types.ModuleType:
     sys.modules["cupy.cuda"] = _MODULE.cuda
     sys.modules["cupy.lib"] = _MODULE.lib
     sys.modules["cupy.lib.stride_tricks"] = _MODULE.lib.stride_tricks
+    sys.modules["cupy._core"] = _MODULE._core
+    sys.modules["cupy._core._routines_linalg"] = _MODULE._core._routines_linalg
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["cupy_backends.cuda.libs.cublas"] = _CUBLAS
+    sys.modules["cupy_backends.cuda.libs"].cublas = _CUBLAS
     sys.modules["cupyx"] = _CUPYX
     sys.modules["cupyx.scipy"] = _CUPYX.scipy
     sys.modules["cupyx.scipy.linalg"] = _CUPYX.scipy.linalg

@@ -166,3 +166,75 @@ def test_every_array_module_name_the_code_uses_exists_in_cupy():
                 if not ok:
                     missing.append(f"{path.relative_to(REPO)}: xp.{'.'.join(chain)}")
     assert not missing, "not in CuPy " + cupy_names.CUPY_VERSION + ": " + ", ".join(sorted(missing))
+
+
+# --- cupy.fuse, strict ------------------------------------------------------------------------------
+_REFUSED_IN_FUSE = {
+    "the .real attribute": lambda cp: lambda x: x.real,
+    "a method (sum)": lambda cp: lambda x: x.sum(),
+    "indexing": lambda cp: lambda x: x[0],
+    "a GEMM": lambda cp: lambda x: cp.dot(x, x),
+    "a non-ufunc routine": lambda cp: lambda x: cp.concatenate([x, x]),
+    "two reductions": lambda cp: lambda x: cp.sum(cp.amax(x, axis=0)),
+    "mixing values from before and after the reduction": lambda cp: lambda x: cp.sum(x) + x,
+    "a reduction keyword CuPy drops (keepdims)": lambda cp: lambda x: cp.sum(x, axis=0, keepdims=True),
+    "a Python branch on a value": lambda cp: lambda x: x if x > 0 else -x,
+    "abs() (no __abs__ on fusion variables)": lambda cp: lambda x: abs(x),
+    "an array from outside the arguments": lambda cp: (lambda outside: lambda x: x + outside)(cp.ones(3)),
+    "a scalar argument after the reduction (CuPy: 'Shape mismatch')": lambda cp: None,
+}
+
+
+@pytest.mark.parametrize("what", sorted(_REFUSED_IN_FUSE))
+def test_fuse_refuses_what_cupy_fusion_refuses(cp, what):
+    if what.startswith("a scalar argument"):
+        def body(x, n):
+            return cp.sum(x) / n
+        with pytest.raises(TypeError):
+            cp.fuse(body)(cp.ones(3), 2.0)
+        return
+    body = _REFUSED_IN_FUSE[what](cp)
+    with pytest.raises(TypeError):
+        cp.fuse(body)(cp.asarray(numpy.arange(6.0).reshape(2, 3)))
+
+
+def test_fuse_runs_what_cupy_fusion_accepts_as_one_launch(cp):
+    x = cp.asarray(numpy.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]]))
+    z = (x + 0.5j).astype(numpy.complex128)
+
+    @cp.fuse(kernel_name="mixed")
+    def mixed(x, z, zr, a):
+        mask = zr > 0
+        return cp.where(mask, z, 0) * a, mask, cp.exp(-x) + cp.real(z)
+
+    before = cp.counters.launches
+    y, mask, e = mixed(x, z, z.real, 2.0)
+    assert cp.counters.launches - before == 1 and cp.counters.ops["fuse:mixed"] >= 1
+    numpy.testing.assert_array_equal(y.get(), numpy.where(x.get() > 0, 2 * z.get(), 0))
+    numpy.testing.assert_array_equal(e.get(), numpy.exp(-x.get()) + x.get())
+
+    @cp.fuse
+    def inplace_then_nothing(a, b, w):
+        a *= w
+        a += b
+    a = cp.ones((2, 3))
+    inplace_then_nothing(a, x, 0.5)
+    numpy.testing.assert_array_equal(a.get(), 0.5 + x.get())
+
+    @cp.fuse
+    def map_reduce_then_map(v, n):
+        return cp.sqrt(cp.sum(v * v / n, axis=1)) * 2  # a literal may follow the reduction, an argument may not
+    numpy.testing.assert_allclose(map_reduce_then_map(x, 2.0).get(), numpy.sqrt((x.get() ** 2 / 2).sum(axis=1)) * 2)
+
+
+def test_fuse_outputs_have_the_broadcast_shape_of_all_arguments(cp):
+    """An ElementwiseKernel's outputs take the shape of all its array arguments together: a result
+    computed from 0-d arguments only comes back full-size when a vector is also passed."""
+    v, c = cp.ones(4), cp.asarray(numpy.float64(3.0))
+
+    @cp.fuse
+    def scalar_part(c, v):
+        return c * 2
+
+    assert scalar_part(c, v).shape == (4,)
+    assert scalar_part(c, c).shape == ()

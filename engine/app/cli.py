@@ -103,8 +103,8 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                    help=f"number of epochs (default {DEFAULT_EPOCHS}; "
                         f"{', '.join(f'{n} {e}' for n, e in PRESET_EPOCHS.items())}; unlimited when --max-time is given)")
     t.add_argument("--max-time", type=positive_float, default=None, metavar="SECONDS",
-                   help="training CPU-time budget in seconds (process time, excluding evaluation and warm start), "
-                        "checked at epoch ends as the reference code does")
+                   help="training time budget in seconds (process CPU time on NumPy, device time by CUDA events on CuPy; "
+                        "excluding evaluation and warm start), checked at epoch ends as the reference code does")
     t.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                    help=f"minibatch size (default {DEFAULT_BATCH_SIZE}, the reference protocol's; "
                         f"{', '.join(f'{n} {b}' for n, b in PRESET_BATCH_SIZES.items())}); "

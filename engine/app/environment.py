@@ -10,7 +10,7 @@ import sys
 import numpy
 
 from .. import __version__
-from ..backend import backend_name, get_xp
+from ..backend import GEMM_MATH, backend_name, get_xp
 
 
 def _version(module: str) -> str:
@@ -68,6 +68,7 @@ def environment_info() -> dict:
     }
     if xp.__name__ == "cupy":
         env["cupy"] = xp.__version__
+        env.update(GEMM_MATH)  # the GEMM math mode engine.backend pinned (no TF32, no 3M)
         try:
             props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
             name = props["name"]

@@ -8,7 +8,8 @@ A run file is an ordinary HDF5 file, readable with plain ``h5py``::
     /config/hyperparameters attrs: the solver's hyper-parameters by their paper names
     /environment            attrs (engine.app.environment): cstep/python/numpy/scipy/h5py/cupy versions, host, platform,
                             backend, device name, CPU count
-    /progress               attrs: iteration, epoch, warm_started, cpu_time, wall_time, status,
+    /progress               attrs: iteration, epoch, warm_started, cpu_time, wall_time, clock (what
+                            cpu_time counts: process_time, or cuda_events on CuPy), status,
                             checkpoints (how many were written), checkpoint_time (UTC)
     /params/pNNN            one dataset per parameter, in model order (attrs: layer, layer_type)
     /solver_state/<key>     one dataset per state field (keys with '/' become sub-groups); scalars

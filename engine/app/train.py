@@ -79,6 +79,42 @@ def _scalar(v):
     return v
 
 
+PROCESS_TIME = "process_time"
+CUDA_EVENTS = "cuda_events"
+
+
+class _StepClock:
+    """The time of one step: the process's CPU time (NumPy) or the device time between two CUDA
+    events (CuPy; read after the iteration's one host sync, which the stop event precedes, so it
+    adds none), and the wall time."""
+
+    def __init__(self, xp, kind: str):
+        self.kind, self.xp = kind, xp
+        self.w0 = time.perf_counter()
+        if kind == CUDA_EVENTS:
+            self.start, self.end = xp.cuda.Event(), xp.cuda.Event()
+            self.start.record()
+        else:
+            self.c0 = time.process_time()
+
+    def stop(self) -> None:
+        if self.kind == CUDA_EVENTS:
+            self.end.record()
+        else:
+            self.c1 = time.process_time()
+
+    def seconds(self) -> tuple[float, float]:
+        wall = time.perf_counter() - self.w0
+        if self.kind == CUDA_EVENTS:
+            return self.xp.cuda.get_elapsed_time(self.start, self.end) / 1e3, wall
+        return self.c1 - self.c0, wall
+
+
+#: the training set is kept on the device when it needs at most this fraction of the device's free
+#: memory when the trainer is built (batches are then gathered there; only their indices travel)
+DEVICE_DATA_FRACTION = 0.25
+
+
 def host_scalars(info: dict) -> dict:
     """``info`` with every value a host Python scalar, in ONE device-to-host transfer.
 
@@ -156,12 +192,17 @@ class Trainer:
         self.eval_chunk = int(eval_chunk)
         self.xp = xp or get_xp()
         self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp, init=init)
+        #: the training set on the device (x, y) when it fits (DEVICE_DATA_FRACTION), else None
+        self.device_data = self._device_training_set()
         self.solver_state = solver.init(self.params)
         self.history = History()
         self.iteration = 0
         self.epoch = 0
         self.cpu_time = 0.0
         self.wall_time = 0.0
+        #: what ``cpu_time`` (the ``max_time`` budget) counts: the device's time between two CUDA events
+        #: around each step on CuPy, the process's CPU time on NumPy (stated in the run file's progress)
+        self.clock = CUDA_EVENTS if self.xp is not numpy else PROCESS_TIME
         self.warm_started = not solver.needs_warm_start
 
     # --- state for run files ---------------------------------------------------------------
@@ -191,7 +232,7 @@ class Trainer:
                         "probes": {k: list(v) for k, v in self.history.probes.items()},
                         "epochs": {k: list(v) for k, v in self.history.epochs.items()}},
             "progress": {"iteration": self.iteration, "epoch": self.epoch, "warm_started": self.warm_started,
-                         "cpu_time": self.cpu_time, "wall_time": self.wall_time},
+                         "cpu_time": self.cpu_time, "wall_time": self.wall_time, "clock": self.clock},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -223,13 +264,37 @@ class Trainer:
         self.warm_started = bool(prog["warm_started"])
         self.cpu_time = float(prog["cpu_time"])
         self.wall_time = float(prog["wall_time"])
+        saved_clock = prog.get("clock", PROCESS_TIME)  # run files before the device clock: process time
+        if saved_clock != self.clock:
+            raise ValueError(f"the run's time budget was counted with {saved_clock} but this trainer counts {self.clock}; "
+                             "resume it on the backend it ran on")
 
     # --- data ---------------------------------------------------------------------------
+    def _device_training_set(self):
+        """The training set on the device, or None: copied once when it takes at most
+        :data:`DEVICE_DATA_FRACTION` of the device's free memory (inputs in the run's dtype)."""
+        if self.xp is numpy:
+            return None
+        x, y = self.dataset.x_train, self.dataset.y_train
+        nbytes = x.size * self.dtype.itemsize + (0 if y is None else y.size * numpy.dtype(_target_dtype(y, self.dtype)).itemsize)
+        free, _ = self.xp.cuda.runtime.memGetInfo()
+        if nbytes > DEVICE_DATA_FRACTION * free:
+            return None
+        xd = to_device(x, self.xp, dtype=self.dtype)
+        return xd, (None if y is None else to_device(y, self.xp, dtype=_target_dtype(y, self.dtype)))
+
     def _batch(self, idx):
-        """``(x[idx], y[idx])`` gathered on the host and copied to the device once each (inputs cast
-        to the run's dtype, labels keep theirs); an autoencoder's target is the same array as its input.
-        In a data-parallel run only this rank's rows of the global batch are gathered (engine/parallel.py)."""
+        """``(x[idx], y[idx])`` on the parameters' module (inputs cast to the run's dtype, labels keep
+        theirs); an autoencoder's target is the same array as its input. With the training set on the
+        device the batch is gathered there (only the indices travel); otherwise it is gathered on the
+        host and copied once. In a data-parallel run only this rank's rows of the global batch are
+        taken (engine/parallel.py)."""
         idx = idx[self.model.parallel.shard(len(idx))]
+        if self.device_data is not None:
+            xd, yd = self.device_data
+            ix = to_device(numpy.asarray(idx, dtype=numpy.int64), self.xp)
+            xb = xd[ix]
+            return xb, (xb if yd is None else yd[ix])
         xb = to_device(self.dataset.x_train[idx], self.xp, dtype=self.dtype)
         y = self.dataset.y_train
         return xb, (xb if y is None else to_device(y[idx], self.xp, dtype=_target_dtype(y, self.dtype)))
@@ -255,7 +320,8 @@ class Trainer:
     def run(self, epochs: int | None = None, max_time: float | None = None,
             on_step: Callable[[Trainer, dict], None] | None = None,
             on_epoch: Callable[[Trainer, dict], None] | None = None) -> History:
-        """Train until ``epochs`` epochs in total are done or ``max_time`` CPU seconds are spent.
+        """Train until ``epochs`` epochs in total are done or ``max_time`` seconds of :attr:`clock` are spent
+        (CPU seconds on NumPy, device seconds on CuPy).
 
         The time budget is checked at epoch boundaries, as in the reference code.
         """
@@ -274,14 +340,16 @@ class Trainer:
             start_it = self.iteration - self.epoch * per_epoch
             for _ in range(start_it, per_epoch):
                 x, y = self._batch(self.iterator.next_indices())
-                c0, w0, b0 = time.process_time(), time.perf_counter(), comm.bytes
+                clock, b0 = _StepClock(self.xp, self.clock), comm.bytes
                 self.params, self.solver_state, info = self.solver.step(self.params, self.solver_state, x, y)
+                clock.stop()
                 # the one host sync per iteration: it also waits for the step, so the clocks are honest
                 row = host_scalars(info)
                 if comm.size > 1:
                     row["comm_bytes"] = comm.bytes - b0  # what this rank sent in the step's collectives
-                self.cpu_time += time.process_time() - c0
-                self.wall_time += time.perf_counter() - w0
+                cpu, wall = clock.seconds()
+                self.cpu_time += cpu
+                self.wall_time += wall
                 self.iteration += 1
                 row = {"iteration": self.iteration, **row}
                 self.history.add_step(row)

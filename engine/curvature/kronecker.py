@@ -55,10 +55,11 @@ import numpy
 from ..backend import array_module
 from .base import CurvatureOperator
 from .inverse import factor_inverse, factor_inverses, symmetry_flag
-from .kernels import scaled_ema_
+from ..fuse import device_ones, fused
+from .kernels import flush_below_, scaled_ema_
 
 __all__ = ["homogeneous", "KronFactors", "kron_factors", "ema_", "ema_homogeneous_second_moment_", "flush_subnormals_",
-           "row_means", "secant_pair", "KroneckerBlockOperator", "BLOCK_ORDERS", "block_product", "factor_inverse", "factor_inverses"]
+           "row_means", "secant_means", "column_mean", "homogeneous_mean", "secant_pair", "KroneckerBlockOperator", "BLOCK_ORDERS", "block_product", "factor_inverse", "factor_inverses"]
 
 
 def homogeneous(a):
@@ -109,7 +110,7 @@ def kron_factors(captures, which=("A", "G", "means")) -> list[KronFactors]:
         n = c.a.shape[0]
         a_mean = None
         if "A" in which or means or "a_mean" in which:
-            a_mean = c.a.sum(axis=0) / n
+            a_mean = column_mean(c.a)
         if "A" in which:
             d = c.a.shape[1]
             A = xp.empty((d + 1, d + 1), dtype=c.a.dtype)
@@ -127,40 +128,47 @@ def kron_factors(captures, which=("A", "G", "means")) -> list[KronFactors]:
         if means or "a_mean" in which:
             f.a_mean = xp.concatenate([a_mean, xp.ones(1, dtype=a_mean.dtype)])
         if means or "z_mean" in which:
-            f.z_mean = c.z.sum(axis=0) / n
+            f.z_mean = column_mean(c.z)
         if means or "g_mean" in which:
-            f.g_mean = c.g.sum(axis=0) / n
+            f.g_mean = column_mean(c.g)
         out.append(f)
     return out
 
 
 # --- factor updates -------------------------------------------------------------------------
-def ema_(target, new, decay: float):
-    """target <- decay target + (1 - decay) new, in place (returns ``target``)."""
+@fused
+def _ema_(xp, target, new, decay, weight, threshold):
+    # weight = 1 - decay, computed on the host: an operation between two scalar arguments would be
+    # a float64 value inside a CuPy fused kernel, and promote a float32 update
     target *= decay
-    target += (1 - decay) * new
+    target += weight * new
+    target[...] = xp.where(xp.absolute(target) < threshold, 0, target)
+
+
+def ema_(target, new, decay: float, flush: bool = False):
+    """target <- decay target + (1 - decay) new, in place (returns ``target``); with ``flush``
+    also the subnormal flush of :func:`flush_subnormals_`, in the same pass (one kernel on a device)."""
+    _ema_(target, new, decay, 1 - decay, float(numpy.finfo(target.dtype).tiny) if flush else 0.0)
     return target
 
 
-def ema_homogeneous_second_moment_(A, a, decay: float, a_mean=None):
+def ema_homogeneous_second_moment_(A, a, decay: float, a_bar=None):
     """A <- decay A + (1 - decay) (1/N) a~^T a~ in place, a~ = [a, 1] (N x (d+1)).
 
     The same statistic as ``kron_factors(..., which="A")``, fused with the EMA so that no
     (d+1)^2 batch matrix is assembled: a^T a goes through SYRK (NumPy uses it for ``a.T @ a``),
-    the ones column contributes the column means (``a_mean`` when the caller has them) and 1.
-    Exactly symmetric.
+    the ones column contributes the homogeneous column mean ``a_bar`` = [mean a, 1] (computed
+    when not given). Exactly symmetric: the last row is a copy of the last column. Four launches
+    on a device (the product, the block EMA, the column EMA, the row copy).
     """
     n, d = a.shape  # n counts rows: N examples (Dense) or N L (example, location) pairs (Conv2d)
     w = (1 - decay) / n
     aa = a.T @ a
-    scaled_ema_(A[:d, :d], aa, decay, w)  # one fused pass on NumPy
-    A[:d, d] *= decay
-    A[d, :d] *= decay
-    A[d, d] *= decay
-    col = (1 - decay) * a_mean if a_mean is not None else a.sum(axis=0) * w
-    A[:d, d] += col
-    A[d, :d] += col
-    A[d, d] += 1 - decay
+    scaled_ema_(A[:d, :d], aa, decay, w)  # one fused pass
+    if a_bar is None:
+        a_bar = homogeneous_mean(a)
+    _ema_(A[:, d], a_bar, decay, 1 - decay, 0.0)  # the last column, corner included: decay A + (1 - decay) [mean a, 1]
+    A[d, :d] = A[:d, d]
     return A
 
 
@@ -171,10 +179,25 @@ def flush_subnormals_(a):
     drift into the subnormal range, where x86 arithmetic is many times slower; the official
     K-FAC doubles its epoch time on CPU after epoch 11 because of it.
     """
+    return flush_below_(a, float(numpy.finfo(a.dtype).tiny))
+
+
+@fused
+def _column_sum(xp, a, scale, divisor):
+    return xp.sum(a * scale / divisor, axis=0)  # the arguments before the reduction, as CuPy's fusion requires
+
+
+def column_mean(a, scale=None):
+    """sum_rows(a) / rows, or sum_rows(a) * scale when ``scale`` is given: one fused reduction on a device."""
+    if scale is None:
+        return _column_sum(a, 1.0, float(a.shape[0]))
+    return _column_sum(a, float(scale), 1.0)
+
+
+def homogeneous_mean(a):
+    """[mean_rows(a), 1]: the batch mean of the homogeneous rows a~ = [a, 1]."""
     xp = array_module(a)
-    tiny = numpy.finfo(a.dtype).tiny
-    xp.copyto(a, 0, where=xp.abs(a) < tiny)
-    return a
+    return xp.concatenate([column_mean(a), device_ones(xp, 1, a.dtype)])
 
 
 def row_means(capture, batch_size: int):
@@ -182,13 +205,24 @@ def row_means(capture, batch_size: int):
 
     The rows hold dL/dz (Dense: N rows) or sqrt(L) dL/dz (Conv2d: N L rows), and g = N dL/dz,
     so mean_rows(g) = (N / rows) sum_rows: the per-example scale is applied to the d_out sums,
-    not to the rows (K-BFGS's second pass, docs/kbfgs.md section 4.3 (c)).
+    not to the rows (K-BFGS's passes, docs/kbfgs.md section 4.3 (c)). One fused reduction each.
     """
     rows = capture.z.shape[0]
-    g_sum = capture.g.sum(axis=0)
-    if rows != batch_size:
-        g_sum *= batch_size / rows
-    return capture.z.sum(axis=0) / rows, g_sum
+    return column_mean(capture.z), column_mean(capture.g, batch_size / rows)
+
+
+@fused
+def _column_difference_sum(xp, a, b, scale, divisor):
+    return xp.sum((a - b) * scale / divisor, axis=0)
+
+
+def secant_means(old, new, batch_size: int):
+    """(s, y) = (mean_rows(z) - mean_rows(z+), mean_rows(g) - mean_rows(g+)) of two captures of one
+    batch with unscaled rows (as :func:`row_means`), each as the mean of the row differences: one
+    fused reduction each, and no cancellation between two rounded means."""
+    rows = new.z.shape[0]
+    return (_column_difference_sum(old.z, new.z, 1.0, float(rows)),
+            _column_difference_sum(old.g, new.g, batch_size / rows, 1.0))
 
 
 def secant_pair(layer, old: KronFactors, z_mean_new, g_mean_new, rows: int, batch_size: int):

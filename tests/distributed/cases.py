@@ -21,6 +21,8 @@ HYPER = {
     "kbfgs": {"lr": 0.3, "damping": 0.3},
     "kbfgs_l": {"lr": 0.3, "damping": 0.3, "memory": 4},
 }
+#: further cases: a name of its own, the solver it runs and its settings
+VARIANTS = {"kfac_device_rng": ("kfac", {**HYPER["kfac"], "target_rng": "device"})}
 BATCH = 16
 ITERATIONS = 20
 
@@ -54,5 +56,6 @@ def trainer(net: str, solver: str, batch: int = BATCH, comm=None, fraction=None,
     m = model(net)
     if comm is not None:
         m.parallel = DataParallel(comm, grad_worker_fraction=fraction)
-    s = make_solver(solver, m, **{**HYPER[solver], **extra})
+    name, hyper = VARIANTS.get(solver, (solver, HYPER.get(solver)))
+    s = make_solver(name, m, **{**hyper, **extra})
     return make_trainer(m, s, dataset(net), batch_size=batch, seed=3, dtype=numpy.float64, eval_chunk=BATCH, xp=numpy)

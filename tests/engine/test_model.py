@@ -13,6 +13,7 @@ import pytest
 from engine.backend import array_module, complex_dtype, to_host
 from nets import lenet, mlp
 from tests.device_counts import device_work
+from tests.solvers.common import to_np
 from tests.engine.curvature.common import mp_hessian
 from tests.reference import mp_gradient, numpy_twin
 
@@ -257,3 +258,27 @@ def test_one_reverse_sweep_serves_every_pass(xp, net):
     part = model.backward(params, fwd, dout, stop=top)
     assert all(g is None for g in part.grads[:model.layer_param_index[top]])
     assert all(same(a, b) for a, b in zip(part.grads[model.layer_param_index[top]:], grads[model.layer_param_index[top]:]))
+
+
+def test_flat_buffer_recognises_the_views_of_one_vector(xp):
+    """Parameters made by ``init``/``unflatten`` are views of one flat vector (found by address, no data
+    touched); separate arrays are not; the gradients of ``loss_and_grad`` are views of one flat vector
+    holding the weight decay, equal to the per-parameter formula."""
+    model = mlp([4, 3, 2], ["tanh", "linear"], "half_mse", weight_decay=0.1)
+    params = model.init(seed=0, dtype=numpy.float64, xp=xp)
+    flat = model.flat_buffer(params)
+    assert flat is not None and flat.shape == (model.n_params,)
+    numpy.testing.assert_array_equal(to_np(flat), numpy.concatenate([to_np(p).ravel() for p in params]))
+    copies = [p.copy() for p in params]
+    assert model.flat_buffer(copies) is None
+    assert model.flat_buffer(params[::-1]) is None
+    rng = numpy.random.default_rng(1)
+    x, y = xp.asarray(rng.standard_normal((5, 4))), xp.asarray(rng.standard_normal((5, 2)))
+    loss, grads = model.loss_and_grad(params, x, y)
+    assert model.flat_buffer(grads) is not None
+    _, bare = model.loss_and_grad(copies, x, y, regularized=False)
+    for g, b, p in zip(grads, bare, params):
+        numpy.testing.assert_allclose(to_np(g), to_np(b) + 0.1 * to_np(p), rtol=1e-14, atol=1e-15)
+    sq = sum(float((to_np(p) ** 2).sum()) for p in params)
+    numpy.testing.assert_allclose(float(to_np(loss)), float(to_np(model.loss(params, x, y, regularized=False))) + 0.05 * sq,
+                                  rtol=1e-13)

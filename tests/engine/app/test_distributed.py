@@ -89,12 +89,14 @@ def test_two_ranks_follow_the_single_process_trajectory(net, mpiexec, tmp_path):
 
 
 def test_uneven_shards_weight_the_global_batch(mpiexec, tmp_path):
-    """A batch of 15 splits 7 + 8: the shards' means are weighted by 7/15 and 8/15, not averaged."""
+    """A batch of 15 splits 7 + 8: the shards' means are weighted by 7/15 and 8/15, not averaged; and
+    K-FAC's device-drawn targets of rank 1 are those of global rows 7..14 (counter rows offset)."""
     out = tmp_path / "result.npz"
-    proc = _launch(mpiexec, 2, "-m", "tests.distributed.worker", out, "mlp", "sgd", "kfac", "--batch", 15)
+    cases = ("sgd", "kfac", "kfac_device_rng")
+    proc = _launch(mpiexec, 2, "-m", "tests.distributed.worker", out, "mlp", *cases, "--batch", 15)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = numpy.load(out)
-    for name in ("sgd", "kfac"):
+    for name in cases:
         ref = trainer("mlp", name, batch=15)
         ref.run(epochs=1)
         want = numpy.array(ref.history.steps["loss"])

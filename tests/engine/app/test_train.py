@@ -324,3 +324,48 @@ def test_a_regression_set_trains_in_the_runs_dtype(xp, dtype):
     tr.run(epochs=20)
     losses = tr.history.epochs["train_loss"]
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["on-device", "host-batches"])
+def test_the_training_set_lives_on_the_device_when_it_fits(xp, fits, monkeypatch):
+    """Under the memory rule the training set is copied once and batches are gathered on the device:
+    an iteration moves only its indices; otherwise each batch is gathered on the host and copied."""
+    from engine.app import train
+    from tests.device_counts import device_work
+
+    if not fits:
+        monkeypatch.setattr(train, "DEVICE_DATA_FRACTION", 0.0)
+    ds, model = _dataset(), _model()
+    tr = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    assert (tr.device_data is not None) == (fits and xp is not numpy)
+    idx = numpy.array([7, 2, 5, 9])
+    xb, yb = tr._batch(idx)
+    assert yb is xb and array_module(xb) is xp
+    numpy.testing.assert_array_equal(to_host(xb), ds.x_train[idx].astype(numpy.float32))
+    before = getattr(getattr(xp, "counters", None), "h2d_bytes", 0)
+    with device_work(xp) as work:
+        tr._batch(idx)
+    if work.exact:  # one copy: the indices (int64), or the gathered batch itself
+        assert work.h2d == 1 and work.n_syncs == 0
+        assert xp.counters.h2d_bytes - before == (idx.size * 8 if fits else ds.x_train[idx].nbytes)
+    ref = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=numpy)
+    for t in (tr, ref):
+        t.run(epochs=1)
+    assert tr.history.steps["loss"] == pytest.approx(ref.history.steps["loss"], rel=1e-5)
+
+
+def test_the_time_budget_clock_is_stated_and_kept(xp):
+    """NumPy counts the process's CPU time, CuPy the device time between CUDA events around each
+    step (no extra host sync); the run's progress states which, and a resume on the other clock is refused."""
+    ds, model = _dataset(), _model()
+    tr = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    tr.run(epochs=1)
+    state = tr.state_dict()
+    assert state["progress"]["clock"] == ("process_time" if xp is numpy else "cuda_events")
+    assert tr.cpu_time > 0
+    other = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    other.load_state_dict(state)
+    assert other.cpu_time == tr.cpu_time
+    state["progress"]["clock"] = "cuda_events" if xp is numpy else "process_time"
+    with pytest.raises(ValueError, match="resume it on the backend it ran on"):
+        other.load_state_dict(state)
