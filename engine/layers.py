@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy
 
 from . import ops
+from .products import matmul
 from .backend import array_module
 from .init import fan_in_uniform
 
@@ -150,20 +151,20 @@ class Dense(KroneckerLayer):
 
     def forward(self, params, x):
         w, b = params
-        y = x @ w.T
+        y = matmul(x, w.T)
         y += b
         return y, x
 
     def backward(self, params, cache, dy, need_dx=True):
         w, _ = params
         x = cache
-        dw = dy.T @ x
+        dw = matmul(dy.T, x)
         db = dy.sum(axis=0)
-        dx = dy @ w if need_dx else None
+        dx = matmul(dy, w) if need_dx else None
         return dx, [dw, db]
 
     def input_gradient(self, params, cache, dy):
-        return dy @ params[0]
+        return matmul(dy, params[0])
 
     def jvp(self, params, cache, rx, rparams):
         w, _ = params
