@@ -128,8 +128,8 @@ LOCKED = {
     'newton_krylov/mlp': [
         '0x1.6d4d10c966ba6p+3', '0x1.64fd9a75902aep+3', '0x1.63b0aced7f57fp+3',
         '0x1.630ec4c2c5a4cp+3', '0x1.63485aee6c567p+3', '0x1.6371468e7d132p+3',
-        '0x1.63d07f1cbaf51p+3', '0x1.67327f0be9d00p+3', '0x1.6537f8b93b329p+3',
-        '0x1.5d80d390877d6p+3', '0x1.5e6b2e41417fdp+3', '0x1.5cbd076b89dadp+3',
+        '0x1.63d07f1cbaf51p+3', '0x1.67327f0be9cffp+3', '0x1.6537f8b93b326p+3',
+        '0x1.5d80d390877d5p+3', '0x1.5e6b2e41417fap+3', '0x1.5cbd076b89dadp+3',
         '0x1.5a75a6ad09d61p+3',
     ],
 }
