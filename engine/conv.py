@@ -277,7 +277,10 @@ class Conv2d(KroneckerLayer):
             g = self._nchw_to_cols(dy)
             g *= math.sqrt(ho * wo)
             g = g.T
-        return self._cols(xpad).T, self._nchw_to_cols(y).T, g
+        return self._cols(xpad).T, None if y is None else self._nchw_to_cols(y).T, g
+
+    def input_rows(self, x):
+        return self._cols(self._padded(x)).T
 
     def to_matrix(self, params):
         """The homogeneous matrix [W_m | b] (C_out x (K + 1)) of a parameter-shaped pair."""
