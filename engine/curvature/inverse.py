@@ -10,6 +10,7 @@ KroneckerBlockOperator` inverts its curvature factors on first use.
 from __future__ import annotations
 
 import numpy
+from scipy.linalg import lapack  # at import: a BLAS loaded later escapes a thread limit set before (threadpoolctl)
 
 from ..backend import array_module, to_host
 
@@ -48,8 +49,6 @@ def _lapack_cholesky_inverse(F):
     triangle, mirrored: exactly symmetric). The device path's inv(L) by a triangular solve on I,
     inv(L)^T inv(L) and the L L^T residual cost about 5 d^3, the LU inverse 2 d^3.
     """
-    from scipy.linalg import lapack  # noqa: PLC0415 (third-party, NumPy path only)
-
     scale = numpy.abs(F).max()
     if not numpy.isfinite(scale):
         return None, numpy.asarray(_NOT_FINITE)
