@@ -7,7 +7,7 @@ autoencoder, batch 1000). Three passes, timed interleaved (real, full, cs, real,
 * ``full``: the pass at w + i h v with the library's complex GEMMs (4 real products' work each;
   what a complex pass costs outside :func:`engine.products.complex_step`);
 * ``cs``: the same pass declared a complex-step pass (real-by-complex products as 2 real GEMMs,
-  complex-by-complex as 3, the O(h^2) term dropped: docs/complex-step.md section 8.2), what
+  complex-by-complex as 3, the O(h^2) term dropped: docs/complex-step.md section 5.2), what
   :class:`engine.curvature.HessianCS` runs.
 
 Also prints how far the two complex passes' Hv (Im / h) and gradients (Re) are apart.

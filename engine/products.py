@@ -1,7 +1,7 @@
 """Matrix products that know the complex step: real GEMMs only, 2 or 3 of them where a complex GEMM costs 4.
 
 A complex GEMM (the library's ``a @ b`` on a complex operand) does four real products' work.
-The complex-step pass (docs/complex-step.md section 8.2) multiplies real data and labels by
+The complex-step pass (docs/complex-step.md section 5.2) multiplies real data and labels by
 complex weights, and complex activations by complex weights, so:
 
 * **real by complex** (either order) is exactly two real products, ``a Re b`` and ``a Im b``,
