@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy
 
 from . import ops
+from .products import matmul
 from .backend import array_module
 from .init import fan_in_uniform
 
@@ -38,6 +39,7 @@ class Layer(abc.ABC):
       layer whose input does not depend on the parameters (R{x} = 0).
     * ``input_gradient(params, cache, dy) -> dx``: ``backward``'s dx alone; layers with weights
       override it to skip the weight-gradient products (the sweeps that need no parameter gradient).
+    * ``apply(params, x) -> y``: ``forward``'s output alone, for passes that keep no cache.
     * ``param_shapes()``, ``init(rng, dtype)``, ``output_shape(input_shape)``: shapes, initial
       values, shape checks.
     """
@@ -64,6 +66,10 @@ class Layer(abc.ABC):
     def input_gradient(self, params, cache, dy):
         """dL/dx alone (the same values as ``backward``'s dx)."""
         return self.backward(params, cache, dy, need_dx=True)[0]
+
+    def apply(self, params, x):
+        """The output alone, keeping no cache (forward-only passes: evaluation, prediction)."""
+        return self.forward(params, x)[0]
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         return []
@@ -105,6 +111,10 @@ class KroneckerLayer(Layer):
     @abc.abstractmethod
     def kron_rows(self, cache, y, dy):
         """(a, z, g) as row matrices (see the class docstring)."""
+
+    def input_rows(self, x):
+        """The rows a of a layer input x alone (``kron_rows``' a without the forward product)."""
+        return self.kron_rows(x, None, None)[0]
 
     @abc.abstractmethod
     def to_matrix(self, params):
@@ -150,20 +160,20 @@ class Dense(KroneckerLayer):
 
     def forward(self, params, x):
         w, b = params
-        y = x @ w.T
+        y = matmul(x, w.T)
         y += b
         return y, x
 
     def backward(self, params, cache, dy, need_dx=True):
         w, _ = params
         x = cache
-        dw = dy.T @ x
+        dw = matmul(dy.T, x)
         db = dy.sum(axis=0)
-        dx = dy @ w if need_dx else None
+        dx = matmul(dy, w) if need_dx else None
         return dx, [dw, db]
 
     def input_gradient(self, params, cache, dy):
-        return dy @ params[0]
+        return matmul(dy, params[0])
 
     def jvp(self, params, cache, rx, rparams):
         w, _ = params
@@ -223,6 +233,11 @@ class ReLU(Activation):
     def backward(self, params, cache, dy, need_dx=True):
         xp = array_module(dy)
         return xp.where(cache, dy, 0), []
+
+    def apply(self, params, x):
+        if x.dtype.kind == "c":  # no maximum on complex values: the masked form
+            return self.forward(params, x)[0]
+        return array_module(x).maximum(x, 0)  # one pass, no mask (real input only)
 
     def jvp(self, params, cache, rx, rparams):
         xp = array_module(rx)

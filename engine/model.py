@@ -240,8 +240,12 @@ class Model:
         return fwd.out, fwd.caches
 
     def predict(self, params, x):
-        """The network output only."""
-        return self.forward_pass(params, x).out
+        """The network output only: a forward sweep that keeps no caches (``layer.apply``)."""
+        self.check_batch(x, params)
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = layer.apply(self.layer_params(params, i), h)
+        return h
 
     def _capture(self, i, fwd: ForwardPass, dy, per_example: bool) -> Capture:
         """Layer i's Kronecker rows; g = N dL/dz (``per_example``) or the layer's unscaled rows."""
@@ -254,6 +258,20 @@ class Model:
         """The Kronecker rows a and z of a forward pass kept with ``kron_outputs`` (g = None), in
         layer order: what a forward-only statistic (the warm start of A) reads."""
         return [self._capture(i, fwd, None, False) for i in self.kron_layers]
+
+    def input_captures(self, params, x) -> list[Capture]:
+        """The Kronecker rows a of every Kronecker layer (z = g = None), from a forward sweep that
+        keeps no caches and stops at the last Kronecker layer's input (its product, and everything
+        above it, is never computed): what the warm start of A reads."""
+        self.check_batch(x, params)
+        out, h = [], x
+        last = self._kron_layers[-1] if self._kron_layers else -1
+        for i, layer in enumerate(self.layers[:last + 1]):
+            if layer.kronecker:
+                out.append(Capture(i, self.layer_param_index[i], layer.input_rows(h), None, None))
+            if i < last:
+                h = layer.apply(self.layer_params(params, i), h)
+        return out
 
     def _reverse_sweep(self, params, signal, stop: int, rule) -> list:
         """THE reverse walk over the layers, from the top down to layer ``stop``.

@@ -140,7 +140,7 @@ class MaxPool2d(_Pool2d):
                 continue
             better = cand.real > best.real
             xp.copyto(best, cand, where=better)
-            idx = xp.where(better, idx.dtype.type(k), idx)  # not idx[better] = k: a boolean mask syncs on CuPy
+            xp.copyto(idx, idx.dtype.type(k), where=better)  # not idx[better] = k: a boolean mask syncs on CuPy
         return best, (idx, x.shape)
 
     def _scatter(self, dy, cache):
@@ -149,8 +149,12 @@ class MaxPool2d(_Pool2d):
         idx, shape = cache
         ho, wo = dy.shape[2], dy.shape[3]
         dxpad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
+        disjoint = self.stride[0] >= self.kernel[0] and self.stride[1] >= self.kernel[1]
         for k, (_, _, sl) in enumerate(offset_slices(self.kernel, self.stride, (ho, wo))):
-            dxpad[sl] += xp.where(idx == k, dy, 0)
+            if disjoint:  # each pixel is in one window: write the routed gradients in place
+                xp.copyto(dxpad[sl], dy, where=idx == k)
+            else:
+                dxpad[sl] += xp.where(idx == k, dy, 0)
         return self._crop(dxpad)
 
     def backward(self, params, cache, dy, need_dx=True):

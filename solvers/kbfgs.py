@@ -180,9 +180,9 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 **self.init_g_side(d_out, xp, dtype)}
 
     def batch_statistics(self, params, x) -> list[dict]:
-        """A of one batch from a forward pass only (the rows: inputs for Dense, patches for Conv2d)."""
-        model = self.model
-        caps = model.forward_captures(model.forward_pass(params, x, kron_outputs=True))
+        """A of one batch from a forward pass only (the rows: inputs for Dense, patches for Conv2d),
+        which stops at the last Kronecker layer's input and keeps no caches."""
+        caps = self.model.input_captures(params, x)
         return [{"A": f.A} for f in kron_factors(caps, which="A")]
 
     def step_factors(self, state, i) -> tuple:

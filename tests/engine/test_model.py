@@ -223,6 +223,31 @@ def test_passes_make_no_host_sync(xp, net):
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
+def test_cache_free_forward_sweeps_give_the_same_bits(xp, net, monkeypatch):
+    """predict (layer.apply, no caches) and input_captures (the warm start's rows, stopping below the
+    last Kronecker layer) against the caching forward pass, bit for bit; the last Kronecker
+    layer's product is never computed by input_captures."""
+    model = NETS[net]()
+    rng = numpy.random.default_rng(4)
+    params = model.init(seed=2, xp=xp)
+    x = xp.asarray(rng.standard_normal((5, model.input_shape[0])))
+    fwd = model.forward_pass(params, x, kron_outputs=True)
+    same = lambda a, b: numpy.array_equal(to_host(a), to_host(b))  # noqa: E731
+    assert same(model.predict(params, x), fwd.out)
+    ref = model.forward_captures(fwd)
+    top = model.layers[model.kron_layers[-1]]
+
+    def refuse(*args):
+        raise AssertionError("input_captures computed the last Kronecker layer's output")
+
+    monkeypatch.setattr(top, "forward", refuse)
+    monkeypatch.setattr(top, "apply", refuse)
+    rows = model.input_captures(params, x)
+    assert [c.layer for c in rows] == model.kron_layers and all(c.z is None and c.g is None for c in rows)
+    assert all(same(c.a, r.a) for c, r in zip(rows, ref))
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
 def test_one_reverse_sweep_serves_every_pass(xp, net):
     """Model.backward with its options against loss_and_grad: the gradient, the captures with and
     without parameter gradients (stopping at the first Kronecker layer), unscaled rows, the

@@ -275,7 +275,9 @@ def test_spd_factor_inverse_is_symmetric_and_matches_numpy(xp, dtype):
     ref = numpy.linalg.inv(F.astype(numpy.float64))
     eps = numpy.finfo(dtype).eps
     assert numpy.linalg.norm(inv - ref) <= 1e4 * eps * numpy.linalg.norm(ref)
-    numpy.testing.assert_allclose(inv, _inverse_on(numpy, F), rtol=100 * eps, atol=0)
+    # NumPy inverts by LAPACK potrf + potri, the device by inv(L)^T inv(L): both backward stable,
+    # so they agree to the conditioning (~1e3) times eps, norm-wise, not entry by entry
+    assert numpy.linalg.norm(inv - _inverse_on(numpy, F)) <= 1e4 * eps * numpy.linalg.norm(ref)
 
 
 def test_factor_inverse_syncs_once(xp):
