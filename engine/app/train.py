@@ -350,6 +350,10 @@ class Trainer:
                 cpu, wall = clock.seconds()
                 self.cpu_time += cpu
                 self.wall_time += wall
+                if comm.size > 1 and max_time is not None:
+                    # rank 0's clock decides the budget, so every rank stops after the same iteration
+                    # (a rank that stopped alone would leave the others waiting in a collective)
+                    self.cpu_time, self.wall_time = comm.bcast_object((self.cpu_time, self.wall_time), root=0)
                 self.iteration += 1
                 row = {"iteration": self.iteration, **row}
                 self.history.add_step(row)

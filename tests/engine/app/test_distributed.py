@@ -191,3 +191,14 @@ def test_errors_stop_every_rank_with_one_line(mpiexec, tmp_path):
         # both ranks said it (mpiexec may run their lines together), and nothing else: no traceback
         assert proc.stderr.count(": error: ") == 2 and proc.stderr.count(message) == 2, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_a_time_budget_stops_every_rank_after_the_same_iteration(mpiexec, tmp_path):
+    """--max-time on 2 ranks: each rank's own clock differs, so rank 0's decides (broadcast every
+    iteration); a rank that stopped alone would leave the other waiting in a collective (a hang,
+    caught by the launch timeout)."""
+    out = tmp_path / "timed.h5"
+    proc = _cstep(mpiexec, 2, "train", *SMALL, "--solver", "kfac", "--max-time", 0.3, "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = load_run(out)
+    assert rec.progress["cpu_time"] >= 0.3 and rec.progress["world_size"] == 2
