@@ -142,7 +142,8 @@ def _median_range(values: list[float]) -> dict:
 
 def seed_statistics(results: list[dict]) -> dict:
     """Per solver over its seeds: median and range of the final train/test loss (and accuracy), the
-    diverged runs, the median training CPU time."""
+    diverged runs, the median training CPU time (a diverged run's up to its blow-up: its final losses are
+    those of its last finite checkpoint, its clocks too, but the time it spent counts)."""
     out: dict = {}
     for r in results:
         out.setdefault(r["solver"], []).append(r)
@@ -151,7 +152,7 @@ def seed_statistics(results: list[dict]) -> dict:
         last = lambda key: [row[key][-1] if row.get(key) else float("nan") for row in rows]  # noqa: E731
         entry = {"seeds": [row["seed"] for row in rows], "diverged": sum(row["status"] == "diverged" for row in rows),
                  "train_loss": _median_range(last("train_loss")), "test_loss": _median_range(last("test_loss")),
-                 "cpu_seconds": _median_range([row["training_cpu_seconds"] for row in rows])}
+                 "cpu_seconds": _median_range([row.get("cpu_seconds_spent", row["training_cpu_seconds"]) for row in rows])}
         if any(row.get("test_accuracy") for row in rows):
             entry["test_accuracy"] = _median_range(last("test_accuracy"))
         stats[solver] = entry
