@@ -193,8 +193,9 @@ def adahessian_run(xp, case, dtype):
     # lr / (|D_i| + eps) magnifies the float32 rounding of small D_i up to 1e4-fold (eps = 1e-4): a
     # smaller float32 lr keeps the parameters' relative error at float32 level
     lr = 0.05 if dtype == numpy.float64 else 0.01
-    model, data, theta0, traj, state = run_solver(xp, "adahessian", case, dtype, 3, lr=lr, seed=5)
-    check_trajectory(traj, ref_adahessian(model, theta0, data, 3, lr, seed=5), dtype)
+    # beta1 given (not the default), so the reference follows the paper's formula whatever the default
+    model, data, theta0, traj, state = run_solver(xp, "adahessian", case, dtype, 3, lr=lr, seed=5, beta1=0.85)
+    check_trajectory(traj, ref_adahessian(model, theta0, data, 3, lr, seed=5, b1=0.85), dtype)
     return {"params": traj, "m": state["m"], "v": state["v"], "rng": state["rng"]}
 
 
@@ -205,9 +206,9 @@ def test_adahessian_matches_reference(case, dtype, xp):
 
 
 def sophia_run(xp, case, dtype):
-    hyper = {"lr": 0.01, "gamma": 0.5, "hessian_every": 2, "seed": 7}
+    hyper = {"lr": 0.01, "gamma": 0.5, "hessian_every": 2, "seed": 7, "beta1": 0.95}
     model, data, theta0, traj, state = run_solver(xp, "sophia", case, dtype, 5, **hyper)
-    want, branches = ref_sophia(model, theta0, data, 5, 0.01, seed=7, every=2, gamma=0.5)
+    want, branches = ref_sophia(model, theta0, data, 5, 0.01, seed=7, every=2, gamma=0.5, b1=0.95)
     assert branches == {"clipped", "inside", "floor"}  # every branch of clip(m / max(gamma h, eps), 1) is taken
     check_trajectory(traj, want, dtype)
     return {"params": traj, "m": state["m"], "h": state["h"], "rng": state["rng"]}
@@ -222,7 +223,7 @@ def test_sophia_matches_reference(case, dtype, xp):
 def test_sophia_refreshes_every_k_steps_by_default():
     model, data = tiny_mlp(), mlp_data()
     solver = make_solver("sophia", model)
-    assert (solver.hessian_every, solver.beta1, solver.beta2, solver.gamma, solver.eps) == (10, 0.965, 0.99, 0.01, 1e-12)
+    assert (solver.hessian_every, solver.beta1, solver.beta2, solver.gamma, solver.eps) == (10, 0.7, 0.99, 0.01, 1e-12)
     params = model.init(seed=3, xp=numpy)
     state = solver.init(params)
     refreshed = []
