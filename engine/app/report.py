@@ -92,7 +92,7 @@ def compare_table(results: list[dict], plot_path) -> str:
         te = r["test_loss"][-1] if r["test_loss"] else float("nan")
         rows.append(f"{r['solver']:<12} {r['status']:<9} {r['epochs']:>6} {r['iterations']:>6} {tr:>12.6g} {te:>12.6g} "
                     f"{r['training_cpu_seconds']:>8.1f}  {r['run']}")
-    rows.append(f"plot: {plot_path}")
+    rows.append(f"plot: {plot_path or 'none (no run completed an epoch)'}")
     return "\n".join(rows)
 
 
@@ -173,5 +173,5 @@ def seed_table(stats: dict, plot_path) -> str:
         extra = f" {cell(e['test_accuracy'], '{:.4f}'):<27}" if acc else ""
         rows.append(f"{solver:<14} {len(e['seeds']):>5} {e['diverged']:>8}  {cell(e['train_loss']):<30} "
                     f"{cell(e['test_loss']):<30}{extra} {e['cpu_seconds']['median']:.1f}")
-    rows.append(f"plot: {plot_path}")
+    rows.append(f"plot: {plot_path or 'none (no run completed an epoch)'}")
     return "\n".join(rows)

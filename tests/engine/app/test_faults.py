@@ -270,3 +270,21 @@ def test_compare_over_seeds_counts_diverged_runs_and_draws_the_others(tmp_path, 
         assert list(curves[key][0]) == [sorted(c)[1] for c in columns]
         assert list(curves[key][1]) == [min(c) for c in columns] and list(curves[key][2]) == [max(c) for c in columns]
     assert len(curves["epochs"]) == 3  # epochs 0, 1, 2 of the finished runs, not cut by the diverged ones
+
+
+def test_compare_reports_runs_that_all_diverged_in_their_first_epoch(tmp_path, capsys):
+    """Nothing to draw is no reason to drop the table: the diverged runs are still reported (it failed
+    with 'no completed epoch to plot' and printed nothing)."""
+    for seeds in ("1", "1,2"):
+        rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                              "--solvers", "sgd", "--seeds", seeds, "--budget", "epochs=1", "--set", "sgd.lr=1e6",
+                              "--quiet", "--json", "--out-dir", tmp_path / seeds.replace(",", "-"))
+        assert rc == 0, err
+        result = json.loads(out)
+        assert result["plot"] is None and "no figure drawn" in err
+        assert [r["status"] for r in result["runs"]] == ["diverged"] * len(seeds.split(","))
+        if "," in seeds:
+            assert result["by_solver"]["sgd"]["diverged"] == 2
+    rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                          "--solvers", "sgd", "--budget", "epochs=1", "--set", "sgd.lr=1e6", "--out-dir", tmp_path / "t")
+    assert rc == 0 and "diverged" in out and "plot: none (no run completed an epoch)" in out
