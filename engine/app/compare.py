@@ -11,6 +11,7 @@ import copy
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import nets
 import solvers
 
 from .options import UsageError, check_data_dir, check_dataset, check_dtype, check_net, check_solver, tuned
-from .plots import load_for_plot, plot_runs, plot_seeds
+from .plots import plot_runs, plot_seeds
 from .report import compare_table, seed_statistics, seed_table
 from .distributed import world_size
 from .runfile import RunFileLock, load_run
@@ -91,16 +92,18 @@ def _train_all(runs, manifest_path: Path, manifest: dict, args, start: float) ->
     return results
 
 
-def _finish(results: list[dict], plot_path: Path, args, over_seeds: bool = False) -> int:
-    records = [load_run(r["run"]) for r in results if r["epochs"] > 0] or load_for_plot([])
-    if over_seeds:
+def _finish(results: list[dict], plot_path: Path | None, args, over_seeds: bool = False) -> int:
+    records = [load_run(r["run"]) for r in results if r["epochs"] > 0]
+    if not records:  # every run diverged in its first epoch: nothing to draw, but the table still counts them
+        print("cstep compare: note: no run completed an epoch; no figure drawn", file=sys.stderr)
+        plot_path = None
+    elif over_seeds:
         plot_seeds(records, plot_path)
-        by_solver = seed_statistics(results)
     else:
         plot_runs(records, plot_path)
-        by_solver = None
+    by_solver = seed_statistics(results) if over_seeds else None
     if args.json:
-        print(json.dumps({"plot": str(plot_path), "runs": results, **({"by_solver": by_solver} if by_solver else {})},
+        print(json.dumps({"plot": str(plot_path) if plot_path else None, "runs": results, **({"by_solver": by_solver} if by_solver else {})},
                          indent=2))
     elif not args.quiet:
         print(seed_table(by_solver, plot_path) if by_solver else compare_table(results, plot_path))

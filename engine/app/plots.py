@@ -147,9 +147,28 @@ def plot_runs(records, out, title: str | None = None, per_iteration: bool = Fals
     return _save(fig, out, tight=False)
 
 
+def seed_curves(runs) -> dict:
+    """One solver's runs over seeds as plot_seeds draws them: the runs that did not diverge (all of them
+    if every one did), cut to the shortest; per epoch the median training CPU time and, per loss, the
+    median and the min-max band over those runs. {"epochs", "cpu", "drawn", "diverged", "train_loss":
+    (median, min, max), "test_loss": ...}."""
+    finished = [r for r in runs if r.progress.get("status") != "diverged"]
+    drawn = finished or list(runs)
+    n = min(len(r.history["epochs"]["epoch"]) for r in drawn)
+    out = {"epochs": numpy.asarray(drawn[0].history["epochs"]["epoch"][:n], dtype=float),
+           "cpu": numpy.median([numpy.asarray(r.history["epochs"]["cpu_time"][:n], dtype=float) for r in drawn], axis=0),
+           "drawn": len(drawn), "diverged": len(runs) - len(finished)}
+    for key in ("train_loss", "test_loss"):
+        ys = numpy.asarray([r.history["epochs"][key][:n] for r in drawn if key in r.history["epochs"]], dtype=float)
+        if len(ys):
+            out[key] = (numpy.median(ys, axis=0), ys.min(axis=0), ys.max(axis=0))
+    return out
+
+
 def plot_seeds(records, out) -> Path:
     """Per solver over its seeds: the median training loss (solid) and test loss (dashed) with a
-    min-max band, against epoch and against the median training CPU time (runs cut to the shortest)."""
+    min-max band, against epoch and against the median training CPU time (:func:`seed_curves`: the
+    runs that did not diverge, cut to the shortest; the legend counts the diverged ones)."""
     plt = pyplot()
     fig, (ax_ep, ax_t) = plt.subplots(1, 2, figsize=(12, 5.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -158,17 +177,15 @@ def plot_seeds(records, out) -> Path:
         groups.setdefault(r.config["solver"], []).append(r)
     for k, (solver, runs) in enumerate(groups.items()):
         colour = colours[k % len(colours)]
-        n = min(len(r.history["epochs"]["epoch"]) for r in runs)
-        epochs = numpy.asarray(runs[0].history["epochs"]["epoch"][:n], dtype=float)
-        cpu = numpy.median([numpy.asarray(r.history["epochs"]["cpu_time"][:n], dtype=float) for r in runs], axis=0)
+        c = seed_curves(runs)
+        label = f"{solver} ({len(runs)} seeds" + (f", {c['diverged']} diverged)" if c["diverged"] else ")")
         for key, style in (("train_loss", "-"), ("test_loss", "--")):
-            ys = numpy.asarray([r.history["epochs"][key][:n] for r in runs if key in r.history["epochs"]], dtype=float)
-            if not len(ys):
+            if key not in c:
                 continue
-            med = numpy.median(ys, axis=0)
-            for ax, x in ((ax_ep, epochs), (ax_t, cpu)):
-                ax.plot(x, med, style, color=colour, label=f"{solver} ({len(runs)} seeds)" if key == "train_loss" and ax is ax_ep else None)
-                ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=colour, alpha=0.15 if key == "train_loss" else 0.07)
+            med, lo, hi = c[key]
+            for ax, x in ((ax_ep, c["epochs"]), (ax_t, c["cpu"])):
+                ax.plot(x, med, style, color=colour, label=label if key == "train_loss" and ax is ax_ep else None)
+                ax.fill_between(x, lo, hi, color=colour, alpha=0.15 if key == "train_loss" else 0.07)
     for ax, xlabel in ((ax_ep, "epoch"), (ax_t, "training CPU time (s, median over seeds)")):
         ax.set_yscale("log")
         ax.set(xlabel=xlabel, ylabel="loss (incl. 0.5 tau ||theta||^2)")

@@ -99,7 +99,7 @@ def compare_table(results: list[dict], plot_path) -> str:
         te = r["test_loss"][-1] if r["test_loss"] else float("nan")
         rows.append(f"{r['solver']:<12} {r['status']:<9} {r['epochs']:>6} {r['iterations']:>6} {tr:>12.6g} {te:>12.6g} "
                     f"{r['training_cpu_seconds']:>8.1f}  {r['run']}")
-    rows.append(f"plot: {plot_path}")
+    rows.append(f"plot: {plot_path or 'none (no run completed an epoch)'}")
     return "\n".join(rows)
 
 
@@ -149,7 +149,8 @@ def _median_range(values: list[float]) -> dict:
 
 def seed_statistics(results: list[dict]) -> dict:
     """Per solver over its seeds: median and range of the final train/test loss (and accuracy), the
-    diverged runs, the median training CPU time."""
+    diverged runs, the median training CPU time (a diverged run's up to its blow-up: its final losses are
+    those of its last finite checkpoint, its clocks too, but the time it spent counts)."""
     out: dict = {}
     for r in results:
         out.setdefault(r["solver"], []).append(r)
@@ -158,7 +159,7 @@ def seed_statistics(results: list[dict]) -> dict:
         last = lambda key: [row[key][-1] if row.get(key) else float("nan") for row in rows]  # noqa: E731
         entry = {"seeds": [row["seed"] for row in rows], "diverged": sum(row["status"] == "diverged" for row in rows),
                  "train_loss": _median_range(last("train_loss")), "test_loss": _median_range(last("test_loss")),
-                 "cpu_seconds": _median_range([row["training_cpu_seconds"] for row in rows])}
+                 "cpu_seconds": _median_range([row.get("cpu_seconds_spent", row["training_cpu_seconds"]) for row in rows])}
         if any(row.get("test_accuracy") for row in rows):
             entry["test_accuracy"] = _median_range(last("test_accuracy"))
         stats[solver] = entry
@@ -179,5 +180,5 @@ def seed_table(stats: dict, plot_path) -> str:
         extra = f" {cell(e['test_accuracy'], '{:.4f}'):<27}" if acc else ""
         rows.append(f"{solver:<14} {len(e['seeds']):>5} {e['diverged']:>8}  {cell(e['train_loss']):<30} "
                     f"{cell(e['test_loss']):<30}{extra} {e['cpu_seconds']['median']:.1f}")
-    rows.append(f"plot: {plot_path}")
+    rows.append(f"plot: {plot_path or 'none (no run completed an epoch)'}")
     return "\n".join(rows)

@@ -353,7 +353,8 @@ def _keep_divergence(run: Run, trainer) -> None:
     steps = trainer.history.steps
     record = runfile.load_run(run.path, array_module=get_xp(), solver_template=trainer.solver_state)
     kept = record.progress["iteration"]
-    run.divergence = {"diverged_at": trainer.iteration, "diverged_steps": {k: v[kept:] for k, v in steps.items()}}
+    run.divergence = {"diverged_at": trainer.iteration, "diverged_cpu_time": trainer.cpu_time,
+                      "diverged_steps": {k: v[kept:] for k, v in steps.items()}}
     trainer.load_state_dict(record.state)
     run.checkpoint("diverged")
 
@@ -368,6 +369,8 @@ def summary(run: Run, status: str, elapsed: float) -> dict:
         "train_loss": ep.get("train_loss", []), "test_loss": ep.get("test_loss", []),
         "cpu_time": ep.get("cpu_time", []), "wall_time": ep.get("wall_time", []),
         "training_cpu_seconds": run.trainer.cpu_time, "training_wall_seconds": run.trainer.wall_time,
+        # a diverged run's clocks are its last finite checkpoint's; this is the CPU time it had spent at the blow-up
+        "cpu_seconds_spent": run.divergence.get("diverged_cpu_time", run.trainer.cpu_time),
         "elapsed_seconds": elapsed,
         "backend": run.environment.get("backend"), "dtype": run.config["dtype"],
         **{k: ep[k] for k in ("train_accuracy", "test_accuracy") if k in ep},

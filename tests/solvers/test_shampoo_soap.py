@@ -4,19 +4,13 @@ the solvers' docstrings written out once more. On a tiny MLP and on the tiny CNN
 tests/solvers/test_conv_solvers.py (a Conv2d kernel is the (C_out, C_in kh kw) matrix).
 
 The solvers run under the ``xp`` fixture, the references on the host; the device run is also
-compared with the NumPy run (tests/solvers/common.py). The last tests train mnist-mlp on a subset
-of MNIST with each solver's defaults (skipped without ``CSTEP_DATA_DIR``, failed under ``CI=true``).
+compared with the NumPy run (tests/solvers/common.py). Training mnist-mlp with the defaults:
+tests/solvers/test_mnist_mlp_defaults.py.
 """
-
-import os
-from pathlib import Path
 
 import numpy
 import pytest
-from threadpoolctl import threadpool_limits
 
-import data
-import nets
 from engine.conv import Conv2d, Flatten, MaxPool2d, Unflatten
 from engine.layers import Dense, Tanh
 from engine.model import Model
@@ -331,39 +325,4 @@ def test_hyper_parameters():
         make_solver("soap", model).init(model.unflatten(numpy.zeros(model.n_params, complex)))
 
 
-# --- training mnist-mlp with the defaults -----------------------------------------------------------
-MNIST_FILES = [f"mnist/{n}-idx{d}-ubyte.gz" for n, d in
-               (("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1))]
-
-
-def mnist_subset(n_train=6000, n_test=2000):
-    base = os.environ.get("CSTEP_DATA_DIR")
-    if not base or not all((Path(base) / f).is_file() for f in MNIST_FILES):
-        message = "CSTEP_DATA_DIR does not hold MNIST; point it at the shared data folder (e.g. ../shared/data)"
-        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-            pytest.fail(f"CI=true requires the real data: {message}", pytrace=False)
-        pytest.skip(message)
-    return data.load("mnist-classify", data_dir=base, n_train=n_train, n_test=n_test)
-
-
-#: test accuracy after two epochs over 6000 MNIST examples (batch 100, float32, seed 9999, one BLAS
-#: thread), with each solver's defaults; Adam (standard, lr 1e-3) reaches 0.8875 here, Shampoo 0.914, SOAP 0.926 (measured)
-MNIST_THRESHOLD = {"shampoo": 0.90, "soap": 0.90}
-
-
-@pytest.mark.parametrize("name", sorted(MNIST_THRESHOLD))
-def test_trains_mnist_mlp_with_its_defaults(name):
-    ds = mnist_subset()
-    model = nets.build("mnist-mlp")
-    solver = make_solver(name, model)
-    params = model.init(seed=9999, dtype=numpy.float32, xp=numpy)
-    state = solver.init(params)
-    rng = numpy.random.default_rng(0)
-    with threadpool_limits(1):  # as cstep runs (engine/app/options.py DEFAULT_THREADS); faster on a shared machine
-        for _ in range(2):
-            order = rng.permutation(len(ds.x_train))
-            for i in range(0, len(order), 100):
-                batch = order[i:i + 100]
-                params, state, info = solver.step(params, state, ds.x_train[batch], ds.y_train[batch])
-    accuracy = float(numpy.mean(model.predict(params, ds.x_test).argmax(axis=1) == ds.y_test))
-    assert accuracy >= MNIST_THRESHOLD[name], f"{name}: test accuracy {accuracy:.4f} after 2 epochs of 6000 examples"
+# training mnist-mlp with the defaults: tests/solvers/test_mnist_mlp_defaults.py (all five baselines)

@@ -47,6 +47,17 @@ CASES = {
     "kbfgs/cnn": ("kbfgs", _cnn_problem, {"lr": 1.0, "damping": 0.3}),
     "kbfgs_l/cnn": ("kbfgs_l", _cnn_problem, {"lr": 1.0, "damping": 0.3, "memory": 4}),
     "kfac/cnn": ("kfac", _cnn_problem, {"lr": 0.3, "damping": 0.1, "inverse_freq": 3}),
+    # the baselines of issue 19, every hyper-parameter a tuning could move given explicitly
+    "shampoo/mlp": ("shampoo", _mlp_problem, {"lr": 1e-2, "precondition_every": 3}),
+    "shampoo/cnn": ("shampoo", _cnn_problem, {"lr": 1e-2, "precondition_every": 3}),
+    "soap/mlp": ("soap", _mlp_problem, {"lr": 1e-2, "precondition_frequency": 3}),
+    "soap/cnn": ("soap", _cnn_problem, {"lr": 1e-2, "precondition_frequency": 3}),
+    "muon/mlp": ("muon", _mlp_problem, {"lr": 1e-2, "adam_lr": 1e-2}),
+    "muon/cnn": ("muon", _cnn_problem, {"lr": 1e-2, "adam_lr": 1e-2}),
+    "adahessian/mlp": ("adahessian", _mlp_problem, {"lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-4}),
+    "adahessian/cnn": ("adahessian", _cnn_problem, {"lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-4}),
+    "sophia/mlp": ("sophia", _mlp_problem, {"lr": 1e-2, "beta1": 0.965, "beta2": 0.99, "gamma": 0.01, "hessian_every": 3}),
+    "sophia/cnn": ("sophia", _cnn_problem, {"lr": 1e-2, "beta1": 0.965, "beta2": 0.99, "gamma": 0.01, "hessian_every": 3}),
 }
 
 
@@ -69,6 +80,20 @@ def trajectory(case: str) -> list[str]:
 
 
 LOCKED = {
+    'adahessian/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.1621d157818a5p+0', '0x1.26c6db3fa00b1p+0',
+        '0x1.17c075f6a05adp+0', '0x1.eea749816a976p-1', '0x1.fce27c20a6653p-1',
+        '0x1.097f5b1013e13p+0', '0x1.05d33280981cfp+0', '0x1.d08ab315e1345p-1',
+        '0x1.00df7cc6e60d3p+0', '0x1.efea552327dc2p-1', '0x1.c508a9f0d75fep-1',
+        '0x1.f180a2959734cp-1',
+    ],
+    'adahessian/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.682cbad51ee69p+3', '0x1.66ac1c060eb1ep+3',
+        '0x1.63267c4c243d2p+3', '0x1.62cbc75d6feb2p+3', '0x1.62665d0cb2ae3p+3',
+        '0x1.6208037d9d48dp+3', '0x1.61d003802b992p+3', '0x1.6100a8eb8d7e6p+3',
+        '0x1.619f34602dadbp+3', '0x1.612634b5f5f5cp+3', '0x1.6173a826f68c8p+3',
+        '0x1.60097b24af8ecp+3',
+    ],
     'adam/mlp': [
         '0x1.6d4d10c966ba6p+3', '0x1.67a761b478cecp+3', '0x1.65f833b969e16p+3',
         '0x1.6543f643875b6p+3', '0x1.670dbac02c60ep+3', '0x1.6406e874aed93p+3',
@@ -125,12 +150,68 @@ LOCKED = {
         '0x1.65c4f380b1796p+3', '0x1.64d0803d910f1p+3', '0x1.64a168d951206p+3',
         '0x1.66daefd796774p+3',
     ],
+    'muon/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.24bcf7137cd1bp+0', '0x1.16b2e3cd09033p+0',
+        '0x1.1989645a69badp+0', '0x1.1f2e0f528a3d6p+0', '0x1.10670f3cede7dp+0',
+        '0x1.15e4a9491e7a7p+0', '0x1.1a6295aa469bep+0', '0x1.0ad7dc1bc47c0p+0',
+        '0x1.12c781db34fe6p+0', '0x1.1656e8ec9ac89p+0', '0x1.05c0ab12f50afp+0',
+        '0x1.101dc3870a2b3p+0',
+    ],
+    'muon/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.684c71e5cd028p+3', '0x1.671a9d76e9083p+3',
+        '0x1.66cb17baa7dccp+3', '0x1.69f27baa573adp+3', '0x1.66203a22d1a33p+3',
+        '0x1.6525345134a2fp+3', '0x1.64e762c01c568p+3', '0x1.6767b2a8ddbf2p+3',
+        '0x1.649bad98214c6p+3', '0x1.63d310490475ep+3', '0x1.639884a268b2dp+3',
+        '0x1.65871fe9fc5d2p+3',
+    ],
     'newton_krylov/mlp': [
         '0x1.6d4d10c966ba6p+3', '0x1.64fd9a75902aep+3', '0x1.63b0aced7f57fp+3',
         '0x1.630ec4c2c5a4cp+3', '0x1.63485aee6c567p+3', '0x1.6371468e7d132p+3',
         '0x1.63d07f1cbaf51p+3', '0x1.60179e01668eep+3', '0x1.62692f950403dp+3',
         '0x1.6166c2653610ap+3', '0x1.630a2174aba49p+3', '0x1.5fc40fce0d07ep+3',
         '0x1.60ad8a467595cp+3',
+    ],
+    'shampoo/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.224304e277b68p+0', '0x1.0f5abfad3ffbep+0',
+        '0x1.10779dcd313d7p+0', '0x1.14a55d834a4f4p+0', '0x1.07f13400c3cb0p+0',
+        '0x1.0b0bb8d8289afp+0', '0x1.0f0de5a6be3b1p+0', '0x1.fa0c440394f74p-1',
+        '0x1.06e3c8308466ap+0', '0x1.0ae75e86e2f2cp+0', '0x1.e9413c047ee1cp-1',
+        '0x1.04053e774c482p+0',
+    ],
+    'shampoo/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.67a6580bc5510p+3', '0x1.65ef9f46e5c5bp+3',
+        '0x1.65496ea2d09cbp+3', '0x1.675ccd193fc25p+3', '0x1.646cecdf7383ap+3',
+        '0x1.63478e9321ffdp+3', '0x1.6265693d43e21p+3', '0x1.63b1ece06f3f3p+3',
+        '0x1.6261acf6ac945p+3', '0x1.6142f877c519bp+3', '0x1.606d1119689f9p+3',
+        '0x1.60b029a79abc7p+3',
+    ],
+    'soap/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.26068f59ef134p+0', '0x1.1c616e4fbed20p+0',
+        '0x1.1d6f4e8fe6c2fp+0', '0x1.14047af319da8p+0', '0x1.108fc327bc664p+0',
+        '0x1.1a0c9463e4839p+0', '0x1.0d44677434b6fp+0', '0x1.0728b3bdd7967p+0',
+        '0x1.16bd413344e11p+0', '0x1.0811177a4c1c8p+0', '0x1.fe0dd3f0fed72p-1',
+        '0x1.139932df3ef29p+0',
+    ],
+    'soap/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.68e2eb298a851p+3', '0x1.678fa639e648bp+3',
+        '0x1.673740ea7f773p+3', '0x1.6a6c10e095ea6p+3', '0x1.65807d2031cb3p+3',
+        '0x1.64c7c586527b8p+3', '0x1.648369c043bedp+3', '0x1.66f84af18d888p+3',
+        '0x1.635fe624e0737p+3', '0x1.62e0d6015fabep+3', '0x1.6277624bad75ap+3',
+        '0x1.643b46bdf43e6p+3',
+    ],
+    'sophia/cnn': [
+        '0x1.1dba709ef2988p+0', '0x1.22430476443a5p+0', '0x1.0fbcf4c6c05c2p+0',
+        '0x1.1086bde5b7335p+0', '0x1.0ed0e64c65613p+0', '0x1.01ee01200f690p+0',
+        '0x1.0e7a083cfd8fbp+0', '0x1.09a8f9021fc7cp+0', '0x1.e2388597be967p-1',
+        '0x1.10a12ec5f03c2p+0', '0x1.0ee9b8e0baccbp+0', '0x1.c028fa8906e9cp-1',
+        '0x1.100ea650c269cp+0',
+    ],
+    'sophia/mlp': [
+        '0x1.6d4d10c966ba6p+3', '0x1.67a69080f66f8p+3', '0x1.65d3745cc2cddp+3',
+        '0x1.6510949c8d9dap+3', '0x1.667f6dea58e8fp+3', '0x1.63dc7fff76aabp+3',
+        '0x1.62d6505682472p+3', '0x1.62860cf9a085fp+3', '0x1.62d30f2c0ade4p+3',
+        '0x1.62c021a7d7efbp+3', '0x1.623cf7cd3a9c3p+3', '0x1.61a256e324b4ap+3',
+        '0x1.60c2594fd7bb0p+3',
     ],
 }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.app.plots import seed_curves
 from engine.app.progress import Progress, format_duration
 from engine.app.runfile import load_run
 from tests.engine.app.test_cli import (SMALL, TINY, _assert_same_run, _cstep, _saved_iterations, _start_child,  # noqa: F401
@@ -244,3 +245,46 @@ def test_compare_over_seeds_reports_median_and_range(tmp_path, capsys):
     assert all(load_run(p).config["max_time"] == 0.05 for p in (tmp_path / "b").glob("*.h5"))
     rc, _, err = _cstep(capsys, "compare", "--net", TINY, "--solvers", "sgd", "--budget", "gpu=3", "--out-dir", tmp_path)
     assert rc == 2 and "cpu=SECONDS or epochs=N" in err
+
+
+def test_compare_over_seeds_counts_diverged_runs_and_draws_the_others(tmp_path, capsys):
+    """SGD at lr 1e6 blows up on every seed: the table counts the diverged runs and their CPU time is
+    what they spent (not the 0 s of the initial checkpoint they keep); the figure's median curve and
+    min-max band are those of the finished runs, recomputed here from the run files."""
+    rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                          "--solvers", "sgd,adam", "--seeds", "1,2,3", "--budget", "epochs=2", "--set", "sgd.lr=1e6",
+                          "--quiet", "--json", "--out-dir", tmp_path)
+    assert rc == 0, err
+    result = json.loads(out)
+    sgd, adam = result["by_solver"]["sgd"], result["by_solver"]["adam"]
+    assert sgd["diverged"] == 3 and adam["diverged"] == 0
+    spent = sorted(r["cpu_seconds_spent"] for r in result["runs"] if r["solver"] == "sgd")
+    assert all(r["training_cpu_seconds"] == 0 for r in result["runs"] if r["solver"] == "sgd")
+    assert spent[0] > 0 and sgd["cpu_seconds"] == {"median": spent[1], "min": spent[0], "max": spent[2]}
+    records = [load_run(r["run"]) for r in result["runs"] if r["solver"] == "adam"]
+    curves = seed_curves(records + [load_run(r["run"]) for r in result["runs"] if r["solver"] == "sgd"])
+    assert (curves["drawn"], curves["diverged"]) == (3, 3)
+    for key in ("train_loss", "test_loss"):
+        ys = [[float(v) for v in rec.history["epochs"][key]] for rec in records]
+        columns = list(zip(*ys))
+        assert list(curves[key][0]) == [sorted(c)[1] for c in columns]
+        assert list(curves[key][1]) == [min(c) for c in columns] and list(curves[key][2]) == [max(c) for c in columns]
+    assert len(curves["epochs"]) == 3  # epochs 0, 1, 2 of the finished runs, not cut by the diverged ones
+
+
+def test_compare_reports_runs_that_all_diverged_in_their_first_epoch(tmp_path, capsys):
+    """Nothing to draw is no reason to drop the table: the diverged runs are still reported (it failed
+    with 'no completed epoch to plot' and printed nothing)."""
+    for seeds in ("1", "1,2"):
+        rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                              "--solvers", "sgd", "--seeds", seeds, "--budget", "epochs=1", "--set", "sgd.lr=1e6",
+                              "--quiet", "--json", "--out-dir", tmp_path / seeds.replace(",", "-"))
+        assert rc == 0, err
+        result = json.loads(out)
+        assert result["plot"] is None and "no figure drawn" in err
+        assert [r["status"] for r in result["runs"]] == ["diverged"] * len(seeds.split(","))
+        if "," in seeds:
+            assert result["by_solver"]["sgd"]["diverged"] == 2
+    rc, out, err = _cstep(capsys, "compare", "--net", TINY, "--n-train", 600, "--n-test", 200, "--batch-size", 100,
+                          "--solvers", "sgd", "--budget", "epochs=1", "--set", "sgd.lr=1e6", "--out-dir", tmp_path / "t")
+    assert rc == 0 and "diverged" in out and "plot: none (no run completed an epoch)" in out
