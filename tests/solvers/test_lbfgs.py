@@ -153,3 +153,19 @@ def test_a_state_from_before_the_ring_is_rebuilt(xp):
     s, y = random_pairs(rng, 1, d)[0]
     back.push(xp.asarray(s), xp.asarray(y))
     numpy.testing.assert_allclose(to_np(back.dense()), dense_bfgs(pairs + [(s, y)], d, 1.0), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype,tol", [(numpy.float64, 1e-12), (numpy.float32, 1e-5)])
+def test_the_rank_one_updates_of_P_do_not_drift(dtype, tol):
+    """P = R^{-1} S is updated by a rank-one term per push, never recomputed: after hundreds of pushes
+    through a small memory it still equals R^{-1} S, and H the dense BFGS matrix of the last pairs."""
+    rng = numpy.random.default_rng(7)
+    d, memory = 12, 5
+    pairs = [(s.astype(dtype), y.astype(dtype)) for s, y in random_pairs(rng, 600, d)]
+    op = CompactLBFGS.empty(d, memory, dtype, numpy)
+    for s, y in pairs:
+        op.push(s, y)
+    P = op.Rinv.astype(float) @ op.S.astype(float)
+    assert numpy.abs(op.L[:, :memory].T - P).max() <= tol * numpy.abs(P).max()
+    H = dense_bfgs([(s.astype(float), y.astype(float)) for s, y in pairs[-memory:]], d, 1.0)
+    assert numpy.abs(op.dense() - H).max() <= tol * numpy.abs(H).max()
