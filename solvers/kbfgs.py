@@ -196,6 +196,9 @@ class _KroneckerQuasiNewton(KroneckerSolver):
     """The shared K-BFGS iteration; subclasses choose the pre-activation-side inverse H_g."""
 
     block_order = "right_first"  # H_g (M^ H_a), as the reference code multiplies
+    #: ``--cuda-graph`` (engine.cuda_graph): the steps past k = 0 update the state in place, with one
+    #: control flow where ``k % graph_period == 0`` (the flushes) and one elsewhere
+    graph_period = FLUSH_EVERY
 
     # --- G side (overridden) -----------------------------------------------------------------
     def init_g_side(self, d_out, xp, dtype) -> dict:
@@ -316,7 +319,8 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 A_lm = A + self.sqrt_damping * xp.eye(A.shape[0], dtype=A.dtype)
                 state[layer_key(i, "H_a")] = symmetrize(xp.linalg.inv(A_lm))
             elif k % FLUSH_EVERY == 0:  # docs/kbfgs.md pitfall 16: guard against any BLAS-order asymmetry
-                state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
+                H_a = state[layer_key(i, "H_a")]
+                H_a[...] = symmetrize(H_a)  # in place: a captured step (engine.cuda_graph) keeps its addresses
                 self._symmetrize_g_side(state, i)
 
     def _update_pairs(self, state, f, pair, rows: int, n: int, flags):
@@ -374,7 +378,8 @@ class KBFGS(_KroneckerQuasiNewton):
         return state[layer_key(i, "H_g")]
 
     def _symmetrize_g_side(self, state, i):
-        state[layer_key(i, "H_g")] = symmetrize(state[layer_key(i, "H_g")])
+        H_g = state[layer_key(i, "H_g")]
+        H_g[...] = symmetrize(H_g)
 
     def _g_update(self, state, i, s, y, g_ref, flags):
         key = layer_key(i, "H_g")

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy
 
 from ..backend import array_module, get_xp, is_device_array, to_device, to_host
+from ..cuda_graph import GraphedStep, check_graphable
 
 __all__ = ["Trainer", "History", "evaluate", "host_scalars", "TrainingDiverged"]
 
@@ -181,7 +182,7 @@ class Trainer:
     """
 
     def __init__(self, model, solver, dataset, batches, seed: int = 9999, dtype=numpy.float32,
-                 eval_chunk: int = 1000, init: str = "numpy", xp=None):
+                 eval_chunk: int = 1000, init: str = "numpy", xp=None, cuda_graph: bool = False):
         self.model, self.solver, self.dataset = model, solver, dataset
         self.dtype = numpy.dtype(dtype)
         n = dataset.x_train.shape[0]
@@ -204,6 +205,12 @@ class Trainer:
         #: around each step on CuPy, the process's CPU time on NumPy (stated in the run file's progress)
         self.clock = CUDA_EVENTS if self.xp is not numpy else PROCESS_TIME
         self.warm_started = not solver.needs_warm_start
+        #: the step: ``solver.step``, or with ``cuda_graph`` its CUDA-graph replay (engine.cuda_graph;
+        #: refused at once where it cannot work)
+        self.step = solver.step
+        if cuda_graph:
+            check_graphable(solver, self.xp)
+            self.step = GraphedStep(solver, self.xp)
 
     # --- state for run files ---------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -341,7 +348,7 @@ class Trainer:
             for _ in range(start_it, per_epoch):
                 x, y = self._batch(self.iterator.next_indices())
                 clock, b0 = _StepClock(self.xp, self.clock), comm.bytes
-                self.params, self.solver_state, info = self.solver.step(self.params, self.solver_state, x, y)
+                self.params, self.solver_state, info = self.step(self.params, self.solver_state, x, y)
                 clock.stop()
                 # the one host sync per iteration: it also waits for the step, so the clocks are honest
                 row = host_scalars(info)
