@@ -25,8 +25,8 @@ A-side updates. No model copy is made.
 State (flat, HDF5-friendly; :class:`solvers.kronecker_solver.KroneckerSolver`): ``k``,
 ``warm_started``, ``m`` (flat momentum) and per Kronecker layer i (index in ``model.layers``)
 ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``, ``layer{i}/y_ema`` and ``layer{i}/H_g``
-(K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}`` (K-BFGS(L); ``count`` is a 0-d integer
-array), keys built by :func:`solvers.kronecker_solver.layer_key`. Parameters that belong to no
+(K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count,head}`` (K-BFGS(L); ``count`` and ``head`` are 0-d integer
+arrays), keys built by :func:`solvers.kronecker_solver.layer_key`. Parameters that belong to no
 Kronecker layer get the plain momentum step -alpha m.
 
 The step is applied through the block operator of the inverse factors,
@@ -148,7 +148,7 @@ def _lbfgs_pair_kernels(spatial: bool):
     Conv2d, as :func:`solvers.damping.double_damping` / :func:`powell_lm_damping`) and its scalars."""
 
     @fused
-    def vectors(xp, s, y, Lu, sy, yHy, ss, sHy, HyHy, gamma, mu1, one_minus_mu1, mu2, one_minus_mu2):
+    def damped_pair(xp, s, y, Lu, sy, yHy, ss, sHy, HyHy, gamma, mu1, one_minus_mu1, mu2, one_minus_mu2):
         fired, th, ss2, sy2 = _powell_stage(xp, ss, sy, yHy, sHy, HyHy, mu1, one_minus_mu1)
         s_d = xp.where(fired, th * s + (1 - th) * (Lu + gamma * y), s)
         if spatial:
@@ -157,7 +157,7 @@ def _lbfgs_pair_kernels(spatial: bool):
         return s_d, xp.where(convex, th2 * y + (1 - th2) * s_d, xp.where(lm, y + shift * s_d, y))
 
     @fused
-    def scalars(xp, ss, sy, yHy, sHy, HyHy, gg, yy, mu1, one_minus_mu1, mu2, one_minus_mu2, c, count, head, p):
+    def pair_scalars(xp, ss, sy, yHy, sHy, HyHy, gg, yy, mu1, one_minus_mu1, mu2, one_minus_mu2, c, count, head, p):
         fired, _, ss2, sy2 = _powell_stage(xp, ss, sy, yHy, sHy, HyHy, mu1, one_minus_mu1)
         if spatial:  # y~ = y + mu2 s~
             lm = ss2 == ss2
@@ -171,7 +171,7 @@ def _lbfgs_pair_kernels(spatial: bool):
         w = advance_formula(xp, count, head, store, p)
         return fired, lm | spatial, store, ~store, sy_d, yy_d, w
 
-    return vectors, scalars
+    return damped_pair, pair_scalars
 
 
 _DENSE_PAIR, _SPATIAL_PAIR = _lbfgs_pair_kernels(False), _lbfgs_pair_kernels(True)
