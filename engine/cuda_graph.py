@@ -89,10 +89,12 @@ class GraphedStep:
         if slot not in self.seen:
             self.seen.add(slot)
             return self.solver.step(params, state, x, y)
-        if self.inputs is None:
-            self.inputs = (xp.empty_like(x), xp.empty_like(y))
+        if self.inputs is None:  # an autoencoder's target is its input: one buffer, as eagerly
+            xb = xp.empty_like(x)
+            self.inputs = (xb, xb if y is x else xp.empty_like(y))
         self.inputs[0][...] = x
-        self.inputs[1][...] = y
+        if self.inputs[1] is not self.inputs[0]:
+            self.inputs[1][...] = y
         if slot not in self.graphs:
             self.graphs[slot] = self._capture(xp, params, state, k)
         if self.graphs[slot] is None:  # not capturable (see self.refused): eager
@@ -106,7 +108,8 @@ class GraphedStep:
     def _fits(self, x, y) -> bool:
         if self.inputs is None:
             return True
-        return all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(self.inputs, (x, y)))
+        same = (y is x) == (self.inputs[1] is self.inputs[0])
+        return same and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(self.inputs, (x, y)))
 
     def _capture(self, xp, params, state, k: int):
         """The slot's (graph, pool, params, state, info), or None when the step replaced a state array
