@@ -14,7 +14,10 @@ prints, in one run:
    (60 iterations of batch 1000, warm start excluded), with the per-iteration time;
 4. the fused kernels against the same formulas op by op (``engine.fuse.unfused``): a K-BFGS, a
    K-FAC and an Adam step of the MNIST autoencoder in float32, interleaved medians (and the
-   launches per step where they can be counted: on the stand-in).
+   launches per step where they can be counted: on the stand-in);
+5. ``--cuda-graph``: K-BFGS and K-BFGS(L) steps replayed from CUDA graphs against eager steps
+   (interleaved blocks of 10 steps) and the two runs' losses over 25 iterations (skipped on the
+   stand-in, which cannot capture).
 
     python benchmarks/gpu_check.py [--data-dir DIR] [--iterations 60] [--repeats 10]
 
@@ -46,6 +49,7 @@ import nets  # noqa: E402
 from engine.backend import cupy_available, synchronize, to_host  # noqa: E402
 from engine.curvature import HessianCS, HessianRop  # noqa: E402
 from engine.fuse import unfused  # noqa: E402
+from engine.cuda_graph import GraphedStep  # noqa: E402
 from solvers import make_solver  # noqa: E402
 
 
@@ -169,7 +173,7 @@ def fusion_timing(cp, x_host, repeats) -> None:
     print(f"\n== fused kernels against the same formulas op by op (MNIST-AE, float32, batch 1000, median of {repeats}, interleaved)")
     model = nets.build("mnist-ae")
     x = cp.asarray(x_host[:1000].astype(numpy.float32))
-    for name in ("kbfgs", "kfac", "adam"):
+    for name in ("kbfgs", "kbfgs_l", "kfac", "adam"):
         params = model.init(seed=9999, dtype=numpy.float32, xp=cp)
         solver = make_solver(name, model)
         state = solver.init(params)
@@ -203,6 +207,41 @@ def fusion_timing(cp, x_host, repeats) -> None:
         print(f"{name}: fused {1e3 * f:8.2f} ms, op by op {1e3 * u:8.2f} ms, ratio {u / f:.2f}x{launches}")
 
 
+def graph_timing(cp, x_host, repeats) -> None:
+    """``--cuda-graph``: K-BFGS and K-BFGS(L) steps replayed from CUDA graphs against eager steps
+    (interleaved blocks of 10 iterations), and the two runs' losses over 25 iterations."""
+    print(f"\n== CUDA graphs (--cuda-graph): MNIST-AE, float32, batch 1000, blocks of 10 steps, median of {repeats}, interleaved")
+    if getattr(cp, "_standin", False):
+        print("skipped: the stand-in cannot capture CUDA graphs (tests/engine/test_cuda_graph.py checks the rest)")
+        return
+    model = nets.build("mnist-ae")
+    x = cp.asarray(x_host[:1000].astype(numpy.float32))
+    for name in ("kbfgs", "kbfgs_l"):
+        runs = {}
+        for graphed in (False, True):
+            params = model.init(seed=9999, dtype=numpy.float32, xp=cp)
+            solver = make_solver(name, model)
+            state = solver.warm_start(params, solver.init(params), [(x, x)])
+            runs[graphed] = {"step": GraphedStep(solver, cp) if graphed else solver.step, "params": params,
+                             "state": state, "losses": []}
+        for k in range(25):  # the same iterations: equal losses (and everything compiled and captured)
+            for r in runs.values():
+                r["params"], r["state"], info = r["step"](r["params"], r["state"], x, x)
+                r["losses"].append(float(info["loss"]))
+        times = {False: [], True: []}
+        for _ in range(repeats):
+            for graphed, r in runs.items():
+                def block(r=r):
+                    for _ in range(10):
+                        r["params"], r["state"], _ = r["step"](r["params"], r["state"], x, x)
+                times[graphed].append(timed(cp, block) / 10)
+        e, g = statistics.median(times[False]), statistics.median(times[True])
+        diff = max(abs(a - b) / abs(a) for a, b in zip(runs[False]["losses"], runs[True]["losses"]))
+        print(f"{name}: eager {1e3 * e:7.2f} ms/step, graph {1e3 * g:7.2f} ms/step, ratio {e / g:.2f}x; "
+              f"25-step losses graph vs eager: max rel diff {diff:.1e}; replays {runs[True]['step'].replays}, "
+              f"refused {runs[True]['step'].refused or 'none'}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("CSTEP_DATA_DIR"))
@@ -223,6 +262,7 @@ def main(argv=None) -> int:
     pass_timings(cp, x_host, args.repeats)
     epoch_timing(cp, x_host, source, args.iterations)
     fusion_timing(cp, x_host, max(3, args.repeats // 2))
+    graph_timing(cp, x_host, max(3, args.repeats // 2))
     return 0
 
 

@@ -141,6 +141,12 @@ class BatchIterator:
         self._advance()
         return idx
 
+    def peek_indices(self) -> np.ndarray:
+        """The indices :meth:`next_indices` returns next, without advancing (a new epoch's order is
+        drawn when the previous epoch ends, so the next batch is always known)."""
+        start = self._position * self.batch_size
+        return self._order[start:start + self.batch_size].copy()
+
     def __iter__(self):
         return self
 

@@ -25,8 +25,8 @@ A-side updates. No model copy is made.
 State (flat, HDF5-friendly; :class:`solvers.kronecker_solver.KroneckerSolver`): ``k``,
 ``warm_started``, ``m`` (flat momentum) and per Kronecker layer i (index in ``model.layers``)
 ``layer{i}/A``, ``layer{i}/H_a``, ``layer{i}/s_ema``, ``layer{i}/y_ema`` and ``layer{i}/H_g``
-(K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count}`` (K-BFGS(L); ``count`` is a 0-d integer
-array), keys built by :func:`solvers.kronecker_solver.layer_key`. Parameters that belong to no
+(K-BFGS) or ``layer{i}/lbfgs/{S,Y,Rinv,YY,D,L,Rm,count,head}`` (K-BFGS(L); ``count`` and ``head`` are 0-d integer
+arrays), keys built by :func:`solvers.kronecker_solver.layer_key`. Parameters that belong to no
 Kronecker layer get the plain momentum step -alpha m.
 
 The step is applied through the block operator of the inverse factors,
@@ -73,14 +73,14 @@ import numpy
 from engine.backend import array_module
 from engine.curvature.kronecker import (KroneckerBlockOperator, KronFactors, ema_, ema_homogeneous_second_moment_, flush_subnormals_,
                                         column_mean, homogeneous_mean, kron_factors, secant_means)
-from engine.fuse import fused
+from engine.fuse import device_arange, fused
 
 from .base import Hyper, positive, register, unit_interval
-from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, inner_products, matvec, symmetrize
-from .damping import double_damping, powell_damping
+from .bfgs import SKIP_CONSTANT, bfgs_inverse_update, matvec, symmetrize
+from .damping import double_damping, lm_coefficients, powell_coefficients, powell_damping
 from .hessian_action import HESSIAN_ACTION_VARIANTS, hessian_action_update, hessian_action_vector
 from .kronecker_solver import FLUSH_EVERY, KroneckerSolver, layer_key
-from .lbfgs import CompactLBFGS
+from .lbfgs import CompactLBFGS, advance_formula
 
 __all__ = ["KBFGS", "KBFGSL", "powell_lm_damping"]
 
@@ -126,10 +126,55 @@ def _pair_ema_(xp, s_ema, y_ema, s, y, y_scale, decay, weight, threshold):
 
 
 @fused
-def _store_flag(xp, ss, sy, gg, skip_constant):
-    """K-BFGS(L)'s (store, not stored) flags of a damped pair from s~^T s~, s~^T y~ and ||g_ref||^2."""
-    store = (sy > skip_constant * ss * xp.sqrt(gg)) & xp.isfinite(ss) & xp.isfinite(sy) & (sy > 0)
-    return store, ~store
+def _lbfgs_products(xp, sel, s, y, Lu, g, gamma):
+    """(s^T s, s^T y, y^T H y, s^T H y, ||H y||^2, g^T g, y^T y) with H y = L (Rm y) + gamma y, one reduction."""
+    Hy = Lu + gamma * y  # as CompactLBFGS.apply adds it
+    prod = xp.where(sel == 0, s * s, xp.where(sel == 1, s * y, xp.where(sel == 2, y * Hy, xp.where(
+        sel == 3, s * Hy, xp.where(sel == 4, Hy * Hy, xp.where(sel == 5, g * g, y * y))))))
+    return xp.sum(prod, axis=1)
+
+
+def _powell_stage(xp, ss, sy, yHy, sHy, HyHy, mu1, one_minus_mu1):
+    """Powell's (fired, theta1) and, of s~ = theta1 s + (1 - theta1) H y, s~^T s~ and s~^T y from the
+    inner products of s, y and H y (a formula)."""
+    fired, th = powell_coefficients(xp, sy, yHy, mu1, one_minus_mu1)
+    ph = 1 - th
+    ss2 = xp.where(fired, th * th * ss + 2 * (th * ph) * sHy + ph * ph * HyHy, ss)
+    return fired, th, ss2, xp.where(fired, th * sy + ph * yHy, sy)
+
+
+def _lbfgs_pair_kernels(spatial: bool):
+    """(vectors, scalars): K-BFGS(L)'s damped pair (Powell, then B = I for Dense or LM on H^{-1} for
+    Conv2d, as :func:`solvers.damping.double_damping` / :func:`powell_lm_damping`) and its scalars."""
+
+    @fused
+    def damped_pair(xp, s, y, Lu, sy, yHy, ss, sHy, HyHy, gamma, mu1, one_minus_mu1, mu2, one_minus_mu2):
+        fired, th, ss2, sy2 = _powell_stage(xp, ss, sy, yHy, sHy, HyHy, mu1, one_minus_mu1)
+        s_d = xp.where(fired, th * s + (1 - th) * (Lu + gamma * y), s)
+        if spatial:
+            return s_d, y + mu2 * s_d
+        lm, convex, th2, shift = lm_coefficients(xp, ss2, sy2, mu2, one_minus_mu2)
+        return s_d, xp.where(convex, th2 * y + (1 - th2) * s_d, xp.where(lm, y + shift * s_d, y))
+
+    @fused
+    def pair_scalars(xp, ss, sy, yHy, sHy, HyHy, gg, yy, mu1, one_minus_mu1, mu2, one_minus_mu2, c, count, head, p):
+        fired, _, ss2, sy2 = _powell_stage(xp, ss, sy, yHy, sHy, HyHy, mu1, one_minus_mu1)
+        if spatial:  # y~ = y + mu2 s~
+            lm = ss2 == ss2
+            sy_d, yy_d = sy2 + mu2 * ss2, yy + 2 * (mu2 * sy2) + mu2 * (mu2 * ss2)
+        else:  # y~ = a y + b s~
+            lm, convex, th2, shift = lm_coefficients(xp, ss2, sy2, mu2, one_minus_mu2)
+            a = xp.where(convex, th2, 1)
+            b = xp.where(convex, 1 - th2, xp.where(lm, shift, 0))
+            sy_d, yy_d = a * sy2 + b * ss2, a * a * yy + 2 * (a * b) * sy2 + b * b * ss2
+        store = (sy_d > c * ss2 * xp.sqrt(gg)) & xp.isfinite(ss2) & xp.isfinite(sy_d) & (sy_d > 0)
+        w = advance_formula(xp, count, head, store, p)
+        return fired, lm | spatial, store, ~store, sy_d, yy_d, w
+
+    return damped_pair, pair_scalars
+
+
+_DENSE_PAIR, _SPATIAL_PAIR = _lbfgs_pair_kernels(False), _lbfgs_pair_kernels(True)
 
 
 def _kbfgs_hyperparameters() -> dict[str, Hyper]:
@@ -151,6 +196,9 @@ class _KroneckerQuasiNewton(KroneckerSolver):
     """The shared K-BFGS iteration; subclasses choose the pre-activation-side inverse H_g."""
 
     block_order = "right_first"  # H_g (M^ H_a), as the reference code multiplies
+    #: ``--cuda-graph`` (engine.cuda_graph): the steps past k = 0 update the state in place, with one
+    #: control flow where ``k % graph_period == 0`` (the flushes) and one elsewhere
+    graph_period = FLUSH_EVERY
 
     # --- G side (overridden) -----------------------------------------------------------------
     def init_g_side(self, d_out, xp, dtype) -> dict:
@@ -271,7 +319,8 @@ class _KroneckerQuasiNewton(KroneckerSolver):
                 A_lm = A + self.sqrt_damping * xp.eye(A.shape[0], dtype=A.dtype)
                 state[layer_key(i, "H_a")] = symmetrize(xp.linalg.inv(A_lm))
             elif k % FLUSH_EVERY == 0:  # docs/kbfgs.md pitfall 16: guard against any BLAS-order asymmetry
-                state[layer_key(i, "H_a")] = symmetrize(state[layer_key(i, "H_a")])
+                H_a = state[layer_key(i, "H_a")]
+                H_a[...] = symmetrize(H_a)  # in place: a captured step (engine.cuda_graph) keeps its addresses
                 self._symmetrize_g_side(state, i)
 
     def _update_pairs(self, state, f, pair, rows: int, n: int, flags):
@@ -329,7 +378,8 @@ class KBFGS(_KroneckerQuasiNewton):
         return state[layer_key(i, "H_g")]
 
     def _symmetrize_g_side(self, state, i):
-        state[layer_key(i, "H_g")] = symmetrize(state[layer_key(i, "H_g")])
+        H_g = state[layer_key(i, "H_g")]
+        H_g[...] = symmetrize(H_g)
 
     def _g_update(self, state, i, s, y, g_ref, flags):
         key = layer_key(i, "H_g")
@@ -361,13 +411,22 @@ class KBFGSL(_KroneckerQuasiNewton):
         return self._lbfgs(state, i)
 
     def _g_update(self, state, i, s, y, g_ref, flags):
+        """The damping of :meth:`_damp` and the section 5 store rule (y~^T s~ > c s~^T s~ ||mean g||,
+        s~^T s~ finite) in three kernels: one reduction of s, y, H y = gamma y + L (Rm y) and g_ref
+        (H y never formed), the damped pair, and the scalars (flags, s~^T y~ and y~^T y~ from the
+        reduction, the memory's count and head advanced); then the in-place push."""
         op = self._lbfgs(state, i)
-        s_d, y_d, powell, lm = self._damp(i, s, y, op)
-        # section 5: store the pair only if y~^T s~ > c s~^T s~ ||mean g|| and s~^T s~ is finite;
-        # decided and applied on the device (no host sync): one reduction, one flag kernel
-        dots = inner_products((s_d, s_d), (s_d, y_d), (g_ref, g_ref))
-        store, skipped = _store_flag(dots[0], dots[1], dots[2], self.skip_constant)
-        op.push(s_d, y_d, store)
+        xp = array_module(s, y)
+        Lu = matvec(op.L, matvec(op.Rm, y))
+        dots = _lbfgs_products(device_arange(xp, 7)[:, None], s[None, :], y[None, :], Lu[None, :], g_ref[None, :], op.gamma)
+        ss, sy, yHy, sHy, HyHy, gg, yy = (dots[j] for j in range(7))
+        spatial = i in self.spatial
+        vectors, scalars = _SPATIAL_PAIR if spatial else _DENSE_PAIR
+        mu = (self.mu1, 1 - self.mu1, self.sqrt_damping, 1 - self.sqrt_damping)
+        s_d, y_d = vectors(s, y, Lu, sy, yHy, ss, sHy, HyHy, op.gamma, *mu)
+        powell, lm, store, skipped, delta, yy_d, w = scalars(ss, sy, yHy, sHy, HyHy, gg, yy, *mu, self.skip_constant,
+                                                             op.count, op.head, op.memory)
+        op.push(s_d, y_d, store, delta=delta, yy=yy_d, slot=w)
         state.update(op.to_state(layer_key(i, "lbfgs/")))
         self._count(flags, powell, lm, skipped)
 

@@ -10,31 +10,37 @@ S Y^T (R_ij = s_i^T y_j for i <= j), D = diag(s_i^T y_i) and initial matrix gamm
     L  = [S^T R^{-T},  gamma Y^T]                              (d x 2m)
     Rm = [(D + gamma Y Y^T) R^{-1} S - gamma Y ;  -R^{-1} S]     (2m x d)
 
-so applying H to a d x k matrix costs two GEMMs. R^{-1} is kept and updated by bordering when a
-pair is appended,
+so applying H to a d x k matrix costs two GEMMs.
 
-    R+ = [[R, b], [0, delta]],  R+^{-1} = [[R^{-1}, -R^{-1} b / delta], [0, 1 / delta]],
-    b = S y_new, delta = s_new^T y_new,
+The memory is a ring of ``memory`` slots: the pairs live in the slots ``head, head + 1, ...``
+(mod ``memory``, oldest first), ``count`` of them; rows and columns of empty slots are zero. Every
+quantity above is a sum over the pairs, so it does not depend on the slots' order once R^{-1}
+is kept in slot coordinates (it is upper triangular in age order). Appending a pair writes slot
+w = (head + count) mod memory (the oldest slot when full, which drops that pair) and borders:
 
-and dropping the oldest pair takes the trailing (m-1) x (m-1) block of R^{-1} (R is upper
-triangular, so that block is the inverse of R's trailing block). This equals the matrix the BFGS
-inverse recursion builds from gamma I with the same pairs (tested against it).
+    R+^{-1}[:, w] = -R^{-1} b / delta (kept rows),  R+^{-1}[w, w] = 1 / delta,  R+^{-1}[w, :] = 0 else,
+    b = S y_new, delta = s_new^T y_new.
 
-The operator lives in fixed-capacity arrays plus a fill count, so it round-trips through the
-solver state (HDF5) exactly: :meth:`CompactLBFGS.to_state` / :meth:`CompactLBFGS.from_state`.
-The count is a 0-d integer array of the arrays' module, and :meth:`CompactLBFGS.push` takes the
-"store this pair?" decision as a 0-d boolean array, so on a GPU the whole memory update runs
-on the device with no host synchronisation (DESIGN.md convention 5):
+Dropping the oldest pair needs no work: its column of R^{-1} is zero but for the diagonal (no pair
+is older) and its row is overwritten, and the trailing block of R^{-1} in age order is the
+inverse of R's trailing block. With P = R^{-1} S kept in L, R^{-1} b = P y_new on the kept rows
+(the dropped pair's column is zero there), and the new P is a rank-one update of the old one,
 
-* **NumPy** (the count and the flag are host values, reading them is free): the leading
-  ``count`` rows are sliced and updated in place, as above.
-* **CuPy**: the arrays are used at full capacity; the rows and columns beyond the count are
-  zero, so the products over them add zeros (the same values up to rounding order). Dropping
-  the oldest pair is a gather with a device-side index, writing the new pair a ``where`` on
-  one-hot masks of the device-side count, and a pair that is not stored selects nothing.
+    P+[i] = P[i] - (R^{-1} b)_i / delta * s_new  (i != w),   P+[w] = s_new / delta,
 
-Both keep the same layout (the cached L and Rm packed to their leading ``2 count``
-columns/rows), so a state moves between backends.
+so a push is one GEMV (L^T y_new = [P y_new; gamma Y y_new]), a few elementwise kernels and one
+GEMM (the top block of Rm), all in place (fixed addresses: a push can be captured in a CUDA graph).
+This equals the matrix the BFGS inverse recursion builds from gamma I with the same pairs (tested
+against it).
+
+Layout: L = [P^T, gamma Y^T] and Rm = [(D + gamma Y Y^T) P - gamma Y; -P], with the pairs' slots
+as columns/rows (p each). The operator lives in these fixed-capacity arrays plus ``count`` and
+``head`` (0-d integer arrays of the arrays' module), so it round-trips through the solver state
+(HDF5) exactly: :meth:`CompactLBFGS.to_state` / :meth:`CompactLBFGS.from_state`. The "store this
+pair?" decision is a 0-d boolean array, so on a GPU the whole memory update runs on the device with
+no host synchronisation (DESIGN.md convention 5), and NumPy runs the same formulas op by op (the
+same numbers on both backends). A state written before the ring (no ``head``; L and Rm packed to
+their leading ``2 count`` columns/rows) is the ring with head 0: its L and Rm are rebuilt on load.
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ from engine.backend import array_module, get_xp
 from engine.fuse import device_arange, fused
 from engine.ops import add_scaled_
 
-from .bfgs import matvec
+from .bfgs import inner_products, matvec
 
-__all__ = ["CompactLBFGS"]
+__all__ = ["CompactLBFGS", "advance_formula"]
 
 _FIELDS = ("S", "Y", "Rinv", "YY", "D", "L", "Rm")
 
@@ -56,17 +62,21 @@ class CompactLBFGS:
     """L-BFGS inverse-Hessian operator in compact form, ``memory`` pairs of length ``dim``.
 
     Arrays (capacity p = ``memory``): ``S``, ``Y`` (p x d), ``Rinv``, ``YY`` (p x p), ``D`` (p),
-    cached ``L`` (d x 2p) and ``Rm`` (2p x d), of which the leading ``count`` rows/columns
-    (``2 count`` for L and Rm) are valid and the rest are zero. ``count`` is a 0-d integer array
-    of the same module. An empty memory is gamma I.
+    cached ``L`` (d x 2p) and ``Rm`` (2p x d) in slot coordinates (see the module docstring), the
+    0-d integer arrays ``count`` and ``head``. An empty memory is gamma I.
     """
 
-    def __init__(self, S, Y, Rinv, YY, D, L, Rm, count, gamma: float = 1.0):
+    def __init__(self, S, Y, Rinv, YY, D, L, Rm, count, gamma: float = 1.0, head=None):
         self.S, self.Y, self.Rinv, self.YY, self.D, self.L, self.Rm = S, Y, Rinv, YY, D, L, Rm
         xp = array_module(S)
         # a Python int (a run file written before the count moved to the device) becomes an array
         self.count = count if isinstance(count, xp.ndarray) else xp.asarray(count, dtype=numpy.int64)
         self.gamma = float(gamma)
+        if head is None:  # a state from before the ring: oldest pair in row 0, L and Rm packed
+            self.head = xp.zeros((), dtype=numpy.int64)
+            self._rebuild()
+        else:
+            self.head = head if isinstance(head, xp.ndarray) else xp.asarray(head, dtype=numpy.int64)
 
     @classmethod
     def empty(cls, dim: int, memory: int, dtype, xp=None, gamma: float = 1.0) -> "CompactLBFGS":
@@ -75,7 +85,8 @@ class CompactLBFGS:
         xp = xp or get_xp()
         z = lambda *shape: xp.zeros(shape, dtype=dtype)  # noqa: E731
         return cls(z(memory, dim), z(memory, dim), z(memory, memory), z(memory, memory), z(memory),
-                   z(dim, 2 * memory), z(2 * memory, dim), xp.zeros((), dtype=numpy.int64), gamma)
+                   z(dim, 2 * memory), z(2 * memory, dim), xp.zeros((), dtype=numpy.int64), gamma,
+                   head=xp.zeros((), dtype=numpy.int64))
 
     @property
     def memory(self) -> int:
@@ -95,32 +106,34 @@ class CompactLBFGS:
     def dtype(self):
         return self.S.dtype
 
-    @property
-    def _on_host(self) -> bool:
-        return array_module(self.S) is numpy
-
     # --- state ----------------------------------------------------------------------------
     def to_state(self, prefix: str) -> dict:
         """Flat state entries ``prefix + name`` (arrays are shared, not copied)."""
         out = {prefix + name: getattr(self, name) for name in _FIELDS}
         out[prefix + "count"] = self.count
+        out[prefix + "head"] = self.head
         return out
 
     @classmethod
     def from_state(cls, state: dict, prefix: str, gamma: float = 1.0) -> "CompactLBFGS":
-        return cls(*(state[prefix + name] for name in _FIELDS), state[prefix + "count"], gamma)
+        return cls(*(state[prefix + name] for name in _FIELDS), state[prefix + "count"], gamma,
+                   head=state.get(prefix + "head"))
+
+    def _rebuild(self) -> None:
+        """L and Rm from S, Y, R^{-1}, Y Y^T, D in the ring layout (O(p^2 d); a state from before the ring)."""
+        xp = array_module(self.S)
+        p, g = self.memory, self.gamma
+        rows = device_arange(xp, p)
+        P = self.Rinv @ self.S
+        top = _middle(self.YY, self.D[None, :], rows[:, None], rows[None, :], g) @ P
+        self.L = xp.ascontiguousarray(xp.concatenate([P, g * self.Y]).T)
+        self.Rm = xp.concatenate([top - g * self.Y, -P])
 
     # --- operator -------------------------------------------------------------------------
     def apply(self, X):
-        """H X for a vector (d,) or a matrix (d, k): gamma X + L (Rm X), two GEMMs."""
-        if self._on_host:
-            m = int(self.count)
-            if m == 0:
-                return self.gamma * X
-            L, Rm = self.L[:, : 2 * m], self.Rm[: 2 * m]
-        else:  # full capacity: the columns of L and rows of Rm beyond 2 count are zero
-            L, Rm = self.L, self.Rm
-        out = matvec(L, matvec(Rm, X))
+        """H X for a vector (d,) or a matrix (d, k): gamma X + L (Rm X), two GEMMs (the empty
+        slots' columns of L and rows of Rm are zero, so they add zeros)."""
+        out = matvec(self.L, matvec(self.Rm, X))
         add_scaled_(out, X, self.gamma)
         return out
 
@@ -131,174 +144,98 @@ class CompactLBFGS:
         xp = array_module(self.S)
         return self.apply(xp.eye(self.dim, dtype=self.S.dtype))
 
-    def push(self, s, y, store=True) -> None:
+    def age_order(self):
+        """The slots from the oldest pair to the newest (host ints; for tests and inspection)."""
+        head, count = int(self.head), int(self.count)
+        return [(head + j) % self.memory for j in range(count)]
+
+    def push(self, s, y, store=True, *, delta=None, yy=None, slot=None) -> None:
         """Append the pair (s, y) where ``store`` holds, dropping the oldest if full.
 
         ``store`` is a bool or a 0-d boolean array (s^T y > 0 is the caller's check); on a
-        device it is never read on the host.
-        """
-        if self._on_host:
-            if bool(store):
-                self._push_host(s, y)
-        else:
-            self._push_device(s, y, store)
-
-    def _push_host(self, s, y) -> None:
-        p = self.memory
-        m = int(self.count)
-        if m == p:  # drop the oldest pair: shift rows, keep the trailing block of R^{-1}
-            self.S[:-1] = self.S[1:].copy()
-            self.Y[:-1] = self.Y[1:].copy()
-            self.Rinv[:-1, :-1] = self.Rinv[1:, 1:].copy()
-            self.YY[:-1, :-1] = self.YY[1:, 1:].copy()
-            self.D[:-1] = self.D[1:].copy()
-            m -= 1
-        xp = array_module(self.S, s, y)
-        delta = xp.dot(s, y)
-        b = matvec(self.S[:m], y)
-        self.Rinv[:m, m] = -matvec(self.Rinv[:m, :m], b) / delta
-        self.Rinv[m, :m] = 0
-        self.Rinv[m, m] = 1 / delta
-        yy = matvec(self.Y[:m], y)
-        self.YY[:m, m] = yy
-        self.YY[m, :m] = yy
-        self.YY[m, m] = xp.dot(y, y)
-        self.D[m] = delta
-        self.S[m] = s
-        self.Y[m] = y
-        self.count[...] = m + 1
-        self._rebuild_host(m + 1)
-
-    def _rebuild_host(self, m: int) -> None:
-        """Recompute the cached L and Rm from S, Y, R^{-1}, YY, D (O(m^2 d))."""
-        xp = array_module(self.S)
-        g = self.gamma
-        P = self.Rinv[:m, :m] @ self.S[:m]                    # R^{-1} S  (m x d)
-        middle = g * self.YY[:m, :m]
-        middle[xp.arange(m), xp.arange(m)] += self.D[:m]      # D + gamma Y Y^T
-        self.L[:, :m] = P.T
-        self.L[:, m: 2 * m] = g * self.Y[:m].T
-        self.Rm[:m] = middle @ P - g * self.Y[:m]
-        self.Rm[m: 2 * m] = -P
-
-    def _push_device(self, s, y, store) -> None:
-        """:meth:`_push_host` at full capacity with the count and the decision on the device.
-
-        The arrays are replaced (not updated in place); callers keep them through :meth:`to_state`.
-        The index bookkeeping, the bordering of R^{-1} and Y Y^T, the new rows and the packing of
-        L and Rm are fused kernels (about 25 launches per push instead of 56).
+        device it is never read on the host. ``delta`` = s^T y and ``yy`` = y^T y (0-d) may come
+        from the caller (K-BFGS(L) has them from its damping); otherwise one fused reduction.
+        ``slot``: the slot to write when the caller has already advanced ``count`` and ``head``
+        (with :func:`advance_formula` inside its own kernel).
         """
         xp = array_module(self.S, s, y)
-        p, g = self.memory, self.gamma
         store = xp.asarray(store, dtype=bool)
+        if delta is None or yy is None:
+            dots = inner_products((s, y), (y, y))
+            delta, yy = dots[0], dots[1]
+        p, g = self.memory, self.gamma
         rows = device_arange(xp, p)
-        full, m, n = _push_counts(self.count, store, p)
-        # drop the oldest pair when storing into a full memory: row j <- row j + 1 (the last row
-        # is overwritten by the new pair below); an identity gather otherwise
-        src, before, at = _push_rows(rows, full, m, store, p)
-        S, Y, D = self.S[src], self.Y[src], self.D[src]
-        Rinv = self.Rinv[src[:, None], src[None, :]]
-        YY = self.YY[src[:, None], src[None, :]]
-        dots = _dots_sy_yy(s, y)
-        delta = _where_store(store, dots[0])
-        b = _masked(before, matvec(S, y))
-        Rinv = _border_rinv(Rinv, matvec(Rinv, b)[:, None], before[:, None], at[:, None], at[None, :], delta)
-        Yy = matvec(Y, y)
-        YY = _border_yy(YY, Yy[:, None], Yy[None, :], before[:, None], before[None, :], at[:, None], at[None, :], dots[1])
-        D = _set_at(at, delta, D)
-        S, Y = _set_rows(at[:, None], s[None, :], y[None, :], S, Y)
-        # cached L and Rm, packed as on the host: columns/rows [0, n) from R^{-1} S, [n, 2n) from Y.
-        # Rows of S, Y, R^{-1} beyond n are zero, so the products over them add zeros.
-        P = Rinv @ S
-        top = _middle(YY, D[None, :], rows[:, None], rows[None, :], g) @ P
-        _subtract_scaled_(top, Y, g)
-        idx, from_y = _pack_index(device_arange(xp, 2 * p), n, p)
-        # beyond 2n: a zero row of Y or P
-        self.L = xp.ascontiguousarray(_scale_columns(xp.concatenate([P, Y])[idx].T, from_y[None, :], g))  # no copy: a kernel's output is C-ordered
-        self.Rm = _negate_rows(xp.concatenate([top, P])[idx], from_y[:, None])
-        self.S, self.Y, self.D, self.Rinv, self.YY = S, Y, D.astype(self.S.dtype, copy=False), Rinv, YY
-        self.count = n
+        w = _advance_(self.count, self.head, store, p) if slot is None else slot  # count and head move on
+        LTy = matvec(self.L.T, y)                         # [P y; gamma Y y] (old P, old Y)
+        Rb, gYy = LTy[:p], LTy[p:]
+        _set_at_(self.D, rows, w, store, delta)
+        middle = _border_(self.Rinv, self.YY, Rb[:, None], gYy[:, None], gYy[None, :], self.D[None, :],
+                          rows[:, None], rows[None, :], w, store, delta, yy, g)
+        _new_rows_(self.S, self.Y, self.L[:, :p].T, self.L[:, p:].T, self.Rm[p:], s[None, :], y[None, :],
+                   Rb[:, None], rows[:, None], w, store, delta, g)
+        _top_(self.Rm[:p], middle @ self.Rm[p:], self.Y, g)  # (D + gamma Y Y^T) P - gamma Y, with Rm's -P
 
 
-# --- the fused pieces of a device-side push (:meth:`CompactLBFGS._push_device`) -------------------
-@fused
-def _push_counts(xp, count, store, p):
-    full = store & (count == p)
-    m = count - full  # the index of the new pair
-    return full, m, m + store  # the new count
+# --- the fused pieces of a push (:meth:`CompactLBFGS.push`) ----------------------------------------
+def write_slot(xp, count, head, store, p):
+    """(w, full): the slot a stored pair goes to and whether it drops the oldest (a formula)."""
+    full = count == p
+    return (head + count) % p, full
+
+
+def advance_formula(xp, count, head, store, p):
+    """Advance ``count`` and ``head`` in place for a push (where ``store``); returns the slot written
+    (a formula for fused kernels; :meth:`CompactLBFGS.push` with ``slot``)."""
+    w, full = write_slot(xp, count, head, store, p)
+    new_count = xp.where(store & ~full, count + 1, count)
+    new_head = xp.where(store & full, (head + 1) % p, head)
+    count[...] = new_count
+    head[...] = new_head
+    return w  # computed before the writes
 
 
 @fused
-def _push_rows(xp, rows, full, m, store, p):
-    src = xp.where(full, xp.minimum(rows + 1, p - 1), rows)
-    return src, rows < m, (rows == m) & store
-
-
-def _dots_sy_yy(s, y):
-    return _pair_dots(s[None, :], y[None, :], device_arange(array_module(s), 2)[:, None])
+def _advance_(xp, count, head, store, p):
+    return advance_formula(xp, count, head, store, p)
 
 
 @fused
-def _pair_dots(xp, s, y, sel):
-    return xp.sum(xp.where(sel == 0, s * y, y * y), axis=1)  # (s^T y, y^T y)
+def _set_at_(xp, D, rows, w, store, delta):
+    D[...] = xp.where((rows == w) & store, delta, D)
 
 
 @fused
-def _where_store(xp, store, sy):
-    return xp.where(store, sy, 1)
+def _border_(xp, Rinv, YY, Rb_col, gYy_col, gYy_row, D_row, r_col, r_row, w, store, delta, yy, g):
+    """R^{-1} and Y Y^T bordered in place at slot w (where ``store``); returns D + gamma Y Y^T."""
+    at_r, at_c = (r_col == w) & store, (r_row == w) & store
+    inv_delta = 1 / xp.where(store, delta, 1)
+    rinv = xp.where(at_c, xp.where(at_r, inv_delta, -Rb_col * inv_delta), xp.where(at_r, 0, Rinv))
+    yy_new = xp.where(at_c, xp.where(at_r, yy, gYy_col / g), xp.where(at_r, gYy_row / g, YY))
+    Rinv[...] = rinv
+    YY[...] = yy_new
+    return g * yy_new + xp.where(r_col == r_row, D_row, 0)
 
 
 @fused
-def _masked(xp, mask, v):
-    return xp.where(mask, v, 0)
+def _new_rows_(xp, S, Y, PT, gYT, Rm_low, s_row, y_row, Rb_col, r_col, w, store, delta, g):
+    """Slot w of S and Y (where ``store``), P's rank-one update into L's left block (transposed) and
+    Rm's lower block (-P), and gamma Y into L's right block."""
+    at = (r_col == w) & store
+    inv_delta = 1 / xp.where(store, delta, 1)
+    P_new = xp.where(at, inv_delta * s_row, xp.where(store, PT + (-Rb_col * inv_delta) * s_row, PT))
+    Y_new = xp.where(at, y_row, Y)
+    S[...] = xp.where(at, s_row, S)
+    Y[...] = Y_new
+    PT[...] = P_new
+    Rm_low[...] = -P_new
+    gYT[...] = g * Y_new
 
 
 @fused
-def _border_rinv(xp, Rinv, Rb, before_col, at_col, at_row, delta):
-    inv_delta = 1 / delta
-    col = xp.where(before_col, -Rb * inv_delta, xp.where(at_col, inv_delta, 0))
-    row = xp.where(at_row, inv_delta, 0)
-    return xp.where(at_row, col, xp.where(at_col, row, Rinv))
-
-
-@fused
-def _border_yy(xp, YY, Yy_col, Yy_row, before_col, before_row, at_col, at_row, yy):
-    col = xp.where(before_col, Yy_col, xp.where(at_col, yy, 0))
-    row = xp.where(before_row, Yy_row, xp.where(at_row, yy, 0))
-    return xp.where(at_row, col, xp.where(at_col, row, YY))
-
-
-@fused
-def _set_at(xp, at, value, D):
-    return xp.where(at, value, D)
-
-
-@fused
-def _set_rows(xp, at_col, s_row, y_row, S, Y):
-    return xp.where(at_col, s_row, S), xp.where(at_col, y_row, Y)
+def _top_(xp, Rm_top, M_negP, Y, g):
+    Rm_top[...] = -M_negP - g * Y
 
 
 @fused
 def _middle(xp, YY, D_row, r_col, r_row, g):
     return g * YY + xp.where(r_col == r_row, D_row, 0)  # D + gamma Y Y^T
-
-
-@fused
-def _subtract_scaled_(xp, top, Y, g):
-    top -= g * Y
-
-
-@fused
-def _pack_index(xp, j, n, p):
-    idx = xp.minimum(xp.where(j < n, j, p + j - n), 2 * p - 1)
-    return idx, idx >= p
-
-
-@fused
-def _scale_columns(xp, LT, from_y, g):
-    return xp.where(from_y, LT * g, LT)  # a fresh C-contiguous (d, 2p) array, in LT's dtype
-
-
-@fused
-def _negate_rows(xp, R, from_y):
-    return xp.where(from_y, -R, R)

@@ -219,6 +219,12 @@ class ndarray:
             return out
         return numpy.array(self._a, order=order)
 
+    def set(self, arr, stream=None):
+        """A host-to-device copy into this array (asynchronous on CuPy from pinned memory)."""
+        counters.h2d += 1
+        counters.h2d_bytes += int(numpy.asarray(arr).nbytes)
+        self._a[...] = arr
+
     def item(self, *args):
         _sync("ndarray.item")
         counters.d2h += 1
@@ -976,6 +982,17 @@ def _cupyx_scipy():
 # --- cuda: one pretend device -------------------------------------------------------------------
 class _Stream:
     ptr = 0  # the default stream's handle
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=0):
+        pass
+
+    def record(self, event=None):
+        event = event or _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        pass  # the stand-in runs every operation at once, in order
 
     def synchronize(self):
         counters.syncs["stream.synchronize"] += 1

@@ -128,6 +128,9 @@ def _add_training_options(p, *, for_compare: bool = False) -> None:
                    help=f"also write a checkpoint when SECONDS of wall time have passed since the last one (default "
                         f"{DEFAULT_CHECKPOINT_EVERY_S:g}; 0: only by iterations and epochs). SIGINT/SIGTERM always save one at "
                         "the next iteration boundary before exiting; a second signal exits at once")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="CuPy only, K-BFGS and K-BFGS(L): capture the steady-state step (and the flush step) in CUDA graphs "
+                        "and replay them (recorded in the run file; refused on NumPy; docs/gpu.md)")
     t.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
                    help=f"BLAS threads (default {DEFAULT_THREADS}: the same figures on every machine; recorded in the run "
                         "file; float32 trajectories of K-BFGS depend on the thread count)")

@@ -31,7 +31,8 @@ from .train import Trainer, TrainingDiverged
 
 
 def make_trainer(model, solver, dataset, batch_size: int = 1000, seed: int = 9999, dtype=numpy.float32,
-                 eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy", order: str = "pcg64", xp=None) -> Trainer:
+                 eval_chunk: int = 1000, shuffle: bool = True, init: str = "numpy", order: str = "pcg64", xp=None,
+                 cuda_graph: bool = False) -> Trainer:
     """A :class:`Trainer` with its batch iterator: ``seed`` seeds the initial weights and the batch
     order (``order``: "pcg64", or "reference" for the reference code's exact batches, replaying the
     solver's own generator draws, :class:`data.BatchIterator`)."""
@@ -40,7 +41,8 @@ def make_trainer(model, solver, dataset, batch_size: int = 1000, seed: int = 999
         raise ValueError(f"batch size must be between 1 and the {n} training examples, got {batch_size}")
     draws = solver.reference_draws_per_batch if order == "reference" else 0
     batches = data.BatchIterator(n, int(batch_size), seed=seed, shuffle=shuffle, order=order, draws_per_batch=draws)
-    return Trainer(model, solver, dataset, batches, seed=seed, dtype=dtype, eval_chunk=eval_chunk, init=init, xp=xp)
+    return Trainer(model, solver, dataset, batches, seed=seed, dtype=dtype, eval_chunk=eval_chunk, init=init, xp=xp,
+                   cuda_graph=cuda_graph)
 
 
 @contextlib.contextmanager
@@ -114,7 +116,7 @@ class Run:
             self.trainer = make_trainer(self.model, self.solver, dataset, batch_size=config["batch_size"],
                                         seed=config["seed"], dtype=self.dtype, eval_chunk=config.get("eval_chunk", 1000),
                                         shuffle=config.get("shuffle", True), init=config.get("init", "numpy"),
-                                        order=config.get("order", "pcg64"))
+                                        order=config.get("order", "pcg64"), cuda_graph=bool(config.get("cuda_graph", False)))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         self.path: Path | None = None
@@ -151,6 +153,7 @@ class Run:
             "checkpoint_every_s": args.checkpoint_every_s, "log_every_s": args.log_every_s, "log_every": args.log_every,
             "threads": args.threads, "probe_every": args.probe_every, "probes": args.probe,
             "eval_chunk": 1000, "shuffle": True, "grad_worker_fraction": getattr(args, "grad_worker_fraction", None),
+            "cuda_graph": bool(getattr(args, "cuda_graph", False)),
         }
         run = cls(config, hyper, dataset)
         config["n_params"] = run.model.n_params

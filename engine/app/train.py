@@ -26,6 +26,9 @@ from typing import Callable
 import numpy
 
 from ..backend import array_module, get_xp, is_device_array, to_device, to_host
+from ..cuda_graph import GraphedStep, check_graphable
+from ..parallel import shard_rows
+from .staging import PinnedStaging
 
 __all__ = ["Trainer", "History", "evaluate", "host_scalars", "TrainingDiverged"]
 
@@ -181,7 +184,7 @@ class Trainer:
     """
 
     def __init__(self, model, solver, dataset, batches, seed: int = 9999, dtype=numpy.float32,
-                 eval_chunk: int = 1000, init: str = "numpy", xp=None):
+                 eval_chunk: int = 1000, init: str = "numpy", xp=None, cuda_graph: bool = False):
         self.model, self.solver, self.dataset = model, solver, dataset
         self.dtype = numpy.dtype(dtype)
         n = dataset.x_train.shape[0]
@@ -194,6 +197,8 @@ class Trainer:
         self.params = model.init(seed=seed, dtype=self.dtype, xp=self.xp, init=init)
         #: the training set on the device (x, y) when it fits (DEVICE_DATA_FRACTION), else None
         self.device_data = self._device_training_set()
+        #: otherwise on a device: pinned double buffers, the next batch copied during the step (staging.py)
+        self.staging = None
         self.solver_state = solver.init(self.params)
         self.history = History()
         self.iteration = 0
@@ -204,6 +209,12 @@ class Trainer:
         #: around each step on CuPy, the process's CPU time on NumPy (stated in the run file's progress)
         self.clock = CUDA_EVENTS if self.xp is not numpy else PROCESS_TIME
         self.warm_started = not solver.needs_warm_start
+        #: the step: ``solver.step``, or with ``cuda_graph`` its CUDA-graph replay (engine.cuda_graph;
+        #: refused at once where it cannot work)
+        self.step = solver.step
+        if cuda_graph:
+            check_graphable(solver, self.xp)
+            self.step = GraphedStep(solver, self.xp)
 
     # --- state for run files ---------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -283,6 +294,12 @@ class Trainer:
         xd = to_device(x, self.xp, dtype=self.dtype)
         return xd, (None if y is None else to_device(y, self.xp, dtype=_target_dtype(y, self.dtype)))
 
+    def _rows_of(self, idx):
+        """This rank's rows of a global batch (engine/parallel.py), without recording them."""
+        comm = self.model.parallel.comm
+        lo, hi = shard_rows(len(idx), comm.rank, comm.size)
+        return idx[lo:hi]
+
     def _batch(self, idx):
         """``(x[idx], y[idx])`` on the parameters' module (inputs cast to the run's dtype, labels keep
         theirs); an autoencoder's target is the same array as its input. With the training set on the
@@ -295,6 +312,16 @@ class Trainer:
             ix = to_device(numpy.asarray(idx, dtype=numpy.int64), self.xp)
             xb = xd[ix]
             return xb, (xb if yd is None else yd[ix])
+        if self.xp is not numpy:
+            y = self.dataset.y_train
+            if self.staging is None:
+                comm = self.model.parallel.comm
+                lo, hi = shard_rows(self.batch_size, comm.rank, comm.size)  # this rank's rows of a batch
+                self.staging = PinnedStaging(self.xp, self.dataset.x_train, y, hi - lo, self.dtype,
+                                             None if y is None else (_target_dtype(y, self.dtype) or y.dtype))
+            batch = self.staging.take(idx)
+            if batch is not None:
+                return batch
         xb = to_device(self.dataset.x_train[idx], self.xp, dtype=self.dtype)
         y = self.dataset.y_train
         return xb, (xb if y is None else to_device(y[idx], self.xp, dtype=_target_dtype(y, self.dtype)))
@@ -341,8 +368,10 @@ class Trainer:
             for _ in range(start_it, per_epoch):
                 x, y = self._batch(self.iterator.next_indices())
                 clock, b0 = _StepClock(self.xp, self.clock), comm.bytes
-                self.params, self.solver_state, info = self.solver.step(self.params, self.solver_state, x, y)
+                self.params, self.solver_state, info = self.step(self.params, self.solver_state, x, y)
                 clock.stop()
+                if self.staging is not None:  # the next batch's gather and copy run during this step
+                    self.staging.prefetch(self._rows_of(self.iterator.peek_indices()))
                 # the one host sync per iteration: it also waits for the step, so the clocks are honest
                 row = host_scalars(info)
                 if comm.size > 1:

@@ -103,16 +103,25 @@ class Fisher(EmpiricalFisher):
     given seed). ``n_samples``: targets drawn per example (S); the estimate averages the N S
     outer products. Its expectation over the draws is the GGN (module docstring). The sampled
     targets are kept in ``self.targets`` (N S rows, example-major within each of the S copies).
+    ``target_rng``: "host" (default) draws the targets from that generator on the host and copies
+    them to the arrays' device; "device" takes one 63-bit key from it and draws them where the
+    arrays live (``loss.sample_targets_keyed``, SplitMix64 of (key, entry): the same numbers on
+    NumPy and CuPy, nothing copied; as K-FAC's ``target_rng="device"``).
     """
 
-    def __init__(self, model, params, x, seed=0, n_samples: int = 1, regularized: bool = True):
+    def __init__(self, model, params, x, seed=0, n_samples: int = 1, regularized: bool = True, target_rng: str = "host"):
         if int(n_samples) < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if target_rng not in ("host", "device"):
+            raise ValueError(f"target_rng must be 'host' or 'device', got {target_rng!r}")
         self.n_samples = int(n_samples)
         self.rng = seed if isinstance(seed, numpy.random.Generator) else numpy.random.default_rng(seed)
         ModelOperator.__init__(self, model, params, x, None, regularized)
         if self.n_samples > 1:
             self.x = self.xp.concatenate([self.x] * self.n_samples, axis=0)
         out = model.predict(self.params, self.x)
-        self.y = self.targets = model.loss_fn.sample_targets(out, self.rng)
+        if target_rng == "device":
+            self.y = self.targets = model.loss_fn.sample_targets_keyed(out, int(self.rng.integers(0, 2 ** 63)))
+        else:
+            self.y = self.targets = model.loss_fn.sample_targets(out, self.rng)
         self._build()

@@ -185,3 +185,19 @@ def test_reference_order_arguments_are_checked():
         BatchIterator(10, 2, order="reference", draws_per_batch=-1)
     fixed = BatchIterator(10, 2, seed=1, order="reference", shuffle=False, draws_per_batch=1)
     np.testing.assert_array_equal(np.concatenate(take(fixed, 15)), np.tile(np.arange(10), 3))
+
+
+@pytest.mark.parametrize("order", ["pcg64", "reference"])
+def test_peek_shows_the_next_batch_without_advancing(order):
+    """peek_indices (the trainer's prefetch) is what next_indices returns next, across epoch ends, and
+    peeking changes neither the sequence nor the saved state."""
+    draws = 2 if order == "reference" else 0
+    plain = BatchIterator(23, 5, seed=4, order=order, draws_per_batch=draws)
+    peeked = BatchIterator(23, 5, seed=4, order=order, draws_per_batch=draws)
+    for _ in range(3 * plain.batches_per_epoch + 1):
+        ahead = peeked.peek_indices()
+        assert np.array_equal(peeked.peek_indices(), ahead)
+        state = peeked.state_dict()
+        got = peeked.next_indices()
+        assert np.array_equal(got, ahead) and np.array_equal(got, plain.next_indices())
+        assert set(state) == set(plain.state_dict())

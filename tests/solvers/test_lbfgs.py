@@ -43,11 +43,15 @@ def test_compact_equals_dense_bfgs_including_dropped_pairs(xp, gamma):
         kept = pairs[max(0, n - memory):n]  # the oldest pairs are dropped
         assert op.count == len(kept)
         numpy.testing.assert_allclose(to_np(op.dense()), dense_bfgs(kept, d, gamma), rtol=1e-9, atol=1e-11)
-    # R^{-1} is the inverse of the upper triangle of S Y^T, D its diagonal
+    # in age order (the memory is a ring: the oldest pair's slot is ``head``), R^{-1} is the inverse of
+    # the upper triangle of S Y^T, D its diagonal, and S, Y hold the last pairs
+    age = op.age_order()
+    assert age == [(len(pairs) - memory + j) % memory for j in range(memory)]
     S, Y = (numpy.array([p[i] for p in pairs[-memory:]]) for i in (0, 1))
     R = numpy.triu(S @ Y.T)
-    numpy.testing.assert_allclose(to_np(op.Rinv), numpy.linalg.inv(R), rtol=1e-9, atol=1e-12)
-    numpy.testing.assert_allclose(to_np(op.D), numpy.diag(R), rtol=1e-12)
+    numpy.testing.assert_array_equal(to_np(op.S)[age], S)
+    numpy.testing.assert_allclose(to_np(op.Rinv)[numpy.ix_(age, age)], numpy.linalg.inv(R), rtol=1e-9, atol=1e-12)
+    numpy.testing.assert_allclose(to_np(op.D)[age], numpy.diag(R), rtol=1e-12)
     # applied to a vector and to a d x k matrix (two GEMMs)
     H = dense_bfgs(pairs[-memory:], d, gamma)
     v = rng.standard_normal(d)
@@ -94,14 +98,17 @@ def masked_pushes(xp, dtype):
         assert int(to_np(op.count)) == len(kept)
         tol = 1e-9 if dtype == numpy.float64 else 2e-4
         numpy.testing.assert_allclose(to_np(op.dense()), dense_bfgs(kept, d, 0.7), rtol=tol, atol=tol)
-        # the rows and columns beyond the count stay zero (the device path relies on it)
+        # the rows and columns of the empty slots stay zero (the products over them add zeros)
         m = len(kept)
+        assert sorted(op.age_order()) == list(range(m)) or m == memory
         for name in ("S", "Y", "D"):
             assert not to_np(getattr(op, name))[m:].any(), name
         for name in ("Rinv", "YY"):
             F = to_np(getattr(op, name))
             assert not F[m:].any() and not F[:, m:].any(), name
-        assert not to_np(op.L)[:, 2 * m:].any() and not to_np(op.Rm)[2 * m:].any()
+        L, Rm = to_np(op.L), to_np(op.Rm)
+        assert not L[:, m:memory].any() and not L[:, memory + m:].any()
+        assert not Rm[m:memory].any() and not Rm[memory + m:].any()
         record.append({name: value.copy() for name, value in op.to_state("").items()})
     return record
 
@@ -122,3 +129,43 @@ def test_count_from_an_older_state_is_accepted(xp):
     back = CompactLBFGS.from_state(state, "p/")
     assert type(back.count) is type(op.count) and int(to_np(back.count)) == 2
     assert numpy.array_equal(to_np(back.dense()), to_np(op.dense()))
+
+
+def test_a_state_from_before_the_ring_is_rebuilt(xp):
+    """Run files written before the ring hold no ``head`` and L, Rm packed to their leading 2 count
+    columns/rows (the oldest pair in row 0): loading makes the ring with head 0 and rebuilds L and Rm."""
+    rng = numpy.random.default_rng(4)
+    d, memory = 6, 4
+    pairs = random_pairs(rng, 3, d)
+    op = CompactLBFGS.empty(d, memory, numpy.float64, xp)
+    for s, y in pairs:
+        op.push(xp.asarray(s), xp.asarray(y))
+    state = op.to_state("p/")
+    del state["p/head"]
+    m = len(pairs)
+    L, Rm = to_np(op.L), to_np(op.Rm)  # repack as the old layout did: [P^T (m), gamma Y^T (m), zeros]
+    state["p/L"] = xp.asarray(numpy.concatenate([L[:, :m], L[:, memory:memory + m], numpy.zeros((d, 2 * memory - 2 * m))], axis=1))
+    state["p/Rm"] = xp.asarray(numpy.concatenate([Rm[:m], Rm[memory:memory + m], numpy.zeros((2 * memory - 2 * m, d))]))
+    back = CompactLBFGS.from_state(state, "p/")
+    assert int(to_np(back.head)) == 0 and back.age_order() == list(range(m))
+    numpy.testing.assert_allclose(to_np(back.L), L, rtol=1e-12, atol=1e-14)
+    numpy.testing.assert_allclose(to_np(back.Rm), Rm, rtol=1e-12, atol=1e-14)
+    s, y = random_pairs(rng, 1, d)[0]
+    back.push(xp.asarray(s), xp.asarray(y))
+    numpy.testing.assert_allclose(to_np(back.dense()), dense_bfgs(pairs + [(s, y)], d, 1.0), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype,tol", [(numpy.float64, 1e-12), (numpy.float32, 1e-5)])
+def test_the_rank_one_updates_of_P_do_not_drift(dtype, tol):
+    """P = R^{-1} S is updated by a rank-one term per push, never recomputed: after hundreds of pushes
+    through a small memory it still equals R^{-1} S, and H the dense BFGS matrix of the last pairs."""
+    rng = numpy.random.default_rng(7)
+    d, memory = 12, 5
+    pairs = [(s.astype(dtype), y.astype(dtype)) for s, y in random_pairs(rng, 600, d)]
+    op = CompactLBFGS.empty(d, memory, dtype, numpy)
+    for s, y in pairs:
+        op.push(s, y)
+    P = op.Rinv.astype(float) @ op.S.astype(float)
+    assert numpy.abs(op.L[:, :memory].T - P).max() <= tol * numpy.abs(P).max()
+    H = dense_bfgs([(s.astype(float), y.astype(float)) for s, y in pairs[-memory:]], d, 1.0)
+    assert numpy.abs(op.dense() - H).max() <= tol * numpy.abs(H).max()

@@ -124,9 +124,9 @@ LOCKED = {
     ],
     'kbfgs_l/cnn': [
         '0x1.1dba709ef2988p+0', '0x1.2638a3cfdf474p+0', '0x1.15acd5a371a62p+0',
-        '0x1.11c0059c44e31p+0', '0x1.1880620b66ff0p+0', '0x1.ee0f5ed02d916p-1',
+        '0x1.11c0059c44e31p+0', '0x1.1880620b66ff1p+0', '0x1.ee0f5ed02d916p-1',
         '0x1.04b1c1e0350f5p+0', '0x1.1094b834b6cddp+0', '0x1.b7ebb826ba045p-1',
-        '0x1.fcab6c9f9aefap-1', '0x1.0a774de4d82a8p+0', '0x1.94bc93228c6a7p-1',
+        '0x1.fcab6c9f9aefap-1', '0x1.0a774de4d82a8p+0', '0x1.94bc93228c6a6p-1',
         '0x1.c154c4ffc8038p-1',
     ],
     'kbfgs_l/mlp': [

@@ -22,6 +22,7 @@ import data
 import nets
 import solvers
 from engine.app import cli, options, progress
+from engine import backend
 from engine.backend import backend_name
 from engine.app.runfile import load_run
 
@@ -634,3 +635,19 @@ def test_preset_batch_size_applies_unless_given(tmp_path, capsys, monkeypatch):
         assert rc == 0, err
         rec = load_run(path)
         assert rec.config["batch_size"] == expected and rec.progress["iteration"] == 600 // expected
+
+
+def test_cuda_graph_is_recorded_and_refused_without_a_device(capsys, tmp_path, tiny_run):
+    """``--cuda-graph`` (engine.cuda_graph) lands in the run file's config; on NumPy it is refused in one line."""
+    assert load_run(tiny_run).config["cuda_graph"] is False
+    if cli_backend_is_device():
+        pytest.skip("a CUDA device is present: the refusal is for NumPy")
+    rc, _, err = _cstep(capsys, "train", "--net", CURVES_TINY, "--n-train", "600", "--n-test", "200", "--batch-size", "100",
+                        "--solver", "kbfgs", "--epochs", "1", "--cuda-graph", "--out", tmp_path / "g.h5", "--quiet")
+    assert rc == 2 and "Traceback" not in err and "--cuda-graph needs CuPy on a CUDA device" in err, err
+    assert not (tmp_path / "g.h5").exists()
+
+
+def cli_backend_is_device() -> bool:
+    xp = backend.get_xp()
+    return xp is not numpy and not getattr(xp, "_standin", False)

@@ -369,3 +369,34 @@ def test_the_time_budget_clock_is_stated_and_kept(xp):
     state["progress"]["clock"] = "cuda_events" if xp is numpy else "process_time"
     with pytest.raises(ValueError, match="resume it on the backend it ran on"):
         other.load_state_dict(state)
+
+
+def test_host_batches_go_through_pinned_double_buffers(cupy_only, monkeypatch):
+    """A training set that does not fit on the device: each batch is gathered into a pinned buffer and
+    copied on a copy stream, the next one while the current step runs (all but the first of an epoch's
+    batches were prefetched), alternating between two buffer pairs, with the losses of the NumPy run."""
+    from engine.app import train
+
+    xp = cupy_only
+    monkeypatch.setattr(train, "DEVICE_DATA_FRACTION", 0.0)
+    ds, model = _dataset(), _model()
+    tr = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=xp)
+    assert tr.device_data is None
+    slots = []
+    original = train.PinnedStaging.take
+
+    def take(self, idx):
+        out = original(self, idx)
+        slots.append(self.slot)
+        return out
+
+    monkeypatch.setattr(train.PinnedStaging, "take", take)
+    tr.run(epochs=2)
+    staging = tr.staging
+    assert staging is not None and staging.rows == 10
+    per_epoch = tr.iterator.batches_per_epoch
+    assert staging.prefetched == 2 * per_epoch - 1  # every batch after the first came prefetched
+    assert slots == [j % 2 for j in range(2 * per_epoch)]  # the two buffer pairs alternate
+    ref = make_trainer(model, SGD(model), ds, batch_size=10, seed=3, dtype=numpy.float32, xp=numpy)
+    ref.run(epochs=2)
+    assert tr.history.steps["loss"] == pytest.approx(ref.history.steps["loss"], rel=1e-5)

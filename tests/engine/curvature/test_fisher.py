@@ -8,6 +8,7 @@ from engine.backend import array_module, to_host
 from engine.curvature import EmpiricalFisher, Fisher, GaussNewton
 from engine.layers import Dense, Layer, Tanh
 from engine.model import Model
+from tests.device_counts import device_work
 
 from .common import LOSSES, batch, rel, setup
 
@@ -86,3 +87,27 @@ def test_models_with_other_parameter_layers_use_per_example_passes(xp):
     op = EmpiricalFisher(model, params, x, y, regularized=False)
     assert array_module(op.per_example_gradients()) is xp
     assert rel(op.dense(), P.T @ P / 6) <= 1e-14
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_device_drawn_targets_same_on_every_backend_and_copy_nothing(xp, loss):
+    """``target_rng="device"``: the targets are the loss's keyed draw with the generator's first 63-bit
+    key (the same numbers on NumPy and CuPy: compared with an independent NumPy draw), the operator is
+    the empirical Fisher at them, and on the stand-in building it copies nothing to the device."""
+    model, params, x, y = setup("tanh", loss, xp)
+    key = int(numpy.random.default_rng(42).integers(0, 2 ** 63))
+    out_host = to_host(model.predict([to_host(p) for p in params], to_host(x)))
+    expected = model.loss_fn.sample_targets_keyed(out_host, key)
+    F = Fisher(model, params, x, seed=42, regularized=False, target_rng="device")
+    assert numpy.array_equal(to_host(F.targets), expected)
+    P = per_example_loop(model, params, x, F.targets)
+    assert rel(F.dense(), P.T @ P / x.shape[0]) <= 1e-14
+    if getattr(xp, "_standin", False):
+        with device_work(xp) as work:
+            Fisher(model, params, x, seed=42, regularized=False, target_rng="device")
+        assert work.h2d == 0, work
+        with device_work(xp) as work:
+            Fisher(model, params, x, seed=42, regularized=False)
+        assert work.h2d == 1, work  # the host draw's copy
+    with pytest.raises(ValueError, match="target_rng"):
+        Fisher(model, params, x, target_rng="gpu")
