@@ -20,12 +20,14 @@ already cheaper than the real-part split (NumPy's complex multiply is one vector
 
 from __future__ import annotations
 
+import numpy
+
 from .backend import array_module
 from .fuse import fused
 from .products import drops_second_order
 
 __all__ = [
-    "relu", "relu_grad", "relu_forward", "sigmoid", "sigmoid_grad", "sigmoid_vjp", "tanh", "tanh_grad", "tanh_vjp",
+    "relu", "relu_grad", "relu_forward", "relu_route", "sigmoid", "sigmoid_grad", "sigmoid_vjp", "tanh", "tanh_grad", "tanh_vjp",
     "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part", "add_scaled_",
     "first_order", "exp", "sigmoid_parts_formula",
 ]
@@ -105,8 +107,42 @@ def _relu_forward(xp, z, zr):
     return xp.where(mask, z, 0), mask
 
 
+#: unsigned integers of each real itemsize, for the branchless masking on NumPy
+_UINT = {2: numpy.uint16, 4: numpy.uint32, 8: numpy.uint64}
+
+
+def _bitmask(mask, v):
+    """where(mask, v, 0) on NumPy as a bitwise AND with all-ones/all-zeros words (the same bits:
+    v where mask, +0 elsewhere, NaN and inf masked too), or None where it does not apply.
+
+    NumPy's ``where`` branches per element, which a random ReLU mask mispredicts half the time
+    (2.2 ms for 600k float32 against 0.2 ms here); CuPy keeps the fused ``where``.
+    """
+    if array_module(v) is not numpy or v.dtype.kind not in "fc" or mask.shape != v.shape:
+        return None
+    u = _UINT.get(v.real.dtype.itemsize)
+    if u is None or (v.dtype.kind == "c" and not v.flags.c_contiguous):
+        return None
+    words = v.view(u).reshape(*v.shape, 2) if v.dtype.kind == "c" else v.view(u)[..., None]
+    bits = mask.astype(u)[..., None]
+    numpy.negative(bits, out=bits)  # True -> all ones (modular negation), False -> 0
+    out = numpy.bitwise_and(words, bits)
+    return out.view(v.dtype).reshape(v.shape)
+
+
+def relu_route(mask, v):
+    """where(mask, v, 0): ReLU's backward / R-operator rule for a boolean ``mask`` (branchless on NumPy)."""
+    out = _bitmask(mask, v)
+    return array_module(v).where(mask, v, 0) if out is None else out
+
+
 def relu_forward(z):
-    """(relu(z), relu_grad(z)) in one pass (one kernel on a device)."""
+    """(relu(z), relu_grad(z)) in one pass (one kernel on a device; branchless on NumPy)."""
+    if array_module(z) is numpy:
+        mask = z.real > 0
+        y = _bitmask(mask, z)
+        if y is not None:
+            return y, mask
     return _relu_forward(z, z.real)
 
 
