@@ -27,7 +27,7 @@ from .fuse import fused
 from .products import drops_second_order
 
 __all__ = [
-    "relu", "relu_grad", "relu_forward", "relu_route", "sigmoid", "sigmoid_grad", "sigmoid_vjp", "tanh", "tanh_grad", "tanh_vjp",
+    "relu", "relu_grad", "relu_forward", "where0", "select", "sigmoid", "sigmoid_grad", "sigmoid_vjp", "tanh", "tanh_grad", "tanh_vjp",
     "softplus", "log1p", "abs_cs", "max0_cs", "logsumexp", "log_softmax", "softmax", "real_part", "add_scaled_",
     "first_order", "exp", "sigmoid_parts_formula",
 ]
@@ -130,8 +130,27 @@ def _bitmask(mask, v):
     return out.view(v.dtype).reshape(v.shape)
 
 
-def relu_route(mask, v):
-    """where(mask, v, 0): ReLU's backward / R-operator rule for a boolean ``mask`` (branchless on NumPy)."""
+def select(mask, a, b):
+    """where(mask, a, b) for arrays ``a``, ``b`` of one real dtype and shape (strided views allowed).
+
+    On NumPy the words are blended branchlessly, ``b ^ ((a ^ b) & all-ones-or-zero)``, the same
+    bits as ``where`` (see :func:`_bitmask`); complex or CuPy operands use ``where``.
+    """
+    xp = array_module(a, b)
+    u = _UINT.get(a.dtype.itemsize)
+    if xp is not numpy or a.dtype.kind not in "fiu" or a.dtype != b.dtype or a.shape != b.shape or u is None:
+        return xp.where(mask, a, b)
+    aw, bw = a.view(u), b.view(u)
+    bits = mask.astype(u)
+    numpy.negative(bits, out=bits)
+    out = numpy.bitwise_xor(aw, bw)
+    out &= bits
+    out ^= bw
+    return out.view(a.dtype)
+
+
+def where0(mask, v):
+    """where(mask, v, 0) for a boolean ``mask`` (branchless on NumPy): ReLU's backward and R-operator rules, max-pooling's routing."""
     out = _bitmask(mask, v)
     return array_module(v).where(mask, v, 0) if out is None else out
 
