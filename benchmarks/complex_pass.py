@@ -8,7 +8,10 @@ autoencoder, batch 1000). Three passes, timed interleaved (real, full, cs, real,
   what a complex pass costs outside :func:`engine.products.complex_step`);
 * ``cs``: the same pass declared a complex-step pass (real-by-complex products as 2 real GEMMs,
   complex-by-complex as 3, the O(h^2) term dropped: docs/complex-step.md section 5.2), what
-  :class:`engine.curvature.HessianCS` runs.
+  :class:`engine.curvature.HessianCS` runs (with the first-order elementwise forms of
+  docs/complex-step.md section 5.3);
+* ``cs-ew``: the ``cs`` pass with the first-order elementwise forms switched off (complex
+  softplus, sigmoid, ...: what the pass cost before them), to isolate their gain.
 
 Also prints how far the two complex passes' Hv (Im / h) and gradients (Re) are apart.
 With ``--torch`` (torch installed) it adds torch.func's forward-over-reverse HVP on the same
@@ -28,7 +31,7 @@ import numpy
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import nets
-from engine import backend
+from engine import backend, ops
 from engine.products import complex_step
 
 
@@ -110,7 +113,16 @@ def main():
         with complex_step(h):
             return model.loss_and_grad(wc, x, x)
 
-    fns = {"real": lambda: model.loss_and_grad(params, x, x), "full": lambda: model.loss_and_grad(wc, x, x), "cs": cs_pass}
+    def cs_complex_elementwise():
+        first_order = ops.first_order
+        ops.first_order = lambda z: False  # engine.ops and engine.losses look it up on the module
+        try:
+            return cs_pass()
+        finally:
+            ops.first_order = first_order
+
+    fns = {"real": lambda: model.loss_and_grad(params, x, x), "full": lambda: model.loss_and_grad(wc, x, x), "cs": cs_pass,
+           "cs-ew": cs_complex_elementwise}
     with threadpool_limits(limits=args.threads, user_api="blas"):
         if args.torch:
             import torch  # noqa: PLC0415
@@ -131,10 +143,12 @@ def main():
           f"gradients: {numpy.linalg.norm(gr_cs - gr_full) / numpy.linalg.norm(gr_full):.2e}")
     print("median of interleaved rounds    wall ms (ratio)      CPU ms (ratio)")
     rows = [("real", "real float64 gradient pass", "real"), ("full", "complex pass, complex GEMMs", "real"),
-            ("cs", "complex-step pass, real GEMMs", "real"), ("torch", "torch.func jvp(grad) HVP", None)]
+            ("cs", "complex-step pass, real GEMMs", "real"),
+            ("cs-ew", "  same, complex elementwise", "real"), ("torch", "torch.func jvp(grad) HVP", None)]
     for key, label, _ in rows:
         if key in t:
             print(f"{label:30s} {t[key] * 1e3:8.1f} ({t[key] / t['real']:5.2f})   {c[key] * 1e3:8.1f} ({c[key] / c['real']:5.2f})")
+    print(f"first-order elementwise forms: cs / cs-ew -> wall {t['cs'] / t['cs-ew']:.2f}, CPU {c['cs'] / c['cs-ew']:.2f}")
     print(f"goal: cs / real <= 2.9 -> wall {t['cs'] / t['real']:.2f}, CPU {c['cs'] / c['real']:.2f}")
     if "torch" in t:
         print(f"goal: cs / torch <= 0.45 -> wall {t['cs'] / t['torch']:.2f}, CPU {c['cs'] / c['torch']:.2f}")

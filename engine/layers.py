@@ -231,8 +231,7 @@ class ReLU(Activation):
         return ops.relu_forward(x)  # (y, mask) in one pass
 
     def backward(self, params, cache, dy, need_dx=True):
-        xp = array_module(dy)
-        return xp.where(cache, dy, 0), []
+        return ops.where0(cache, dy), []
 
     def apply(self, params, x):
         if x.dtype.kind == "c":  # no maximum on complex values: the masked form
@@ -240,12 +239,10 @@ class ReLU(Activation):
         return array_module(x).maximum(x, 0)  # one pass, no mask (real input only)
 
     def jvp(self, params, cache, rx, rparams):
-        xp = array_module(rx)
-        return xp.where(cache, rx, 0)
+        return ops.where0(cache, rx)
 
     def backward_rop(self, params, cache, dy, rdy, rx, rparams, need_dx=True):
-        xp = array_module(rdy)  # f'' = 0 away from the kink
-        return xp.where(cache, rdy, 0), []
+        return ops.where0(cache, rdy), []  # f'' = 0 away from the kink
 
 
 class _SmoothActivation(Activation):

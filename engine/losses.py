@@ -80,6 +80,9 @@ class SigmoidCrossEntropy(Loss):
         if not xp.iscomplexobj(out):  # one fused pass for the terms and the gradient
             terms, grad = _sigmoid_xent_terms(out, target, n)
             return terms.sum(axis=1).mean(), grad
+        if ops.first_order(out):  # inside a complex-step pass: first-order terms, real transcendentals
+            terms, grad = _sigmoid_xent_terms_first_order(out.real, out.imag, target, n)
+            return terms.sum(axis=1).mean(), grad
         value = self.per_example(out, target).mean()
         grad = ops.sigmoid(out)
         grad -= target
@@ -104,6 +107,17 @@ class SigmoidCrossEntropy(Loss):
 def _sigmoid_xent_terms(xp, z, target, n):
     """(softplus(z) - x z, (sigmoid(z) - x) / n) for a real z: the per-unit loss terms and the gradient."""
     return ops.softplus_real_formula(xp, z) - target * z, (ops.sigmoid_formula(xp, z, z) - target) / n
+
+
+@fused
+def _sigmoid_xent_terms_first_order(xp, zr, zi, target, n):
+    """The same for z = a + i b in a complex-step pass (ops' module docstring): the terms
+    softplus(a) - x a + i b (s(a) - x) and the gradient (s(a) - x + i b s'(a)) / n, with the real
+    s, s' of :func:`engine.ops.sigmoid_parts_formula`; the dropped terms are O(b^2)."""
+    e, s, ds = ops.sigmoid_parts_formula(xp, zr)
+    d = s - target
+    terms = (xp.where(zr >= 0, zr, 0) + xp.log1p(e) - target * zr) + 1j * (zi * d)
+    return terms, (d + 1j * (zi * ds)) / n
 
 
 # --- a counter-based generator for device-side sampling ---------------------------------------------
@@ -209,7 +223,7 @@ class SoftmaxCrossEntropy(Loss):
         logp = ops.log_softmax(out, axis=1)
         idx = target[:, None].astype(xp.intp, copy=False)
         value = -xp.take_along_axis(logp, idx, axis=1).mean()
-        grad = xp.exp(logp)
+        grad = ops.exp(logp)  # first-order inside a complex-step pass
         xp.put_along_axis(grad, idx, xp.take_along_axis(grad, idx, axis=1) - 1, axis=1)
         grad /= n
         return value, grad

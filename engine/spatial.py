@@ -13,6 +13,7 @@ import math
 
 import numpy
 
+from . import ops
 from .backend import array_module
 from .layers import Layer
 
@@ -131,6 +132,7 @@ class MaxPool2d(_Pool2d):
         xp = array_module(x)
         ho, wo = self._geometry(x)
         xpad = pad_nchw(x, self.padding, -numpy.inf)
+        branchless = xp is numpy and x.dtype.kind == "f"  # NumPy's masked copies mispredict a data-dependent mask
         best, idx = None, None
         for k, (_, _, sl) in enumerate(offset_slices(self.kernel, self.stride, (ho, wo))):
             cand = xpad[sl]
@@ -139,6 +141,12 @@ class MaxPool2d(_Pool2d):
                 idx = xp.zeros(best.shape, dtype=self._index_dtype())
                 continue
             better = cand.real > best.real
+            if branchless:  # the same selection as the copies below, as word blends and integer arithmetic
+                best = ops.select(better, cand, best)
+                step = idx.dtype.type(k) - idx
+                step *= better
+                idx += step
+                continue
             xp.copyto(best, cand, where=better)
             xp.copyto(idx, idx.dtype.type(k), where=better)  # not idx[better] = k: a boolean mask syncs on CuPy
         return best, (idx, x.shape)
@@ -151,10 +159,12 @@ class MaxPool2d(_Pool2d):
         dxpad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
         disjoint = self.stride[0] >= self.kernel[0] and self.stride[1] >= self.kernel[1]
         for k, (_, _, sl) in enumerate(offset_slices(self.kernel, self.stride, (ho, wo))):
-            if disjoint:  # each pixel is in one window: write the routed gradients in place
+            if disjoint and xp is numpy:  # each pixel is in one window: write the routed gradients in place
+                dxpad[sl] = ops.where0(idx == k, dy)  # branchless on NumPy
+            elif disjoint:
                 xp.copyto(dxpad[sl], dy, where=idx == k)
             else:
-                dxpad[sl] += xp.where(idx == k, dy, 0)
+                dxpad[sl] += ops.where0(idx == k, dy)
         return self._crop(dxpad)
 
     def backward(self, params, cache, dy, need_dx=True):

@@ -338,3 +338,29 @@ def test_real_mode_dtype_preserved(dtype):
         y, cache = layer.forward(params, x)
         dx, dp = layer.backward(params, cache, y)
         assert y.dtype == dtype and dx.dtype == dtype and all(d.dtype == dtype for d in dp), repr(layer)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 2)])
+def test_maxpool_ties_and_nan_take_the_first_maximum(xp, dtype, kernel, stride):
+    """Against a direct loop: the first strictly-larger candidate wins (tied zeros after a ReLU,
+    tied values, a NaN that starts a window stays, a later NaN never wins), and the backward pass
+    routes each gradient to that pixel (the branchless NumPy path and CuPy's masked copies alike)."""
+    rng = numpy.random.default_rng(9)
+    x = numpy.maximum(rng.standard_normal((2, 3, 7, 8)), 0).astype(dtype)
+    x[1, 2, 2:5, 2:5] = 1.5
+    x[0, 0, 0, 0] = x[0, 1, 1, 1] = numpy.nan
+    layer = MaxPool2d(kernel, stride)
+    y, cache = layer.forward([], xp.asarray(x))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = to_host(layer.backward([], cache, xp.asarray(dy))[0])
+    ref, dref = numpy.empty(y.shape, dtype), numpy.zeros(x.shape, dtype)
+    for n, c, h, w in numpy.ndindex(*y.shape):
+        (bi, bj), bv = (0, 0), x[n, c, h * stride, w * stride]
+        for i, j in numpy.ndindex(kernel, kernel):
+            if x[n, c, h * stride + i, w * stride + j] > bv:
+                (bi, bj), bv = (i, j), x[n, c, h * stride + i, w * stride + j]
+        ref[n, c, h, w] = bv
+        dref[n, c, h * stride + bi, w * stride + bj] += dy[n, c, h, w]
+    assert to_host(y).dtype == dtype and to_host(y).tobytes() == ref.tobytes()
+    numpy.testing.assert_allclose(dx, dref, rtol=4 * numpy.finfo(dtype).eps, atol=0)

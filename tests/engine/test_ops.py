@@ -168,3 +168,23 @@ def test_softplus_real_mode_is_the_real_part_of_complex_mode(xp, dtype):
     numpy.testing.assert_allclose(to_host(cplx.real), to_host(real), rtol=2 * eps, atol=0)
     numpy.testing.assert_array_equal(to_host(cplx.imag), 0)
     numpy.testing.assert_allclose(to_host(real), numpy.logaddexp(0, a.astype(numpy.float64)), rtol=2 * eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64, numpy.complex64, numpy.complex128])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_relu_forward_and_route_are_where_bit_for_bit(xp, dtype, transposed):
+    """The branchless NumPy masking (engine.ops._bitmask) gives where()'s bits: +0 where masked,
+    NaN, inf and -0 handled as where() handles them, complex values carried whole, any layout."""
+    rng = numpy.random.default_rng(8)
+    z = rng.standard_normal((40, 30)) + (1j * rng.standard_normal((40, 30)) if numpy.dtype(dtype).kind == "c" else 0)
+    z = z.astype(dtype)
+    z.real[0, :5] = [numpy.nan, -0.0, 0.0, numpy.inf, -numpy.inf]
+    dy = (rng.standard_normal((40, 30)) * (1 + 1j if numpy.dtype(dtype).kind == "c" else 1)).astype(dtype)
+    dy.real[1, :3] = [numpy.nan, numpy.inf, -numpy.inf]
+    if transposed:
+        z, dy = z.T, dy.T
+    y, mask = ops.relu_forward(xp.asarray(z))
+    want_y, want_mask = numpy.where(z.real > 0, z, 0), z.real > 0
+    assert _host(y).dtype == dtype and _host(y).tobytes() == want_y.tobytes()
+    assert _host(mask).tolist() == want_mask.tolist()
+    assert _host(ops.where0(mask, xp.asarray(dy))).tobytes() == numpy.where(want_mask, dy, 0).tobytes()
