@@ -11,7 +11,7 @@ from engine.app.runs import make_trainer
 from engine.parallel import DataParallel
 from nets.mlp import autoencoder
 from solvers import make_solver
-from tests.solvers.test_conv_solvers import tiny_cnn
+from tests.solvers.test_conv_solvers import tiny_cnn, tiny_data
 
 #: solvers whose trajectories must agree (issue 17) and their settings on these tiny problems
 HYPER = {
@@ -32,17 +32,8 @@ def dataset(net: str):
     n = BATCH * ITERATIONS
     if net == "mlp":
         return data.Dataset("toy-ae", rng.random((n, 12)), rng.random((BATCH, 12)), description="uniform toy data")
-    x = 0.3 * rng.random((n + BATCH, 8, 8))
-    labels = rng.integers(0, 3, size=n + BATCH)
-    for k, c in enumerate(labels):
-        r = rng.integers(0, 6)
-        if c == 0:
-            x[k, r:r + 2, :] += 1
-        elif c == 1:
-            x[k, :, r:r + 2] += 1
-        else:
-            x[k, :4, :4] += 1
-    x = x.reshape(len(labels), 64)
+    batches = tiny_data(n_batches=ITERATIONS + 1, n=BATCH, seed=5)  # the conv tests' three classes of images
+    x, labels = numpy.concatenate([b[0] for b in batches]), numpy.concatenate([b[1] for b in batches])
     return data.Dataset("toy-img", x[:n], x[n:], labels[:n], labels[n:], description="toy images", n_classes=3)
 
 
