@@ -30,21 +30,27 @@ import numpy
 
 from .backend import array_module
 
-__all__ = ["fused", "device_arange", "device_ones", "unfused"]
+__all__ = ["fused", "device_arange", "device_ones", "unfused", "fusion_off"]
 
 _STATE = threading.local()
 
 
 @contextlib.contextmanager
 def unfused():
-    """Inside the block every ``@fused`` formula runs op by op on CuPy too (no ``cupy.fuse``): the
-    reference the fused kernels are tested against, and a switch for debugging on a GPU."""
+    """Inside the block every ``@fused`` formula runs op by op on CuPy too (no ``cupy.fuse``), and
+    NumPy skips the one-pass kernels of :mod:`engine.host_kernels`: the reference the fused and
+    host kernels are tested against, and a switch for debugging on a GPU."""
     old = getattr(_STATE, "off", False)
     _STATE.off = True
     try:
         yield
     finally:
         _STATE.off = old
+
+
+def fusion_off() -> bool:
+    """True inside :func:`unfused` (the one-pass host kernels of :mod:`engine.host_kernels` check it too)."""
+    return getattr(_STATE, "off", False)
 
 
 _CONSTANTS: dict = {}
@@ -75,7 +81,7 @@ def fused(formula):
     @functools.wraps(formula)
     def call(*args):
         xp = array_module(*[a for a in args if hasattr(a, "dtype") and hasattr(a, "ndim")])
-        if xp is numpy or getattr(_STATE, "off", False):
+        if xp is numpy or fusion_off():
             return formula(xp, *args)
         kernel = kernels.get(xp)
         if kernel is None:

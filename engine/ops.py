@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy
 
 from .backend import array_module
+from . import host_kernels
 from .fuse import fused
 from .products import drops_second_order
 
@@ -151,13 +152,18 @@ def select(mask, a, b):
 
 def where0(mask, v):
     """where(mask, v, 0) for a boolean ``mask`` (branchless on NumPy): ReLU's backward and R-operator rules, max-pooling's routing."""
-    out = _bitmask(mask, v)
+    out = host_kernels.where0(mask, v)  # one pass (real, contiguous), else the bit blend
+    if out is None:
+        out = _bitmask(mask, v)
     return array_module(v).where(mask, v, 0) if out is None else out
 
 
 def relu_forward(z):
     """(relu(z), relu_grad(z)) in one pass (one kernel on a device; branchless on NumPy)."""
     if array_module(z) is numpy:
+        out = host_kernels.relu_forward(z)  # one pass (real, contiguous)
+        if out is not None:
+            return out
         mask = z.real > 0
         y = _bitmask(mask, z)
         if y is not None:

@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy
 
 from engine.backend import array_module
+from engine import host_kernels
 from engine.fuse import fused
 from engine.curvature.kronecker import KroneckerBlockOperator, flush_subnormals_
 from engine.layers import KroneckerLayer
@@ -196,7 +197,9 @@ class KroneckerSolver(Solver):
         g = self.model.as_flat(grads)
         flush = self.flush_subnormals and int(state["k"]) % FLUSH_EVERY == 0
         # entries of dead units decay into the subnormal range, as the factors' do
-        _momentum_(m, g, self.momentum, 1 - self.momentum, float(numpy.finfo(m.dtype).tiny) if flush else 0.0)
+        tiny = float(numpy.finfo(m.dtype).tiny) if flush else 0.0
+        if not host_kernels.momentum_(m, g, self.momentum, 1 - self.momentum, tiny):  # one pass on NumPy
+            _momentum_(m, g, self.momentum, 1 - self.momentum, tiny)
         return self.model.unflatten(m), xp.dot(g, g)
 
     def step_operator(self, state) -> KroneckerBlockOperator:
@@ -234,9 +237,9 @@ class KroneckerSolver(Solver):
         step_views = model.unflatten(step)
         for i, P in self.preconditioned_blocks(operator, m_views):
             for out, dp in zip(model.layer_params(step_views, i), model.layers[i].from_matrix(P)):
-                _scaled_copy_(out, dp, lr)
+                scaled_copy_(out, dp, lr)
         for j in self.other_params:
-            _scaled_copy_(step_views[j], m_views[j], lr)
+            scaled_copy_(step_views[j], m_views[j], lr)
         theta = model.flat_buffer(params)
         if theta is not None:
             theta -= step
@@ -256,3 +259,9 @@ def _momentum_(xp, m, g, rho, weight, threshold):
 @fused
 def _scaled_copy_(xp, out, a, scale):
     out[...] = scale * a
+
+
+def scaled_copy_(out, a, scale):
+    """out[...] = scale * a: one kernel on a device, one pass without a temporary on NumPy."""
+    if not host_kernels.scaled_copy_(out, a, scale):
+        _scaled_copy_(out, a, scale)

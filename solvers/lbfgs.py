@@ -132,8 +132,19 @@ class CompactLBFGS:
     # --- operator -------------------------------------------------------------------------
     def apply(self, X):
         """H X for a vector (d,) or a matrix (d, k): gamma X + L (Rm X), two GEMMs (the empty
-        slots' columns of L and rows of Rm are zero, so they add zeros)."""
-        out = matvec(self.L, matvec(self.Rm, X))
+        slots' columns of L and rows of Rm are zero, so they add zeros).
+
+        On NumPy a memory that is not full uses only its filled slots (the first ``count``: the
+        head moves only once the ring is full), so the GEMMs' inner dimension is 2 count, not
+        2 memory; reading ``count`` is free on the host. A device keeps the fixed shapes (reading
+        it would synchronise, and a captured graph needs fixed addresses)."""
+        L, Rm = self.L, self.Rm
+        if type(self.count) is numpy.ndarray:
+            p, c = self.memory, int(self.count)
+            if c < p and int(self.head) == 0:
+                L = numpy.concatenate([L[:, :c], L[:, p:p + c]], axis=1)
+                Rm = numpy.concatenate([Rm[:c], Rm[p:p + c]])
+        out = matvec(L, matvec(Rm, X))
         add_scaled_(out, X, self.gamma)
         return out
 

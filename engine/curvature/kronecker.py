@@ -55,6 +55,7 @@ import numpy
 from ..backend import array_module
 from .base import CurvatureOperator
 from .inverse import factor_inverse, factor_inverses, symmetry_flag
+from .. import host_kernels
 from ..fuse import device_ones, fused
 from .kernels import flush_below_, scaled_ema_
 
@@ -189,9 +190,9 @@ def _column_sum(xp, a, scale, divisor):
 
 def column_mean(a, scale=None):
     """sum_rows(a) / rows, or sum_rows(a) * scale when ``scale`` is given: one fused reduction on a device."""
-    if scale is None:
-        return _column_sum(a, 1.0, float(a.shape[0]))
-    return _column_sum(a, float(scale), 1.0)
+    scale, divisor = (1.0, float(a.shape[0])) if scale is None else (float(scale), 1.0)
+    out = host_kernels.column_sum(a, scale, divisor)  # one pass on NumPy (real operands)
+    return _column_sum(a, scale, divisor) if out is None else out
 
 
 def homogeneous_mean(a):
@@ -221,8 +222,12 @@ def secant_means(old, new, batch_size: int):
     batch with unscaled rows (as :func:`row_means`), each as the mean of the row differences: one
     fused reduction each, and no cancellation between two rounded means."""
     rows = new.z.shape[0]
-    return (_column_difference_sum(old.z, new.z, 1.0, float(rows)),
-            _column_difference_sum(old.g, new.g, batch_size / rows, 1.0))
+    return (_difference_mean(old.z, new.z, 1.0, float(rows)), _difference_mean(old.g, new.g, batch_size / rows, 1.0))
+
+
+def _difference_mean(a, b, scale, divisor):
+    out = host_kernels.column_difference_sum(a, b, scale, divisor)  # one pass on NumPy (real operands)
+    return _column_difference_sum(a, b, scale, divisor) if out is None else out
 
 
 def secant_pair(layer, old: KronFactors, z_mean_new, g_mean_new, rows: int, batch_size: int):

@@ -169,3 +169,21 @@ def test_the_rank_one_updates_of_P_do_not_drift(dtype, tol):
     assert numpy.abs(op.L[:, :memory].T - P).max() <= tol * numpy.abs(P).max()
     H = dense_bfgs([(s.astype(float), y.astype(float)) for s, y in pairs[-memory:]], d, 1.0)
     assert numpy.abs(op.dense() - H).max() <= tol * numpy.abs(H).max()
+
+
+@pytest.mark.parametrize("pushes", [0, 3, 8, 11])
+def test_apply_over_the_filled_slots_equals_the_full_width_product(pushes):
+    """On NumPy a memory that is not full applies only its filled slots (inner dimension 2 count):
+    the same operator as gamma X + L (Rm X) over all slots (the empty ones add zeros), to rounding;
+    empty (gamma X exactly), partly filled, full, and wrapped around."""
+    rng = numpy.random.default_rng(3)
+    d, memory, gamma = 12, 8, 0.7
+    op = CompactLBFGS.empty(d, memory, numpy.float64, numpy, gamma=gamma)
+    for s, y in random_pairs(rng, 40, d)[:pushes]:
+        op.push(s, y)
+    assert int(op.count) == min(pushes, memory)
+    X = rng.standard_normal((d, 6))
+    full = gamma * X + op.L @ (op.Rm @ X)
+    numpy.testing.assert_allclose(op.apply(X), full, rtol=1e-12, atol=1e-14)
+    if pushes == 0:
+        numpy.testing.assert_array_equal(op.apply(X), gamma * X)
