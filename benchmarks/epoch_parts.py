@@ -9,7 +9,9 @@ loaded machine) and wall time; the evaluation is timed before and after the trai
 
 Floor of the evaluation ratio: it is 70 forward passes of 1000 rows, against 60 iterations that
 each make a full forward and backward pass, a second forward and input-gradient pass and the
-factor products, so at equal GEMM speed it is about 70 / (60 x 6 to 7 passes' work) ~ 0.17.
+factor products, so at equal GEMM speed it is about 70 / (60 x 6 to 7 passes' work) ~ 0.17. For
+K-BFGS the script prints that ratio of GEMM FLOPs, counted from the layer shapes
+(``kbfgs_vs_authors.kbfgs_gemms``).
 
     python benchmarks/epoch_parts.py [--solver kbfgs] [--epochs 1] [--threads 1]
 """
@@ -64,6 +66,15 @@ def main(argv=None) -> int:
     print(f"training epoch : CPU {ep[0] / n:7.2f} s   wall {ep[1] / n:7.2f} s  (mean of {n})")
     print(f"warm start     : CPU {ws[0]:7.2f} s   wall {ws[1]:7.2f} s   ratio CPU {ws[0] / (ep[0] / n):.3f}, wall {ws[1] / (ep[1] / n):.3f}  (goal <= 0.25)")
     print(f"evaluation     : CPU {ev[0]:7.2f} s   wall {ev[1]:7.2f} s   ratio CPU {ev[0] / (ep[0] / n):.3f}, wall {ev[1] / (ep[1] / n):.3f}  (goal <= 0.1; mean of 2, before and after training)")
+    if args.solver == "kbfgs":
+        from kbfgs_vs_authors import kbfgs_gemms  # noqa: PLC0415 (this folder's sibling script)
+
+        products = kbfgs_gemms()
+        flops = lambda name, m, k, n: (1 if name.endswith("(SYRK)") else 2) * m * k * n  # noqa: E731
+        epoch = 60 * sum(flops(*p) for p in products)
+        evaluation = 70 * sum(flops(*p) for p in products if p[0] == "forward") / 2  # one forward pass per 1000 images
+        print(f"GEMM FLOPs     : evaluation {evaluation / 1e9:.0f} G / epoch {epoch / 1e9:.0f} G = {evaluation / epoch:.3f} "
+              "(the evaluation ratio at equal GEMM speed)")
     print(f"threads={args.threads} loadavg(after)={os.getloadavg()[0]:.2f}")
     return 0
 

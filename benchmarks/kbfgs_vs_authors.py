@@ -25,6 +25,10 @@ torch is a benchmark-only dependency (``pip install torch``), never one of cstep
 
     python benchmarks/kbfgs_vs_authors.py --authors /path/to/kbfgs_neurips2020_public \\
         [--solvers kbfgs,kbfgs_l,kfac] [--threads 1,2] [--rounds 2] [--epochs 1]
+
+For K-BFGS it also prints the GEMM floor: the CPU time of the iteration's matrix products alone
+(:func:`kbfgs_gemms`, each timed on its own at its shape), times 60, and its ratio to the authors'
+epoch: the ratio no implementation reaches on this BLAS without doing fewer FLOPs.
 """
 
 from __future__ import annotations
@@ -101,7 +105,51 @@ def run_authors(solver: str, epochs: int, data_dir, authors: str) -> dict:
             "loss": float(res["train_losses"][-1]), "peak_mb": _peak_mb()}
 
 
+def kbfgs_gemms(batch: int = 1000):
+    """The matrix products of one K-BFGS iteration on the MNIST autoencoder, as (name, m, k, n) with
+    FLOPs 2 m k n (SYRK: m k n), from the layer shapes: per Dense layer (d_in -> d_out) two forward
+    products (the gradient pass and the pass at theta_{k+1}), the weight gradient, two input
+    gradients (none for the first layer: no pass needs dx there), A's SYRK, and the step
+    H_g M H_a (two products)."""
+    import nets  # noqa: PLC0415
+
+    dense = [(l.d_in, l.d_out) for l in nets.build("mnist-ae").layers if hasattr(l, "d_in")]
+    out = []
+    for j, (i, o) in enumerate(dense):
+        out += [("forward", batch, i, o)] * 2 + [("weight gradient", o, batch, i)]
+        out += [("input gradient", batch, o, i)] * (2 if j else 0)
+        out += [("A (SYRK)", i, batch, i), ("H_g M", o, o, i + 1), ("(H_g M) H_a", o, i + 1, i + 1)]
+    return out
+
+
+def gemm_floor(repeats: int = 7) -> dict:
+    """The CPU time of K-BFGS's products alone over one epoch (60 iterations): each product of
+    :func:`kbfgs_gemms` timed on its own at its shape and layout (float32, the BLAS of this process,
+    median of ``repeats``). An epoch cannot take less than this without fewer FLOPs or a faster BLAS."""
+    rng = numpy.random.default_rng(0)
+    total, flops = 0.0, 0.0
+    for name, m, k, n in kbfgs_gemms():
+        if name == "A (SYRK)":
+            a = rng.standard_normal((k, m), dtype=numpy.float32)
+            op, work = (lambda a=a: a.T @ a), m * k * n  # noqa: E731 (NumPy calls SYRK for a.T @ a)
+        else:
+            x, y = rng.standard_normal((m, k), dtype=numpy.float32), rng.standard_normal((k, n), dtype=numpy.float32)
+            op, work = (lambda x=x, y=y: x @ y), 2 * m * k * n  # noqa: E731
+        op()
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            op()
+            times.append(time.process_time() - t0)
+        total += statistics.median(times)
+        flops += work
+    return {"cpu": 60 * total, "gflop_per_iteration": flops / 1e9, "gflops": flops / total / 1e9}
+
+
 def child(args) -> int:
+    if args.side == "floor":
+        print("RESULT " + json.dumps(gemm_floor()))
+        return 0
     out = run_cstep(args.solver, args.epochs, args.data_dir) if args.side == "cstep" else \
         run_authors(args.solver, args.epochs, args.data_dir, args.authors)
     print("RESULT " + json.dumps(out))
@@ -115,7 +163,7 @@ def spawn(side, solver, threads, args) -> dict | None:
         cmd += ["--data-dir", args.data_dir]
     if args.authors:
         cmd += ["--authors", args.authors]
-    if side == "cstep":
+    if side in ("cstep", "floor"):
         cmd += ["--threads-one", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -133,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved (authors, cstep) pairs per solver and thread count")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--data-dir", default=os.environ.get("CSTEP_DATA_DIR"))
-    ap.add_argument("--child", choices=("cstep", "authors"), dest="side", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("cstep", "authors", "floor"), dest="side", help=argparse.SUPPRESS)
     ap.add_argument("--solver", default="kbfgs", help=argparse.SUPPRESS)
     ap.add_argument("--threads-one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -163,6 +211,14 @@ def main(argv=None) -> int:
             if ratios:
                 print(f"{solver:8s} threads={threads}: cstep / authors epoch CPU = {statistics.median(ratios):.2f} "
                       f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)}; goal <= {GOALS[solver]})")
+            if solver == "kbfgs":
+                floor = spawn("floor", solver, threads, args)
+                authors_cpu = [a["cpu"] for a, _ in pairs if a]
+                if floor:
+                    vs = f" = {floor['cpu'] / statistics.median(authors_cpu):.2f}x the authors' epoch" if authors_cpu else ""
+                    print(f"kbfgs    threads={threads}: GEMM floor {floor['cpu']:.2f} s CPU per epoch{vs} "
+                          f"({floor['gflop_per_iteration']:.1f} GFLOP per iteration at {floor['gflops']:.0f} GFLOP/s, "
+                          f"each product timed alone)")
     return 0
 
 
