@@ -1,17 +1,22 @@
-"""One-pass CPU kernels (numba) for a convolutional network's window and mask work: col2im, max-pooling, ReLU.
+"""One-pass CPU kernels (numba) for a convolutional network's window work: im2col, col2im, max-pooling.
 
-NumPy does these as several passes over strided views: col2im as ``kh * kw`` strided additions
-whose innermost runs are one output row long (10 values in LeNet-5's second layer), max-pooling as
-one comparison and one blend per window offset, ReLU as a mask, a widened mask and a blend. Each
-kernel here is the same arithmetic in one pass, in the same order, so the results are the same
-bits as the NumPy formulation they replace (tests/engine/test_cpu_kernels.py compares them).
+NumPy does these as several passes over strided views whose innermost runs are one output row
+long (10 values in LeNet-5's second layer): im2col as a copy from the window view, col2im as
+``kh * kw`` strided additions, max-pooling as one comparison and one blend per window offset.
+Each kernel here is the same arithmetic in one pass, in the same order, so the results are the
+same bits as the NumPy formulation they replace (tests/engine/test_cpu_kernels.py compares them).
 
-Every function returns ``None`` when its kernel does not apply (an operand that is not a
-``numpy.ndarray``, e.g. CuPy or the tests' stand-in, so numba never converts a device array;
-numba missing; a layout the kernel does not take), and the caller then runs its array-module
-code. Outputs are :mod:`engine.workspace` buffers (reused once their holders let go). Complex values are handled where the kernel only moves or adds them (col2im, the pooling's
-routing and selection: the arg-max is read from a real-part view), so the complex-step pass
-takes the same kernels.
+Every function declines (returns ``None`` or ``False``) when its kernel does not apply: an operand
+that is not a ``numpy.ndarray`` (CuPy or the tests' stand-in: numba never converts a device
+array), numba missing, a layout the kernel does not take; the caller then runs its array-module
+code. Outputs are :mod:`engine.workspace` buffers (reused once their holders let go). Complex
+values are only moved or added (the pooling's arg-max is read from a real-part view), so the
+complex-step pass takes the same kernels.
+
+ReLU is not here: a one-pass numba ReLU saved nothing measurable on LeNet-5 against the
+branchless NumPy form of :mod:`engine.ops`, and calling any numba function costs a process about
+43 MB of resident memory once (LLVM), which dense networks trained without numba kernels
+(K-FAC on the MNIST autoencoder) would pay for nothing.
 """
 
 from __future__ import annotations
@@ -25,27 +30,13 @@ try:  # numba is a project dependency; the fallback keeps the module importable 
 except ImportError:  # pragma: no cover
     numba = None
 
-__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_route", "relu_forward", "where0"]
+__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_route"]
 
 _KINDS = "fc"
 
 
 def _host(*arrays) -> bool:
     return numba is not None and all(type(a) is numpy.ndarray and a.dtype.kind in _KINDS for a in arrays)
-
-
-if numba is not None:
-    @numba.njit(cache=True, nogil=True)
-    def _relu_numba(zr, z, y, mask, zero):
-        for t in range(z.size):
-            m = zr[t] > 0
-            mask[t] = m
-            y[t] = z[t] if m else zero
-
-    @numba.njit(cache=True, nogil=True)
-    def _where0_numba(mask, v, out, zero):
-        for t in range(v.size):
-            out[t] = v[t] if mask[t] else zero
 
 
 _WINDOW_KERNELS: dict = {}
@@ -161,24 +152,3 @@ def maxpool_route(dy, idx, kernel, stride, padded_shape):
     dx.fill(0)
     _window_kernels(kh, kw, sh, sw)[3](dy.reshape(n * c, ho, wo), idx.reshape(n * c, ho, wo), dx.reshape(n * c, *padded_shape[2:]))
     return dx
-
-
-def relu_forward(z):
-    """(where(Re z > 0, z, 0), Re z > 0) in one pass over a C-contiguous array."""
-    if not _host(z) or not z.flags.c_contiguous:
-        return None
-    y = workspace.empty(numpy, z.shape, z.dtype)
-    mask = workspace.empty(numpy, z.shape, bool)
-    flat = z.reshape(-1)
-    _relu_numba(flat.real, flat, y.reshape(-1), mask.reshape(-1), z.dtype.type(0))
-    return y, mask
-
-
-def where0(mask, v):
-    """where(mask, v, 0) in one pass for C-contiguous ``v`` and ``mask`` of one shape."""
-    if not _host(v) or not v.flags.c_contiguous or mask.shape != v.shape or type(mask) is not numpy.ndarray \
-            or mask.dtype != bool or not mask.flags.c_contiguous:
-        return None
-    out = workspace.empty(numpy, v.shape, v.dtype)
-    _where0_numba(mask.reshape(-1), v.reshape(-1), out.reshape(-1), v.dtype.type(0))
-    return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy
 
-from . import cpu_kernels
 from .backend import array_module
 from .fuse import fused
 from .products import drops_second_order
@@ -151,10 +150,7 @@ def select(mask, a, b):
 
 
 def where0(mask, v):
-    """where(mask, v, 0) for a boolean ``mask`` (one pass or branchless on NumPy): ReLU's backward and R-operator rules, max-pooling's routing."""
-    out = cpu_kernels.where0(mask, v)
-    if out is not None:
-        return out
+    """where(mask, v, 0) for a boolean ``mask`` (branchless on NumPy): ReLU's backward and R-operator rules, max-pooling's routing."""
     out = _bitmask(mask, v)
     return array_module(v).where(mask, v, 0) if out is None else out
 
@@ -162,9 +158,6 @@ def where0(mask, v):
 def relu_forward(z):
     """(relu(z), relu_grad(z)) in one pass (one kernel on a device; branchless on NumPy)."""
     if array_module(z) is numpy:
-        fast = cpu_kernels.relu_forward(z)  # one pass
-        if fast is not None:
-            return fast
         mask = z.real > 0
         y = _bitmask(mask, z)
         if y is not None:
