@@ -68,14 +68,20 @@ def drops_second_order(dtype) -> bool:
 
 
 def _real_by_complex(a, b):
-    """a (real, m x k) @ b (complex, k x n) as one real GEMM on b's interleaved float view."""
+    """a (real, ... x m x k) @ b (complex, ... x k x n) as one real GEMM (per matrix of a stack) on
+    b's interleaved float view."""
     xp = array_module(a, b)
     cdtype = numpy.result_type(a.dtype, b.dtype)
     b = xp.ascontiguousarray(b, dtype=cdtype)
-    k, n = b.shape
+    *lead, k, n = b.shape
     rdtype = b.real.dtype
-    out = a.astype(rdtype, copy=False) @ b.view(rdtype).reshape(k, 2 * n)
+    out = a.astype(rdtype, copy=False) @ b.view(rdtype).reshape(*lead, k, 2 * n)
     return out.view(cdtype)
+
+
+def _t(a):
+    """The transpose of a matrix or of each matrix of a stack (a view)."""
+    return a.swapaxes(-1, -2)
 
 
 def _real_copy(v):
@@ -83,15 +89,17 @@ def _real_copy(v):
     return v.copy(order="K")
 
 
-def matmul(a, b):
-    """``a @ b`` for 2-D operands, with real GEMMs only where a complex operand is involved (see the module docstring).
+def matmul(a, b, out=None):
+    """``a @ b`` for matrices or stacks of them (broadcast as ``@`` does), with real GEMMs only where a complex operand is involved (see the module docstring).
 
     Same values as ``a @ b`` (up to summation order) except inside :func:`complex_step`, where a
     complex-by-complex product omits the O(h^2) term. The result is complex when either operand is.
+    ``out``: where to write a real product (as ``xp.matmul``'s ``out``); a complex one ignores it and
+    allocates, so use the returned array.
     """
     ac, bc = a.dtype.kind == "c", b.dtype.kind == "c"
     if not (ac or bc):
-        return a @ b
+        return a @ b if out is None else array_module(a, b).matmul(a, b, out=out)
     if ac and bc:
         if not drops_second_order(a.dtype):
             return a @ b
@@ -102,4 +110,4 @@ def matmul(a, b):
     if bc:
         return _real_by_complex(a, b)
     # complex @ real = (real^T @ complex^T)^T
-    return _real_by_complex(b.T, a.T).T
+    return _t(_real_by_complex(_t(b), _t(a)))

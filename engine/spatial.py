@@ -13,7 +13,7 @@ import math
 
 import numpy
 
-from . import ops
+from . import cpu_kernels, ops, workspace
 from .backend import array_module
 from .layers import Layer
 
@@ -44,7 +44,15 @@ def pad_nchw(x, padding: tuple[int, int], value=0.0):
         return x
     xp = array_module(x)
     n, c, h, w = x.shape
-    out = xp.full((n, c, h + 2 * ph, w + 2 * pw), value, dtype=x.dtype)  # faster than xp.pad's generic path
+    shape = (n, c, h + 2 * ph, w + 2 * pw)
+    if xp is numpy:  # a reused buffer: fill the border only
+        out = workspace.empty(xp, shape, x.dtype)
+        out[:, :, :ph] = value
+        out[:, :, h + ph:] = value
+        out[:, :, ph:ph + h, :pw] = value
+        out[:, :, ph:ph + h, w + pw:] = value
+    else:
+        out = xp.full(shape, value, dtype=x.dtype)  # faster than xp.pad's generic path
     out[:, :, ph:ph + h, pw:pw + w] = x
     return out
 
@@ -132,6 +140,9 @@ class MaxPool2d(_Pool2d):
         xp = array_module(x)
         ho, wo = self._geometry(x)
         xpad = pad_nchw(x, self.padding, -numpy.inf)
+        fast = cpu_kernels.maxpool_forward(xpad, self.kernel, self.stride, (*x.shape[:2], ho, wo), self._index_dtype())
+        if fast is not None:  # the same selection in one pass (NumPy arrays)
+            return fast[0], (fast[1], x.shape)
         branchless = xp is numpy and x.dtype.kind == "f"  # NumPy's masked copies mispredict a data-dependent mask
         best, idx = None, None
         for k, (_, _, sl) in enumerate(offset_slices(self.kernel, self.stride, (ho, wo))):
@@ -156,6 +167,9 @@ class MaxPool2d(_Pool2d):
         xp = array_module(dy)
         idx, shape = cache
         ho, wo = dy.shape[2], dy.shape[3]
+        dxpad = cpu_kernels.maxpool_route(dy, idx, self.kernel, self.stride, self._padded_shape(shape))
+        if dxpad is not None:  # disjoint windows on NumPy: one pass
+            return self._crop(dxpad)
         dxpad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
         disjoint = self.stride[0] >= self.kernel[0] and self.stride[1] >= self.kernel[1]
         for k, (_, _, sl) in enumerate(offset_slices(self.kernel, self.stride, (ho, wo))):

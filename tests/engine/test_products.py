@@ -44,6 +44,31 @@ def test_products_equal_the_library_product_for_any_complex_operand(xp):
             assert numpy.abs(_host(matmul(a, b)) - want).max() <= 1e-14 * numpy.abs(want).max()
 
 
+@pytest.mark.parametrize("a_shape, b_shape", [((2, 5, 4), (4, 3)), ((5, 4), (2, 4, 3)), ((2, 5, 4), (2, 4, 3))])
+def test_stacked_products_equal_the_library_product(xp, a_shape, b_shape):
+    """Stacks of matrices (a convolution's per-example GEMMs), broadcast as ``@`` does, with
+    transposed-view operands and an ``out`` for the real product."""
+    rng = numpy.random.default_rng(3)
+    for a_c in (False, True):
+        for b_c in (False, True):
+            a = rng.standard_normal(a_shape) + (1j * rng.standard_normal(a_shape) if a_c else 0)
+            b = rng.standard_normal(b_shape) + (1j * rng.standard_normal(b_shape) if b_c else 0)
+            want = a @ b
+            for ta in (False, True):
+                aa = xp.asarray(numpy.ascontiguousarray(a.swapaxes(-1, -2))).swapaxes(-1, -2) if ta else xp.asarray(a)
+                got = _host(matmul(aa, xp.asarray(b)))
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert numpy.abs(got - want).max() <= 1e-14 * numpy.abs(want).max()
+            if not (a_c or b_c):
+                out = xp.empty(want.shape)
+                assert matmul(xp.asarray(a), xp.asarray(b), out=out) is out
+                assert numpy.abs(_host(out) - want).max() <= 1e-14 * numpy.abs(want).max()
+            with complex_step(1e-30):  # complex by complex drops the (here full-size) h^2 term
+                got = _host(matmul(xp.asarray(a), xp.asarray(b)))
+                drop = (a.imag @ b.imag) if (a_c and b_c) else 0
+                assert numpy.abs(got - (want + drop)).max() <= 1e-14 * numpy.abs(want).max()
+
+
 def test_mixed_precision_follows_numpy_promotion(xp):
     rng = numpy.random.default_rng(1)
     a = xp.asarray(rng.standard_normal((3, 4)))  # float64
