@@ -144,6 +144,7 @@ class KFAC(KroneckerSolver):
                 F = ema_(state[layer_key(fa.layer, name)], new, decay)
                 if self.flush_subnormals:
                     flush_subnormals_(F)
+        del fwd, caps, caps_sampled, stats_a, stats_g  # the pass's rows and caches: not held through the refresh
         refresh = k % self.inverse_freq == 0 or k <= self.inverse_freq
         if refresh:
             self._refresh_inverses(state)
@@ -156,24 +157,30 @@ class KFAC(KroneckerSolver):
     def _refresh_inverses(self, state):
         """(F + sqrt(lambda) I)^{-1} of every layer's A and G, exactly symmetric.
 
-        All factors go through :func:`engine.curvature.kronecker.factor_inverses` together: one
-        host sync per refresh for the checks of all of them, not one per factor.
+        On a device all factors go through :func:`engine.curvature.kronecker.factor_inverses`
+        together: one host sync per refresh for the checks of all of them, not one per factor. On
+        NumPy they go one at a time (the same inverses), which keeps the peak memory down.
         """
         plan = self.factor_plan()  # KAISA: each rank inverts its own layers' factors and shares them
-        mine = [i for i in self.kron if plan is None or plan.owns(i)]
-        damped, names = [], []
-        for i in mine:
-            for name in ("A", "G"):
-                F = state[layer_key(i, name)]
-                xp = array_module(F)
-                damped.append(F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype))
-                names.append(f"{name} of layer {i}")
-        inverses = factor_inverses(damped, names)
-        for i, A_inv, G_inv in zip(mine, inverses[0::2], inverses[1::2]):
-            state[layer_key(i, "A_inv")] = symmetrize(A_inv)
-            state[layer_key(i, "G_inv")] = symmetrize(G_inv)
+        keys = [(layer_key(i, name), layer_key(i, name + "_inv"), f"{name} of layer {i}")
+                for i in self.kron if plan is None or plan.owns(i) for name in ("A", "G")]
+        if keys and array_module(state[keys[0][0]]) is numpy:
+            # on the host a status costs nothing to read: one factor at a time, each inverse replacing
+            # the old one at once, so the damped copies and new inverses of all the layers are never
+            # held together (about 50 MB of the MNIST autoencoder's peak memory)
+            for key, inv_key, name in keys:
+                state[inv_key] = symmetrize(factor_inverses([self._damped(state[key])], [name])[0])
+        elif keys:  # a device: every factor's status in one host sync
+            inverses = factor_inverses([self._damped(state[key]) for key, _, _ in keys], [name for _, _, name in keys])
+            for (_, inv_key, _), inv in zip(keys, inverses):
+                state[inv_key] = symmetrize(inv)
         if plan is not None:
             plan.share_factors(state, lambda i: self.step_keys(state, i))
+
+    def _damped(self, F):
+        """F + sqrt(lambda) I, a new array."""
+        xp = array_module(F)
+        return F + self.sqrt_damping * xp.eye(F.shape[0], dtype=F.dtype)
 
     def curvature_operator(self, state):
         """The damped block Fisher (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) of the current state."""
