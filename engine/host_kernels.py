@@ -11,6 +11,11 @@ row order as NumPy's ``sum(axis=0)`` does: the results are bitwise those of the 
 (tests/engine/test_host_kernels.py holds them to it). No transcendental function is here: numba's
 ``exp`` and ``log1p`` are not NumPy's SIMD ones, and would move results in the last bit.
 
+The convolutions' window work (im2col, col2im, max-pooling) has its kernels in
+:mod:`engine.cpu_kernels`, the O(d^2) factor updates in :mod:`engine.curvature.kernels`. Image
+batches (more than two axes) keep the pooled branchless blends of :mod:`engine.ops` for ReLU:
+fresh outputs here would cost new pages every pass.
+
 numba only ever sees host arrays: every entry point checks that all operands are
 ``numpy.ndarray`` first (a device array would otherwise be converted implicitly, which CuPy
 refuses). ``engine.fuse.unfused()`` switches these kernels off with the fused ones, which leaves
