@@ -3,8 +3,9 @@
 On CuPy a formula of :mod:`engine.fuse` is one fused kernel; on NumPy it runs op by op, each
 operation a pass over memory with a temporary (a ReLU forward is five such passes, a column mean
 of a difference three and a reduction). The kernels here do the same arithmetic in one pass for
-the common case (real float32/float64 operands of one dtype, the layouts named per kernel) and
-return ``None`` for anything else, where the caller runs its formula. They compute every entry
+the common case (real float32/float64 operands of one dtype; the ReLU pair also complex64/128,
+the complex-step pass's; the layouts named per kernel) and return ``None`` for anything else,
+where the caller runs its formula. They compute every entry
 with the formula's own operations in the formula's own order, in the operands' dtype (the
 scalars are cast first, as NumPy casts a Python scalar against an array), and sum a column in
 row order as NumPy's ``sum(axis=0)`` does: the results are bitwise those of the formula
@@ -36,17 +37,19 @@ except ImportError:  # pragma: no cover
     numba = None
 
 _REAL = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+_COMPLEX = (numpy.dtype(numpy.complex64), numpy.dtype(numpy.complex128))
 
 
-def available(*arrays) -> bool:
-    """True when the kernels may take these operands: numba present, all NumPy arrays of one real
-    float dtype (float32 or float64), and the formulas not switched off (``engine.fuse.unfused``)."""
+def available(*arrays, dtypes=_REAL) -> bool:
+    """True when the kernels may take these operands: numba present, all NumPy arrays of one
+    dtype of ``dtypes`` (float32 or float64 unless told), and the formulas not switched off
+    (``engine.fuse.unfused``)."""
     if numba is None or fusion_off():
         return False
     if not all(type(a) is numpy.ndarray for a in arrays):
         return False
     dtype = arrays[0].dtype
-    return dtype in _REAL and all(a.dtype == dtype for a in arrays)
+    return dtype in dtypes and all(a.dtype == dtype for a in arrays)
 
 
 if numba is not None:
@@ -54,9 +57,9 @@ if numba is not None:
     def _relu_forward_nb(z, y, mask):
         for i in range(z.size):
             v = z[i]
-            p = v > 0
+            p = v.real > 0
             mask[i] = p
-            y[i] = v if p else 0  # +0 where not Re z > 0 (NaN included), as where(z > 0, z, 0)
+            y[i] = v if p else 0  # +0 (+0 + 0i) where not Re z > 0 (NaN included), as where(Re z > 0, z, 0)
 
     @numba.njit(cache=True, nogil=True)
     def _where0_nb(mask, v, out):
@@ -90,8 +93,9 @@ if numba is not None:
 
 
 def relu_forward(z):
-    """(where(z > 0, z, 0), z > 0) of a real C-contiguous ``z`` in one pass, or None."""
-    if not (available(z) and z.flags.c_contiguous):
+    """(where(Re z > 0, z, 0), Re z > 0) of a real or complex (a complex-step pass) C-contiguous ``z``
+    in one pass, or None."""
+    if not (available(z, dtypes=_REAL + _COMPLEX) and z.flags.c_contiguous):
         return None
     y = numpy.empty_like(z)
     mask = numpy.empty(z.shape, dtype=bool)
@@ -100,8 +104,8 @@ def relu_forward(z):
 
 
 def where0(mask, v):
-    """where(mask, v, 0) for a boolean ``mask`` and a real ``v`` of its shape, both C-contiguous, or None."""
-    if not (available(v) and type(mask) is numpy.ndarray and mask.dtype == numpy.bool_ and mask.shape == v.shape
+    """where(mask, v, 0) for a boolean ``mask`` and a real or complex ``v`` of its shape, both C-contiguous, or None."""
+    if not (available(v, dtypes=_REAL + _COMPLEX) and type(mask) is numpy.ndarray and mask.dtype == numpy.bool_ and mask.shape == v.shape
             and v.flags.c_contiguous and mask.flags.c_contiguous):
         return None
     out = numpy.empty_like(v)

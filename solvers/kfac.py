@@ -137,14 +137,18 @@ class KFAC(KroneckerSolver):
         state["rng"] = rng_state_array(rng)
 
         # A from the data pass (identical rows), G from the sampled pass; EMAs, then the inverses
-        stats_a, stats_g = kron_factors(caps, which="A"), kron_factors(caps_sampled, which="G")
-        model.parallel.mean_fields(stats_a + stats_g, ("A", "G"))  # the global batch's (data parallel)
-        for fa, fg in zip(stats_a, stats_g):
+        if model.parallel.active:  # the global batch's, all layers in one packed reduction
+            stats = kron_factors(caps, which="A") + kron_factors(caps_sampled, which="G")
+            model.parallel.mean_fields(stats, ("A", "G"))
+            pairs = zip(stats[:len(caps)], stats[len(caps):])
+        else:  # one layer's batch statistics at a time (peak memory)
+            pairs = ((kron_factors([ca], which="A")[0], kron_factors([cg], which="G")[0]) for ca, cg in zip(caps, caps_sampled))
+        for fa, fg in pairs:
             for name, new, decay in (("A", fa.A, self.A_decay), ("G", fg.G, self.G_decay)):
                 F = ema_(state[layer_key(fa.layer, name)], new, decay)
                 if self.flush_subnormals:
                     flush_subnormals_(F)
-        del fwd, caps, caps_sampled, stats_a, stats_g  # the pass's rows and caches: not held through the refresh
+        del fwd, caps, caps_sampled, pairs  # the pass's rows and caches: not held through the refresh
         refresh = k % self.inverse_freq == 0 or k <= self.inverse_freq
         if refresh:
             self._refresh_inverses(state)

@@ -67,9 +67,25 @@ def test_relu_forward_and_where0_bitwise(dtype, shape):
     _bits_equal(y, y0)
 
 
+@pytest.mark.parametrize("dtype", (numpy.complex64, numpy.complex128))
+def test_relu_pair_on_complex_step_values_bitwise(dtype):
+    """A complex-step pass's activations: the branch on Re z, the whole complex value kept or +0 + 0i."""
+    real = _values((64, 129), numpy.float64)
+    z = (real + 1j * _values((64, 129), numpy.float64, seed=9) * 1e-30).astype(dtype)
+    z.reshape(-1)[:3] = numpy.asarray([complex(0.0, 1.0), complex(-0.0, -1.0), complex(numpy.nan, 1.0)]).astype(dtype)
+    y, mask = hk.relu_forward(z)
+    _bits_equal(y.view(numpy.float64 if dtype == numpy.complex128 else numpy.float32),
+                numpy.where(z.real > 0, z, 0).view(y.real.dtype))
+    assert numpy.array_equal(mask, z.real > 0)
+    w = hk.where0(mask, z[::-1].copy())
+    with unfused():
+        ref = ops.where0(mask, z[::-1].copy())
+    _bits_equal(w.view(y.real.dtype), ref.view(y.real.dtype))
+
+
 def test_relu_kernels_decline_what_they_do_not_handle():
     z = _values((8, 6), numpy.float64)
-    assert hk.relu_forward(z.astype(numpy.complex128)) is None  # complex: ops' own path
+    assert hk.relu_forward(z.astype(numpy.clongdouble)) is None
     assert hk.relu_forward(z[:, ::2]) is None  # strided
     assert hk.relu_forward(z.astype(numpy.float16)) is None
     mask = z > 0
