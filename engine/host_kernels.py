@@ -5,11 +5,10 @@ operation a pass over memory with a temporary (a ReLU forward is five such passe
 of a difference three and a reduction). The kernels here do the same arithmetic in one pass for
 the common case (real float32/float64 operands of one dtype; the ReLU pair also complex64/128,
 the complex-step pass's; the layouts named per kernel) and return ``None`` for anything else,
-where the caller runs its formula. They compute every entry
-with the formula's own operations in the formula's own order, in the operands' dtype (the
-scalars are cast first, as NumPy casts a Python scalar against an array), and sum a column in
-row order as NumPy's ``sum(axis=0)`` does: the results are bitwise those of the formula
-(tests/engine/test_host_kernels.py holds them to it). No transcendental function is here: numba's
+where the caller runs its formula. They compute every entry with the formula's own operations
+in the formula's own order, in the operands' dtype (the scalars are cast first, as NumPy casts a
+Python scalar against an array), and sum a column in row order as NumPy's ``sum(axis=0)`` does:
+the results are bitwise those of the formula (tests/engine/test_host_kernels.py holds them to it). No transcendental function is here: numba's
 ``exp`` and ``log1p`` are not NumPy's SIMD ones, and would move results in the last bit.
 
 The convolutions' window work (im2col, col2im, max-pooling) has its kernels in
